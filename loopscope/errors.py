@@ -1,0 +1,62 @@
+"""Exceptions and input validation shared by every loopscope module.
+
+Every user-facing error is a :class:`LoopscopeError` subclass with a one-line message that names
+the offending value, so the CLI can print it without a traceback (exit code 2).
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+
+class LoopscopeError(ValueError):
+    """Base class of loopscope's user-facing errors (bad input, impossible settings)."""
+
+
+class UnknownHookError(LoopscopeError, KeyError):
+    """A hook name that the loop does not have."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class CaptureMemoryError(LoopscopeError, MemoryError):
+    """A capture or sweep whose estimated size exceeds the memory budget."""
+
+
+class CheckpointError(LoopscopeError):
+    """A checkpoint that is missing, corrupted, truncated or not safetensors + JSON."""
+
+
+class LoopedHookWarning(UserWarning):
+    """Stock TransformerLens caching/patching would keep only the last firing of a looped hook."""
+
+
+def suggest(name: str, choices: Iterable[str], n: int = 3) -> str:
+    """Return ' (did you mean: a, b?)' for the closest matches of ``name``, or ''."""
+    close = difflib.get_close_matches(name, list(choices), n=n, cutoff=0.5)
+    return f" (did you mean: {', '.join(close)}?)" if close else ""
+
+
+def reject_unknown_kwargs(where: str, kwargs: Mapping[str, Any], allowed: Iterable[str] = ()) -> None:
+    """Raise on keyword options that a function does not know (never silently ignored).
+
+    >>> reject_unknown_kwargs("solve", {}, ["tol"])
+    >>> reject_unknown_kwargs("solve", {"tl": 1}, ["tol"])
+    Traceback (most recent call last):
+    ...
+    loopscope.errors.LoopscopeError: solve() got an unknown option 'tl' (did you mean: tol?)
+    """
+    allowed = list(allowed)
+    for key in kwargs:
+        if key not in allowed:
+            raise LoopscopeError(f"{where}() got an unknown option {key!r}{suggest(key, allowed)}")
+
+
+def check_positive_int(name: str, value: Any) -> int:
+    """Validate ``value`` as an int >= 1 and return it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise LoopscopeError(f"{name} must be a positive integer, got {value!r}")
+    return value
