@@ -1,0 +1,46 @@
+"""loopscope.analysis — dynamics of the loop: metrics, halting, solvers, fixed-point census,
+spectra, Lyapunov exponents, cycles, trajectory classes, basins, path independence, verdict.
+
+Names are imported lazily so that ``import loopscope.analysis`` stays cheap and one module's
+optional dependency never breaks another.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "LoopMap": "loopmap",
+    "metrics": "metrics",
+    "Metrics": "metrics",
+    "halting": "halting",
+    "solve": "solvers",
+    "SolveResult": "solvers",
+    "find_fixed_points": "fixed_points",
+    "FixedPointCensus": "fixed_points",
+    "input_sensitivity": "fixed_points",
+    "spectrum": "spectra",
+    "Spectrum": "spectra",
+    "lyapunov": "lyapunov",
+    "detect_cycle": "cycles",
+    "classify": "cycles",
+    "basins": "basins",
+    "path_independence": "basins",
+    "hierarchical": "hierarchical",
+    "stability_table": "stability",
+    "verdict": "verdict",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        module = importlib.import_module(f"loopscope.analysis.{_EXPORTS[name]}")
+        return module if name == _EXPORTS[name] else getattr(module, name)
+    raise AttributeError(f"module 'loopscope.analysis' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__
