@@ -1,0 +1,215 @@
+"""The ``loopscope`` command line.
+
+Every command has ``--help`` with an example, shows a progress bar on long work, writes
+machine-readable output (``--json`` or files) and turns bad input into a one-line error with exit
+code 2 (no traceback; set ``LOOPSCOPE_DEBUG=1`` to see one).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+
+from loopscope.errors import LoopscopeError
+
+app = typer.Typer(
+    name="loopscope",
+    help="Mechanistic interpretability of looped transformers: trace every loop iteration, "
+    "measure fixed-point dynamics, probe and patch per iteration, make the paper's figures.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+zoo_app = typer.Typer(help="The shipped model zoo.", no_args_is_help=False, invoke_without_command=True)
+app.add_typer(zoo_app, name="zoo")
+console = Console(stderr=True)
+
+
+def _fail(msg: str, code: int = 2) -> None:
+    console.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def resolve_model(model: str):
+    """A zoo name or a checkpoint directory -> a loaded model."""
+    from loopscope import zoo
+    from loopscope.io import load_model
+
+    p = Path(model)
+    if p.exists():
+        return load_model(p)
+    return zoo.load(model)
+
+
+def parse_inputs(text: str):
+    """'1 2 3; 4 5 6' -> LongTensor [2, 3] (rows separated by ';')."""
+    import torch
+
+    rows = [r.split() for r in text.split(";") if r.strip()]
+    if not rows:
+        raise LoopscopeError("--inputs is empty")
+    try:
+        vals = [[int(x) for x in r] for r in rows]
+    except ValueError:
+        raise LoopscopeError(f"--inputs must be integers separated by spaces (rows by ';'), got {text!r}") from None
+    if len({len(r) for r in vals}) != 1:
+        raise LoopscopeError("--inputs rows must all have the same length")
+    return torch.tensor(vals, dtype=torch.long)
+
+
+@zoo_app.callback()
+def zoo_list(
+    ctx: typer.Context,
+    as_json: bool = typer.Option(False, "--json", help="print the table as JSON"),
+) -> None:
+    """List every zoo model with its ID/OOD accuracy.
+
+    Example: loopscope zoo --json
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    from loopscope import zoo
+
+    df = zoo.table()
+    if as_json:
+        typer.echo(df.to_json(orient="records", indent=1))
+        return
+    if df.empty:
+        typer.echo("no zoo models shipped")
+        return
+    from rich.table import Table
+
+    t = Table(title="loopscope zoo")
+    for c in df.columns:
+        t.add_column(str(c))
+    for _, row in df.iterrows():
+        t.add_row(*[f"{v:.3f}" if isinstance(v, float) else str(v) for v in row.tolist()])
+    Console().print(t)
+
+
+@zoo_app.command("build")
+def zoo_build(
+    name: str = typer.Argument(..., help="recipe name (see `loopscope zoo recipes`)"),
+    steps: int = typer.Option(None, help="override the recipe's step budget"),
+    out: Path = typer.Option(None, help="write here instead of the package's zoo folder"),
+    quiet: bool = typer.Option(False, help="no progress bar"),
+) -> None:
+    """(Re)train a zoo model from its recipe and write checkpoint + measured card.
+
+    Example: loopscope zoo build s3_fprm
+    """
+    from loopscope.zoo.recipes import build
+
+    card = build(name, steps=steps, out=out, progress=not quiet)
+    typer.echo(json.dumps(card.get("accuracy", {}), indent=1))
+
+
+@zoo_app.command("recipes")
+def zoo_recipes() -> None:
+    """List the recipes that `loopscope zoo build` knows."""
+    from loopscope.zoo.recipes import RECIPES
+
+    for n, r in RECIPES.items():
+        typer.echo(f"{n}: task={r.train.task} preset={r.train.preset} steps={r.train.steps}")
+
+
+@app.command()
+def train(
+    task: str = typer.Option(..., help="task name, e.g. s3, addition, maze_reach"),
+    preset: str = typer.Option(..., help="model preset, e.g. fprm, universal, hrm"),
+    out: Path = typer.Option(..., help="run directory (checkpoints, resumable)"),
+    steps: int = typer.Option(1000, min=1),
+    batch_size: int = typer.Option(64, min=1),
+    lr: float = typer.Option(2e-3),
+    seed: int = typer.Option(0),
+    config: Path = typer.Option(None, help="JSON TrainConfig (overrides the other options)"),
+    quiet: bool = typer.Option(False, help="no progress bar"),
+) -> None:
+    """Train a looped model on a generated task; resumes from OUT if interrupted.
+
+    Example: loopscope train --task s3 --preset fprm --out runs/s3 --steps 500
+    """
+    from loopscope.io import save_model
+    from loopscope.train import TrainConfig
+    from loopscope.train import train as run_train
+
+    if config is not None:
+        from loopscope.io import read_json
+
+        cfg = TrainConfig.from_dict(read_json(config))
+    else:
+        cfg = TrainConfig(task=task, preset=preset, steps=steps, batch_size=batch_size, lr=lr, seed=seed)
+    model, history = run_train(cfg, out_dir=out, progress=not quiet)
+    save_model(model, out / "final", card={"train_config": cfg.to_dict(), "history_tail": history[-5:]})
+    typer.echo(json.dumps({"out": str(out), "steps": cfg.steps, "final_loss": history[-1]["loss"] if history else None}))
+
+
+@app.command()
+def trace(
+    model: str = typer.Argument(..., help="zoo name or checkpoint directory"),
+    out: Path = typer.Option(..., help="output path (writes OUT.safetensors + OUT.json)"),
+    n_iter: int = typer.Option(16, "--n-iter", min=1, help="loop iterations"),
+    inputs: str = typer.Option(None, help="token ids, rows separated by ';' (e.g. '6 1 2; 6 3 4')"),
+    task: str = typer.Option(None, help="sample inputs from this task instead of --inputs"),
+    split: str = typer.Option("id", help="task split"),
+    n: int = typer.Option(8, min=1, help="number of task examples"),
+    seed: int = typer.Option(0),
+    capture: list[str] = typer.Option(None, help="hook names or globs to capture (repeatable)"),
+) -> None:
+    """Run a model and save every iteration as a Trace (safetensors + JSON).
+
+    Example: loopscope trace s3_fprm --task s3 --n 8 --n-iter 32 --capture 'core.blocks.*.hook_resid_post' --out s3.trace
+    """
+    import loopscope as ls
+
+    m = resolve_model(model)
+    if (inputs is None) == (task is None):
+        raise LoopscopeError("give exactly one of --inputs or --task")
+    if task is not None:
+        from loopscope import tasks
+
+        tokens = tasks.get(task).sample(n, split=split, seed=seed).tokens
+    else:
+        tokens = parse_inputs(inputs)
+    tr = ls.unroll(m, tokens, n_iter, capture=list(capture) if capture else None, seed=seed, decode=True,
+                   meta={"model": model, "task": task, "split": split if task else None, "seed": seed})
+    path = tr.save(out)
+    typer.echo(json.dumps({"trace": str(path), "n_iter": tr.n_iter, "batch": tr.batch_size,
+                           "hooks": tr.keys(), "status": tr.status}))
+
+
+def main(argv: list[str] | None = None) -> Any:
+    """Entry point: run the Typer app, turning loopscope errors into one-line messages."""
+    debug = os.environ.get("LOOPSCOPE_DEBUG") == "1"
+    try:
+        return app(args=argv, standalone_mode=True)
+    except SystemExit:
+        raise
+    except LoopscopeError as e:
+        if debug:
+            raise
+        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except (FileNotFoundError, IsADirectoryError, PermissionError, OSError) as e:
+        if debug:
+            raise
+        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        console.print("[bold red]interrupted[/]")
+        sys.exit(130)
+    except Exception as e:  # last resort: never show a traceback to the user
+        if debug:
+            raise
+        console.print(f"[bold red]error:[/] {type(e).__name__}: {e} (set LOOPSCOPE_DEBUG=1 for the traceback)", highlight=False, soft_wrap=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
