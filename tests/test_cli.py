@@ -1,0 +1,68 @@
+"""CLI: help with examples, one-line errors with exit code 2, no traceback on malformed input."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from loopscope.cli import main
+
+COMMANDS = ["zoo", "train", "trace"]
+
+
+def run(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    out = capsys.readouterr()
+    return e.value.code, out.out, out.err
+
+
+def test_help_lists_commands(capsys):
+    code, out, _ = run(["--help"], capsys)
+    assert code == 0
+    for c in COMMANDS:
+        assert c in out
+
+
+@pytest.mark.parametrize("cmd", ["train", "trace"])
+def test_every_command_help_has_an_example(cmd, capsys):
+    code, out, _ = run([cmd, "--help"], capsys)
+    assert code == 0 and "Example:" in out
+
+
+def test_unknown_model_is_one_line_error(capsys, tmp_path):
+    code, _, err = run(["trace", "no_such_model", "--inputs", "1 2", "--out", str(tmp_path / "t")], capsys)
+    assert code == 2
+    assert "unknown zoo model 'no_such_model'" in err
+    assert "Traceback" not in err
+
+
+def test_pickle_checkpoint_refused(capsys, tmp_path):
+    bad = tmp_path / "model.pt"
+    bad.write_bytes(b"\x80\x04K\x01.")  # a pickle
+    code, _, err = run(["trace", str(bad), "--inputs", "1 2", "--out", str(tmp_path / "t")], capsys)
+    assert code == 2 and "pickle" in err and "Traceback" not in err
+
+
+junk = st.lists(
+    st.one_of(
+        st.sampled_from(COMMANDS + ["--n-iter", "--out", "--inputs", "--task", "--steps", "-1", "0", "nan", "--json", "x;y", ""]),
+        st.text(min_size=0, max_size=8),
+    ),
+    min_size=0,
+    max_size=6,
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(argv=junk)
+def test_fuzz_no_traceback_reaches_the_user(argv, capsys, tmp_path_factory):
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    assert "Traceback" not in out.err and "Traceback" not in out.out
+    assert code in (0, 2, None)  # 1 would mean an unexpected internal error
