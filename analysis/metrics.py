@@ -769,7 +769,7 @@ def layer_metrics(
                 groups.setdefault(tuple(lab[1:]), []).append((int(lab[0]), i))
             for sub, items in groups.items():
                 items.sort()
-                for (t0, i0), (t1, i1) in zip(items[:-1], items[1:]):
+                for (t0, i0), (t1, i1) in zip(items[:-1], items[1:], strict=True):
                     if t1 != t0 + 1:
                         continue
                     a, b = acts[i1].double(), acts[i0].double()
