@@ -25,6 +25,8 @@ Example:
 from __future__ import annotations
 
 import math
+import sys
+import types
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -964,3 +966,15 @@ def compare_splits(results_by_split: dict[str, Any]) -> pd.DataFrame:
             for k, v in _summaries(r).items():
                 rows.append({"split": split, "source": src, "metric": k, "value": v})
     return pd.DataFrame(rows)
+
+
+class _CallableModule(types.ModuleType):
+    """``loopscope.analysis.basins`` is both this module and the function: the package exports
+    the name lazily and Python binds the submodule to the same attribute, so calling the
+    module calls :func:`basins`."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return basins(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

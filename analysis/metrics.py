@@ -55,6 +55,8 @@ Example:
 from __future__ import annotations
 
 import math
+import sys
+import types
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -820,3 +822,15 @@ def layer_metrics(
     cols = ["hook", "sub", "iteration", "sample", "head", "metric", "value"]
     frame = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=cols)
     return LayerMetrics(frame=frame)
+
+
+class _CallableModule(types.ModuleType):
+    """``loopscope.analysis.metrics`` is both this module and the function: the package exports
+    the name lazily and Python binds the submodule to the same attribute, so calling the
+    module calls :func:`metrics`."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return metrics(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

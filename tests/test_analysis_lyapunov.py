@@ -81,6 +81,18 @@ def test_golden6_linear_nonnormal_exponents_exact(mode):
     )
     np.testing.assert_allclose(res.exponents[0], np.log(np.abs(eigs)), atol=1e-8)
     assert res.kaplan_yorke[0] > 1  # λ1 > 0
+    # re-orthonormalising every 4 steps books the same growth
+    res4 = lyapunov(
+        loop,
+        None,
+        torch.zeros(1, 6, dtype=torch.float64),
+        n_steps=400,
+        warmup=200,
+        mode=mode,
+        bootstrap=0,
+        t_ons=4,
+    )
+    np.testing.assert_allclose(res4.exponents[0], np.log(np.abs(eigs)), atol=1e-8)
 
 
 def test_stable_fixed_point_spectrum_equals_log_eigenvalues():

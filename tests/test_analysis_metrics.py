@@ -331,3 +331,24 @@ def test_property_periodic_trajectory_detects_smallest_period(p, seed):
     last = S.shape[0] - 1
     assert m["res_p"][p - 1, p:, 0].abs().max() == 0
     assert int(m["period"][last, 0]) == p
+
+
+def test_package_exports_are_callable():
+    from loopscope.analysis import (
+        Metrics,
+        basins,
+        classify,
+        detect_cycle,
+        halting,
+        lyapunov,
+        path_independence,
+    )
+    from loopscope.analysis import metrics as metrics_export
+
+    tr = ls.unroll(
+        ls.FnLoop(step=lambda h: 0.5 * h), None, 5, init=torch.ones(1, 2, dtype=torch.float64)
+    )
+    m = metrics_export(tr)
+    assert isinstance(m, Metrics) and metrics_export.Metrics is Metrics
+    assert callable(lyapunov) and callable(basins) and callable(halting.evaluate)
+    assert callable(detect_cycle) and callable(classify) and callable(path_independence)
