@@ -260,10 +260,9 @@ class GridSeeds:
         eye = torch.eye(n, dtype=m.dtype)
         u = eye[0] if self.u is None else torch.as_tensor(self.u, dtype=m.dtype)
         v = eye[1] if self.v is None else torch.as_tensor(self.v, dtype=m.dtype)
-        u = u.reshape(-1, n)[:, None] if u.numel() == n else u.reshape(B, n)
-        v = v.reshape(-1, n)[:, None] if v.numel() == n else v.reshape(B, n)
-        u = u.reshape(-1, n) if u.dim() == 3 else u
-        v = v.reshape(-1, n) if v.dim() == 3 else v
+        # one direction for every input ([n]) or one per input ([B, n])
+        u = u.reshape(1, n) if u.numel() == n else u.reshape(B, n)
+        v = v.reshape(1, n) if v.numel() == n else v.reshape(B, n)
         a = np.linspace(-self.extent, self.extent, self.resolution)
         if self.resolution % 2 == 1:
             a[self.resolution // 2] = 0.0
