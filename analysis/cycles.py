@@ -47,8 +47,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from loopscope.analysis.convergence import _masked_states
 from loopscope.analysis.loopmap import LoopMap
-from loopscope.analysis.metrics import _masked_states
 from scipy.sparse.linalg import LinearOperator, eigs, gmres
 from torch import Tensor
 
@@ -409,7 +409,7 @@ def classify(trace: Any, p_max: int = 16, tol: float = 1e-6, **options: Any) -> 
 
     Keyword options:
         hits (3), window (10): detection hits and the window of the rate rules.
-        lyap: a :class:`~loopscope.analysis.lyapunov.LyapunovResult` for the same samples
+        lyap: a :class:`~loopscope.analysis.lyapunov_qr.LyapunovResult` for the same samples
             (enables ``chaotic`` / ``orbit``).
         kappa_max (0.99): fitted per-step decay of the residual below this = still converging.
         slider_cos (0.999): step cosine above this = straight drift.

@@ -61,7 +61,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from loopscope.analysis.metrics import (
+from loopscope.analysis.convergence import (
     _logits_positions,
     _masked_states,
     _split_positions,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from loopscope.analysis.basins import (
+from loopscope.analysis.attractors import (
     EigenSeeds,
     GaussianSeeds,
     GridSeeds,
@@ -20,7 +20,7 @@ from loopscope.analysis.basins import (
     single_linkage,
     wilson_ci,
 )
-from loopscope.analysis.metrics import metrics
+from loopscope.analysis.convergence import metrics
 from scipy.cluster.hierarchy import fcluster, linkage
 
 import loopscope as ls

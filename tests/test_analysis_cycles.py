@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from loopscope.analysis.cycles import classify, detect_cycle
-from loopscope.analysis.lyapunov import lyapunov
+from loopscope.analysis.lyapunov_qr import lyapunov
 
 import loopscope as ls
 from loopscope.errors import LoopscopeError

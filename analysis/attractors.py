@@ -25,8 +25,6 @@ Example:
 from __future__ import annotations
 
 import math
-import sys
-import types
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,8 +32,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from loopscope.analysis.convergence import safe_cos
 from loopscope.analysis.loopmap import LoopMap
-from loopscope.analysis.metrics import safe_cos
 from torch import Tensor
 
 from loopscope.errors import LoopscopeError, check_positive_int, reject_unknown_kwargs
@@ -965,15 +963,3 @@ def compare_splits(results_by_split: dict[str, Any]) -> pd.DataFrame:
             for k, v in _summaries(r).items():
                 rows.append({"split": split, "source": src, "metric": k, "value": v})
     return pd.DataFrame(rows)
-
-
-class _CallableModule(types.ModuleType):
-    """``loopscope.analysis.basins`` is both this module and the function: the package exports
-    the name lazily and Python binds the submodule to the same attribute, so calling the
-    module calls :func:`basins`."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return basins(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

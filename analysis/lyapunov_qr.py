@@ -32,8 +32,6 @@ Example:
 from __future__ import annotations
 
 import math
-import sys
-import types
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -395,15 +393,3 @@ def lyapunov(
         counts={"nfe": total * (2 if two else 1), "n_jvp": total * (n if mode == "dense" else k)},
         meta=meta,
     )
-
-
-class _CallableModule(types.ModuleType):
-    """``loopscope.analysis.lyapunov`` is both this module and the function: the package exports
-    the name lazily and Python binds the submodule to the same attribute, so calling the
-    module calls :func:`lyapunov`."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return lyapunov(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

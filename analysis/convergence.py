@@ -55,8 +55,6 @@ Example:
 from __future__ import annotations
 
 import math
-import sys
-import types
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -488,7 +486,7 @@ class Metrics:
         return df
 
     def summary(self) -> dict[str, float]:
-        """Scalar summary (for :func:`loopscope.analysis.basins.compare_splits`)."""
+        """Scalar summary (for :func:`loopscope.analysis.attractors.compare_splits`)."""
         s = self.summary_frame()
         return {
             "residual_at_budget": float(np.nanmedian(s["final_rel_residual"])) if len(s) else _NAN,
@@ -822,15 +820,3 @@ def layer_metrics(
     cols = ["hook", "sub", "iteration", "sample", "head", "metric", "value"]
     frame = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=cols)
     return LayerMetrics(frame=frame)
-
-
-class _CallableModule(types.ModuleType):
-    """``loopscope.analysis.metrics`` is both this module and the function: the package exports
-    the name lazily and Python binds the submodule to the same attribute, so calling the
-    module calls :func:`metrics`."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return metrics(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
