@@ -1,0 +1,27 @@
+"""Looped transformer family (own models, TransformerLens hook points) and presets."""
+
+from loopscope.models.config import HierarchicalConfig, LoopedConfig
+from loopscope.models.hierarchical import FastLoop, HierarchicalLoopedTransformer
+from loopscope.models.looped import LoopedTransformer
+from loopscope.models.presets import PRESETS, preset, preset_names
+
+__all__ = [
+    "LoopedConfig",
+    "LoopedTransformer",
+    "HierarchicalConfig",
+    "HierarchicalLoopedTransformer",
+    "FastLoop",
+    "PRESETS",
+    "preset",
+    "preset_names",
+    "build",
+]
+
+
+def build(cfg: LoopedConfig | HierarchicalConfig):
+    """The model of a config (single-state or hierarchical)."""
+    return (
+        HierarchicalLoopedTransformer(cfg)
+        if isinstance(cfg, HierarchicalConfig)
+        else LoopedTransformer(cfg)
+    )
