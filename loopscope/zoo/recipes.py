@@ -52,15 +52,26 @@ def evaluate_recipe(model: Any, recipe: Recipe, n: int = 512) -> dict[str, dict[
     out = {}
     for split, rule in recipe.evals.items():
         out[split] = evaluate(
-            model, task, split=split, n=n, n_iter=rule.get("n_iter"), iter_factor=rule.get("iter_factor"),
+            model,
+            task,
+            split=split,
+            n=n,
+            n_iter=rule.get("n_iter"),
+            iter_factor=rule.get("iter_factor"),
             cfg=None if ("n_iter" in rule or "iter_factor" in rule) else recipe.train,
         )
         out[split].update({k: v for k, v in rule.items()})
     return out
 
 
-def build(name: str, steps: int | None = None, out: str | Path | None = None, progress: bool = True,
-          run_dir: str | Path | None = None, n_eval: int = 512) -> dict[str, Any]:
+def build(
+    name: str,
+    steps: int | None = None,
+    out: str | Path | None = None,
+    progress: bool = True,
+    run_dir: str | Path | None = None,
+    n_eval: int = 512,
+) -> dict[str, Any]:
     """Train recipe ``name`` and write its checkpoint + measured card; returns the card."""
     import dataclasses
 
@@ -90,7 +101,8 @@ def build(name: str, steps: int | None = None, out: str | Path | None = None, pr
         "wall_s": round(float(wall), 1),
         "threads": torch.get_num_threads(),
         "machine": platform.machine(),
-        "command": f"loopscope zoo build {name}" + (f" --steps {steps}" if steps is not None else ""),
+        "command": f"loopscope zoo build {name}"
+        + (f" --steps {steps}" if steps is not None else ""),
         "train_config": cfg.to_dict(),
         "accuracy": acc,
         "evals": recipe.evals,
@@ -99,3 +111,141 @@ def build(name: str, steps: int | None = None, out: str | Path | None = None, pr
     }
     save_model(model, Path(out) if out is not None else ROOT / name, card=card)
     return card
+
+
+# -- the shipped recipes -------------------------------------------------------------------------
+_S3_EVALS = {
+    "id": {"iter_factor": 2.0},
+    "ood": {"iter_factor": 2.0},
+    "ood_len64": {"iter_factor": 2.0},
+}
+
+_add(
+    Recipe(
+        "s3_fprm",
+        TrainConfig(
+            task="s3",
+            preset="fprm",
+            steps=3000,
+            batch_size=64,
+            lr=2e-3,
+            iters=(1.0, 2.0),
+            truncate=16,
+            seed=0,
+        ),
+        _S3_EVALS,
+        "S3 state tracking, FPRM recipe: pre-norm + residual scaling, NoPE + causal conv1d, random init (std 6).",
+        ["state_tracking", "fprm"],
+    )
+)
+_add(
+    Recipe(
+        "s3_rope",
+        TrainConfig(
+            task="s3",
+            preset="fprm_rope_postnorm",
+            steps=3000,
+            batch_size=64,
+            lr=2e-3,
+            iters=(1.0, 2.0),
+            truncate=16,
+            seed=0,
+        ),
+        _S3_EVALS,
+        "S3 state tracking, post-norm RoPE baseline (no local mixer).",
+        ["state_tracking", "baseline"],
+    )
+)
+_add(
+    Recipe(
+        "s3_act",
+        TrainConfig(
+            task="s3",
+            preset="act",
+            steps=3000,
+            batch_size=64,
+            lr=2e-3,
+            iters=(1.0, 2.0),
+            segments=4,
+            truncate=8,
+            seed=0,
+        ),
+        _S3_EVALS,
+        "S3 state tracking with an ACT Q-head (deep supervision, 4 segments) for the halting comparison.",
+        ["state_tracking", "halting"],
+    )
+)
+_add(
+    Recipe(
+        "addition_conv",
+        TrainConfig(
+            task="addition",
+            preset="fprm",
+            steps=2500,
+            batch_size=64,
+            lr=2e-3,
+            iters=(1.0, 2.0),
+            truncate=16,
+            seed=0,
+        ),
+        {"id": {"iter_factor": 2.0}, "ood": {"iter_factor": 2.0}, "ood_32": {"iter_factor": 2.0}},
+        "Carry addition (aligned digit pairs, LSB first), FPRM recipe with a causal conv mixer; OOD = 2x and 4x digits.",
+        ["addition", "algorithmic"],
+    )
+)
+_add(
+    Recipe(
+        "maze_reach_conv",
+        TrainConfig(
+            task="maze_reach",
+            preset="maze_conv",
+            steps=1500,
+            batch_size=32,
+            lr=2e-3,
+            iters=(12.0, 28.0),
+            iters_per="fixed",
+            truncate=12,
+            seed=0,
+        ),
+        {"id": {"n_iter": 40}, "ood": {"n_iter": 80}, "ood_17": {"n_iter": 120}},
+        "Maze reachability (flood fill) on 9x9 grids with a 3x3 depthwise conv2d mixer; OOD = 13x13 and 17x17.",
+        ["maze", "algorithmic"],
+    )
+)
+_add(
+    Recipe(
+        "sudoku4_hrm",
+        TrainConfig(
+            task="sudoku4",
+            preset="hrm",
+            steps=1500,
+            batch_size=64,
+            lr=2e-3,
+            iters=(2.0, 4.0),
+            iters_per="fixed",
+            segments=2,
+            seed=0,
+        ),
+        {"id": {"n_iter": 6}, "ood": {"n_iter": 12}},
+        "Two-state HRM-style model (two post-norm stacks, L_cycles=2) on 4x4 Sudoku; OOD = harder puzzles.",
+        ["sudoku", "hierarchical"],
+    )
+)
+_add(
+    Recipe(
+        "mult_universal",
+        TrainConfig(
+            task="multiplication",
+            preset="universal",
+            steps=2500,
+            batch_size=64,
+            lr=2e-3,
+            iters=(4.0, 8.0),
+            iters_per="fixed",
+            seed=0,
+        ),
+        {"train": {"n_iter": 8}, "id": {"n_iter": 8}, "ood": {"n_iter": 16}},
+        "2x2-digit multiplication (80/20 pair split) with a Universal-Transformer-style loop; for the memorization analysis.",
+        ["multiplication", "memorization"],
+    )
+)
