@@ -25,3 +25,20 @@ def build(cfg: LoopedConfig | HierarchicalConfig):
         if isinstance(cfg, HierarchicalConfig)
         else LoopedTransformer(cfg)
     )
+
+
+from loopscope.models.hrm_text import (  # noqa: E402
+    HrmTextLoops,
+    bridge_hrm_text,
+    build_tiny_hrm_text,
+    capture_forward,
+    hrm_text_loop,
+)
+
+__all__ += [
+    "HrmTextLoops",
+    "bridge_hrm_text",
+    "build_tiny_hrm_text",
+    "capture_forward",
+    "hrm_text_loop",
+]

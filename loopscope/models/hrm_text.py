@@ -1,0 +1,339 @@
+"""HF HRM-Text through a TransformerLens ``TransformerBridge``, exposed as two Loops.
+
+HRM-Text (transformers >= 5.9) runs ``H_cycles`` slow cycles; each runs ``L_cycles`` fast passes
+``z_L <- L(z_L + z_H)`` then ``z_H <- H(z_H + z_L)`` (both stacks pre-norm Llama layers with a
+final RMSNorm); ``z_H`` starts at the scaled embedding, ``z_L`` at the frozen ``z_L_init``.
+The bridge's hooks on ``L_blocks.{i}.*`` fire ``H_cycles x L_cycles`` times per forward and TL
+exposes no iteration index; here every firing gets a label:
+
+* :func:`hrm_text_loop` -> :class:`HrmTextLoops` with ``.slow`` (state ``[B, 2, pos, d]`` =
+  ``(z_H, z_L)``, one step = one H-cycle, L hooks labelled ``(h_cycle, l_cycle)`` by ``unroll``)
+  and ``.fast`` (state ``z_L`` with ``z_H`` held fixed). Both run *through the bridge's modules*
+  so every TransformerLens hook fires.
+* :func:`capture_forward` runs the bridge's ordinary forward once with a boundary-hook clock
+  (``L_blocks.0.hook_in`` advances ``l``, ``H_blocks.0.hook_in`` ends the L passes of a cycle) and
+  records every firing with ``(h_cycle, l_cycle)``; H-stack firings get ``l_cycle = -1``.
+* :func:`build_tiny_hrm_text` / :func:`bridge_hrm_text` build a tiny random-weight model and its
+  bridge offline (capture.md §4.1).
+
+What the labels do *not* mean: they count hook firings in forward order; they do not know about
+``L_bp_cycles`` (early L passes run under ``no_grad`` in HF's own forward, so they have no
+gradients there).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from loopscope.capture import Recorder, attach, pos_dim_of, resolve_hooks
+from loopscope.errors import LoopscopeError
+from loopscope.interventions import Intervention
+from loopscope.loop import Loop
+from loopscope.trace import Trace
+
+_TOKENIZER_DIR: tempfile.TemporaryDirectory | None = None
+
+__all__ = [
+    "build_tiny_hrm_text",
+    "bridge_hrm_text",
+    "hrm_text_loop",
+    "HrmTextLoops",
+    "capture_forward",
+]
+
+
+def build_tiny_hrm_text(seed: int = 0, **overrides: Any):
+    """A tiny random-weight ``HrmTextForCausalLM`` and a local word-level tokenizer (offline).
+
+    Returns ``(hf_model, tokenizer)``; defaults: d=64, 1 layer per stack, H=3, L=4, vocab 64.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import HrmTextConfig, HrmTextForCausalLM, PreTrainedTokenizerFast
+
+    kw = dict(
+        vocab_size=64,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_layers_per_stack=1,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        head_dim=16,
+        H_cycles=3,
+        L_cycles=4,
+        max_position_embeddings=64,
+    )
+    kw.update(overrides)
+    cfg = HrmTextConfig(**kw)
+    cfg.architectures = ["HrmTextForCausalLM"]  # the bridge picks its adapter from this
+    torch.manual_seed(seed)
+    model = HrmTextForCausalLM(cfg).eval()
+    n = cfg.vocab_size - 4
+    vocab = {str(i): i for i in range(n)}
+    vocab.update({"<pad>": n, "<bos>": n + 1, "<eos>": n + 2, "<unk>": n + 3})
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        pad_token="<pad>",
+        bos_token="<bos>",
+        eos_token="<eos>",
+        unk_token="<unk>",
+    )
+    # save + reload: the bridge needs a real fast tokenizer, and re-reads it from its folder
+    # later (add_bos_token), so the folder lives as long as the process
+    global _TOKENIZER_DIR
+    if _TOKENIZER_DIR is None:
+        _TOKENIZER_DIR = tempfile.TemporaryDirectory(prefix="loopscope-hrm-tok-")
+    tok.save_pretrained(_TOKENIZER_DIR.name)
+    tok = PreTrainedTokenizerFast.from_pretrained(_TOKENIZER_DIR.name)
+    return model, tok
+
+
+def bridge_hrm_text(hf_model: Any, tokenizer: Any = None):
+    """Wrap an ``HrmTextForCausalLM`` in a TransformerLens ``TransformerBridge`` (no download)."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    if getattr(hf_model.config, "architectures", None) is None:
+        hf_model.config.architectures = ["HrmTextForCausalLM"]
+    return TransformerBridge.boot_transformers(
+        "local-hrm-text", hf_model=hf_model, tokenizer=tokenizer
+    )
+
+
+class _BridgeLoop(Loop):
+    """A Loop that runs through a bridge's modules and exposes the bridge's hook points."""
+
+    def __init__(self, bridge: Any) -> None:
+        super().__init__()
+        object.__setattr__(self, "bridge", bridge)  # not a submodule: keep the bridge's hook names
+        self.setup()
+        self.hook_dict = {**dict(bridge.hook_dict), "hook_state": self.hook_state}
+        self.mod_dict = {**dict(bridge.hook_dict), "hook_state": self.hook_state}
+
+    @property
+    def hf(self) -> Any:
+        return self.bridge.original_model.model
+
+    def parameters(self, recurse: bool = True):
+        return self.bridge.parameters(recurse)
+
+    def encode(self, input_ids: Tensor) -> dict[str, Any]:
+        from transformers.masking_utils import create_causal_mask
+
+        from loopscope.models.looped import check_tokens
+
+        cfg = self.hf.config
+        ids = check_tokens(input_ids, cfg.vocab_size, cfg.max_position_embeddings)
+        x = self.hf.embed_tokens(ids) * self.hf.embedding_scale
+        position_ids = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
+        mask = create_causal_mask(
+            config=cfg, inputs_embeds=x, attention_mask=None, cache=None, position_ids=position_ids
+        )
+        pos_emb = self.hf.rotary_emb(x, position_ids)
+        return {
+            "input_ids": ids,
+            "x": x,
+            "mask": mask,
+            "pos_emb": pos_emb,
+            "position_ids": position_ids,
+        }
+
+    def select(self, ctx: dict[str, Any], index: Tensor) -> dict[str, Any]:
+        out = dict(ctx)
+        out["input_ids"], out["x"] = ctx["input_ids"][index], ctx["x"][index]
+        if "z_H" in ctx:
+            out["z_H"] = ctx["z_H"][index]
+        m = ctx["mask"]
+        if isinstance(m, Tensor) and m.shape[0] == ctx["x"].shape[0] and m.shape[0] > 1:
+            out["mask"] = m[index]
+        return out
+
+    def batch_size(self, ctx: dict[str, Any]) -> int:
+        return ctx["x"].shape[0]
+
+    def _L(self, h: Tensor, ctx: dict[str, Any]) -> Tensor:
+        return self.hf.L_module(
+            h,
+            attention_mask=ctx["mask"],
+            position_embeddings=ctx["pos_emb"],
+            position_ids=ctx["position_ids"],
+        )
+
+    def _H(self, h: Tensor, ctx: dict[str, Any]) -> Tensor:
+        return self.hf.H_module(
+            h,
+            attention_mask=ctx["mask"],
+            position_embeddings=ctx["pos_emb"],
+            position_ids=ctx["position_ids"],
+        )
+
+    def _lm_head(self, z_H: Tensor) -> Tensor:
+        return self.bridge.original_model.lm_head(z_H)
+
+
+class HrmTextSlowLoop(_BridgeLoop):
+    """One step = one H-cycle: ``L_cycles`` fast passes then the H stack. State ``[B, 2, pos, d]``."""
+
+    label_names = ("h_cycle", "l_cycle")
+
+    def init_state(self, ctx: dict[str, Any], generator: torch.Generator | None = None) -> Tensor:
+        x = ctx["x"]
+        zL = self.hf.z_L_init.to(x.dtype).expand_as(x)
+        return torch.stack([x, zL], dim=1).clone()
+
+    def step(self, h: Tensor, ctx: dict[str, Any], t: int | None = None) -> Tensor:
+        zH, zL = h[:, 0], h[:, 1]
+        for _ in range(self.hf.config.L_cycles):
+            zL = self._L(zL + zH, ctx)
+        zH = self._H(zH + zL, ctx)
+        return torch.stack([zH, zL], dim=1)
+
+    def decode(self, h: Tensor, ctx: dict[str, Any]) -> Tensor:
+        return self._lm_head(h[:, 0])
+
+
+class HrmTextFastLoop(_BridgeLoop):
+    """``z_L <- L(z_L + z_H)`` with ``z_H`` fixed (``ctx["z_H"]``: the embedding unless given)."""
+
+    label_names = ("l_cycle", "sub")
+
+    def __init__(self, bridge: Any, z_H: Tensor | None = None) -> None:
+        super().__init__(bridge)
+        self.fixed_zH = z_H
+
+    def encode(self, input_ids: Tensor) -> dict[str, Any]:
+        ctx = super().encode(input_ids)
+        ctx["z_H"] = ctx["x"] if self.fixed_zH is None else self.fixed_zH.to(ctx["x"].dtype)
+        return ctx
+
+    def init_state(self, ctx: dict[str, Any], generator: torch.Generator | None = None) -> Tensor:
+        return self.hf.z_L_init.to(ctx["x"].dtype).expand_as(ctx["x"]).clone()
+
+    def step(self, h: Tensor, ctx: dict[str, Any], t: int | None = None) -> Tensor:
+        return self._L(h + ctx["z_H"], ctx)
+
+    def decode(self, h: Tensor, ctx: dict[str, Any]) -> Tensor:
+        return self._lm_head(self._H(ctx["z_H"] + h, ctx))
+
+
+@dataclass
+class HrmTextLoops:
+    """The two Loops of HRM-Text: ``slow`` (H-cycles) and ``fast`` (L-passes, z_H fixed)."""
+
+    slow: HrmTextSlowLoop
+    fast: HrmTextFastLoop
+    bridge: Any
+
+    def fast_at(self, z_H: Tensor) -> HrmTextFastLoop:
+        """The fast loop with the slow state held at ``z_H`` (e.g. ``trace.states[h][:, 0]``)."""
+        return HrmTextFastLoop(self.bridge, z_H)
+
+
+def hrm_text_loop(bridge: Any) -> HrmTextLoops:
+    """Expose a bridged HRM-Text model as Loops (see module docstring)."""
+    hf = getattr(bridge, "original_model", None)
+    if hf is None or not hasattr(getattr(hf, "model", None), "L_module"):
+        raise LoopscopeError("hrm_text_loop needs a TransformerBridge around an HrmTextForCausalLM")
+    return HrmTextLoops(slow=HrmTextSlowLoop(bridge), fast=HrmTextFastLoop(bridge), bridge=bridge)
+
+
+class _HLClock:
+    """Boundary-hook clock: ``L_blocks.0.hook_in`` starts an L pass, ``H_blocks.0.hook_in`` an H pass."""
+
+    def __init__(self) -> None:
+        self.h, self.l, self.in_H = 0, -1, False
+
+    def on_L(self, x: Tensor, hook: Any) -> None:
+        if self.in_H:  # first L pass after an H pass: a new slow cycle
+            self.h, self.l, self.in_H = self.h + 1, 0, False
+        else:
+            self.l += 1
+
+    def on_H(self, x: Tensor, hook: Any) -> None:
+        self.in_H = True
+
+    @property
+    def label(self) -> tuple[int, int]:
+        return (self.h, -1 if self.in_H else self.l)
+
+
+def capture_forward(
+    bridge: Any, input_ids: Tensor, capture: Any = None, interventions: Any = (), grad: bool = False
+) -> Trace:
+    """Run the bridge's own forward once and record every firing with ``(h_cycle, l_cycle)``.
+
+    ``trace.states`` = ``z_H`` after each H-cycle (``[H+1, B, pos, d]``, entry 0 = the scaled
+    embedding), ``trace.logits`` = the LM head on each of them; ``trace[hook]`` stacks every firing.
+    ``interventions`` are the same objects as for ``unroll``; their ``iteration`` is matched against
+    these labels (an int matches every firing of that H-cycle, ``(h, l)`` one L pass).
+    """
+    hd = dict(bridge.hook_dict)
+    for name in ("L_blocks.0.hook_in", "H_blocks.0.hook_in", "H_ln_final.hook_out"):
+        if name not in hd:
+            raise LoopscopeError(f"capture_forward needs an HRM-Text bridge (no hook {name!r})")
+    points, aliases = resolve_hooks(bridge, capture)
+    ivs = list(interventions or [])
+    for iv in ivs:
+        if not isinstance(iv, Intervention):
+            raise LoopscopeError(
+                f"interventions must be loopscope interventions, got {type(iv).__name__}"
+            )
+    iv_points, _ = resolve_hooks(bridge, [iv.hook for iv in ivs])
+    clock = _HLClock()
+    counts: dict[str, int] = {}
+
+    def patcher(name: str, hp: Any) -> Any:
+        mine = [iv for iv in ivs if resolve_hooks(bridge, [iv.hook])[0].keys() == {name}]
+
+        def fn(x: Tensor, hook: Any) -> Tensor | None:
+            label = clock.label
+            k = counts.get(name, 0)
+            counts[name] = k + 1
+            out = None
+            for iv in mine:
+                if iv.applies(label):
+                    out = iv(x if out is None else out, label, k, pos_dim_of(hp))
+            return out
+
+        return fn
+
+    recs = {n: Recorder(n, lambda: clock.label, pos_dim=pos_dim_of(hp)) for n, hp in points.items()}
+    zH_rec = Recorder("H_ln_final.hook_out", lambda: clock.label)
+    hooks = [(hd["L_blocks.0.hook_in"], clock.on_L), (hd["H_blocks.0.hook_in"], clock.on_H)]
+    hooks += [(hp, patcher(n, hp)) for n, hp in iv_points.items()]
+    hooks += [(points[n], r) for n, r in recs.items()]
+    hooks.append((hd["H_ln_final.hook_out"], zH_rec))
+    hf = bridge.original_model
+    ctx = torch.enable_grad() if grad else torch.no_grad()
+    with ctx, attach(hooks):
+        x = hf.model.embed_tokens(input_ids) * hf.model.embedding_scale
+        out = hf(input_ids)
+        zHs = torch.stack([x.detach()] + [v for v in zH_rec.values])
+        logits = hf.lm_head(zHs.flatten(0, 1)).view(*zHs.shape[:3], -1)
+    B = input_ids.shape[0]
+    if not torch.equal(logits[-1], out.logits.detach()):  # the clock and the model must agree
+        raise LoopscopeError(
+            "capture_forward: reconstructed final logits differ from the model's output"
+        )
+    return Trace(
+        states=zHs,
+        acts={n: r.stacked() for n, r in recs.items() if r.values},
+        labels={n: r.labels for n, r in recs.items() if r.values},
+        status=["max_iter"] * B,
+        diverged_at=torch.full((B,), -1, dtype=torch.long),
+        halted_at=torch.full((B,), -1, dtype=torch.long),
+        logits=logits.detach(),
+        meta={
+            "model": "hrm_text",
+            "label_names": ["h_cycle", "l_cycle"],
+            "H_cycles": hf.config.H_cycles,
+            "L_cycles": hf.config.L_cycles,
+        },
+        aliases=aliases,
+    )
