@@ -26,7 +26,7 @@ def hrm():
     return model, bridge, ids, ref
 
 
-EXPECTED_L = [(h, l) for h in range(H) for l in range(L)]
+EXPECTED_L = [(h, j) for h in range(H) for j in range(L)]
 
 
 def test_slow_loop_equals_hf_forward_with_hl_labels(hrm):
@@ -74,7 +74,7 @@ def test_recurrence_identity(hrm):
     z_H = tr.states  # [H+1, ...]: embedding, then z_H after each cycle
     z_L_prev = torch.zeros_like(z_H[0])  # z_L_init is zero
     err = 0.0
-    for k, (h, l) in enumerate(tr.labels["L_blocks.0.hook_in"]):
+    for k, (h, _j) in enumerate(tr.labels["L_blocks.0.hook_in"]):
         err = max(err, (tr["L_blocks.0.hook_in"][k] - (z_L_prev + z_H[h])).abs().max().item())
         z_L_prev = tr["L_ln_final.hook_out"][k]
     assert err == 0.0
