@@ -23,6 +23,7 @@ _EXPORTS = {
     "FixedPointCensus": "fixed_points",
     "input_sensitivity": "fixed_points",
     "spectrum": "spectra",
+    "power_iteration_rho": "spectra",
     "Spectrum": "spectra",
     "lyapunov": "lyapunov_qr",
     "LyapunovResult": "lyapunov_qr",
@@ -33,8 +34,9 @@ _EXPORTS = {
     "compare_splits": "attractors",
     "BasinResult": "attractors",
     "hierarchical": "hierarchical",
-    "stability_table": "stability",
-    "verdict": "verdict",
+    "verdict": "evidence",
+    "Verdict": "evidence",
+    "confident_wrong": "evidence",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -43,7 +45,9 @@ __all__ = sorted(_EXPORTS)
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
         module = importlib.import_module(f"loopscope.analysis.{_EXPORTS[name]}")
-        return module if name == _EXPORTS[name] else getattr(module, name)
+        # a module and its main function never share a name here (a submodule import would
+        # shadow the function on the package), so modules are exported only as themselves
+        return getattr(module, name) if hasattr(module, name) else module
     raise AttributeError(f"module 'loopscope.analysis' has no attribute {name!r}")
 
 

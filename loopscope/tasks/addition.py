@@ -97,6 +97,8 @@ class AdditionTask(Task):
                 "length": D + 1,
                 "n_digits": D,
                 "split": split,
-                "depth": torch.from_numpy(r["chain"]).long(),
+                "depth": torch.from_numpy(
+                    np.pad(r["chain"][:, :-1], ((0, 0), (1, 0)))
+                ).long(),  # chain arriving at i
             },
         )

@@ -1,0 +1,261 @@
+"""The verdict: an evidence vector for "real algorithm" vs "memorized subgraphs / heuristics".
+
+Never one bit. Each row is one piece of evidence with its value, a CI where there is sampling,
+and a one-line reading (algorithm-tests.md §8). Also the dissociation the research cares about:
+how often the loop converges *confidently* (small residual, locally stable) to a *wrong* answer,
+ID vs OOD.
+
+Example:
+    >>> from loopscope import zoo, tasks                       # doctest: +SKIP
+    >>> v = verdict(zoo.load("addition_conv"), tasks.get("addition"))  # doctest: +SKIP
+    >>> v.to_frame()[["evidence", "value", "reading"]]          # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy import stats
+
+from loopscope.analysis.attractors import path_independence, wilson_ci
+from loopscope.analysis.convergence import metrics
+from loopscope.errors import LoopscopeError, reject_unknown_kwargs
+from loopscope.unroll import unroll
+
+__all__ = ["verdict", "Verdict", "confident_wrong"]
+
+
+@dataclass
+class Verdict:
+    """Evidence rows: ``evidence, split, value, ci_low, ci_high, n, reading, supports``."""
+
+    rows: list[dict[str, Any]]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_frame(self) -> pd.DataFrame:
+        df = pd.DataFrame(self.rows)
+        for k in ("model", "task", "seed"):
+            if k in self.meta:
+                df[k] = self.meta[k]
+        return df
+
+    @property
+    def summary(self) -> str:
+        """One line: how many rows support each reading."""
+        s = pd.Series([r["supports"] for r in self.rows]).value_counts()
+        return ", ".join(f"{k}: {v}" for k, v in s.items())
+
+
+def _bootstrap_mean(x: np.ndarray, seed: int, n: int = 500) -> tuple[float, float]:
+    x = np.asarray(x, dtype=float)
+    x = x[np.isfinite(x)]
+    if len(x) < 2:
+        return (float("nan"), float("nan"))
+    rng = np.random.default_rng(seed)
+    means = rng.choice(x, size=(n, len(x)), replace=True).mean(1)
+    return float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
+
+
+def _iters(task: Any, batch: Any, factor: float) -> int:
+    meta = batch.meta
+    L = int(max(meta["grid"])) if "grid" in meta else int(batch.tokens.shape[1])
+    return max(2, int(round(factor * L)))
+
+
+def confident_wrong(trace: Any, targets: torch.Tensor, tol: float = 1e-3) -> dict[str, float]:
+    """Fractions of samples that are converged (final period-1 or period-2 relative residual
+    < tol) and wrong, among all and among the wrong ones."""
+    m = metrics(trace, p_max=2)
+    s = m.summary_frame()
+    rel2 = (
+        m["res_p2"][-1] / trace.states[-1].flatten(1).double().norm(dim=1).clamp_min(1e-30)
+    ).numpy()
+    settled = (s["final_rel_residual"].to_numpy() < tol) | (rel2 < tol)
+    pred = trace.decode().argmax(-1)
+    mask = targets != -100
+    wrong = (((pred != targets) & mask).any(dim=1)).numpy()
+    n_wrong = int(wrong.sum())
+    return {
+        "settled_fraction": float(settled.mean()),
+        "wrong_fraction": float(wrong.mean()),
+        "confident_wrong_fraction": float((settled & wrong).mean()),
+        "settled_given_wrong": float((settled & wrong).sum() / n_wrong)
+        if n_wrong
+        else float("nan"),
+        "n": int(len(wrong)),
+        "n_wrong": n_wrong,
+    }
+
+
+_OPTIONS = ("n", "seed", "iter_factor", "splits", "tol", "extra")
+
+
+def verdict(model: Any, task: Any, **options: Any) -> Verdict:
+    """Evidence vector for one model on one task (see module docstring).
+
+    Options: ``n`` examples per split (128), ``seed`` (0), ``iter_factor`` (iterations = factor x
+    length, 4: well past the training range, to see where the loop settles), ``splits``
+    (("id", "ood")), ``tol`` (residual tolerance, 1e-3), ``extra`` (a list of extra evidence rows,
+    e.g. probe onset or patching results from :mod:`loopscope.probes` / :mod:`loopscope.circuits`).
+    """
+    reject_unknown_kwargs("verdict", options, _OPTIONS)
+    n = int(options.get("n", 128))
+    seed = int(options.get("seed", 0))
+    factor = float(options.get("iter_factor", 4.0))
+    tol = float(options.get("tol", 1e-3))
+    splits = tuple(options.get("splits", ("id", "ood")))
+    for sp in splits:
+        if sp not in task.splits:
+            raise LoopscopeError(f"task {task.name!r} has no split {sp!r}")
+    if (
+        getattr(model, "cfg", None) is not None
+        and getattr(model.cfg, "vocab_size", task.vocab_size) != task.vocab_size
+    ):
+        raise LoopscopeError(
+            f"model vocabulary ({model.cfg.vocab_size}) does not match task {task.name!r} ({task.vocab_size})"
+        )
+    rows: list[dict[str, Any]] = []
+    acc: dict[str, float] = {}
+    cw: dict[str, dict] = {}
+    for sp in splits:
+        batch = task.sample(n, sp, seed=seed)
+        T = _iters(task, batch, factor)
+        tr = unroll(model, batch.tokens, T, seed=seed, decode=True)
+        pred = tr.logits[-1].argmax(-1)
+        mask = batch.targets != -100
+        seq_ok = ((pred == batch.targets) | ~mask).all(1).numpy()
+        k = int(seq_ok.sum())
+        lo, hi = wilson_ci(k, len(seq_ok))
+        acc[sp] = k / len(seq_ok)
+        reading = "solves it" if acc[sp] >= 0.9 else "partly" if acc[sp] >= 0.5 else "fails"
+        rows.append(
+            dict(
+                evidence="sequence accuracy",
+                split=sp,
+                value=acc[sp],
+                ci_low=lo,
+                ci_high=hi,
+                n=len(seq_ok),
+                reading=f"{reading} at {T} iterations",
+                supports="algorithm"
+                if acc[sp] >= 0.9
+                else "memorized/heuristic"
+                if sp != "id"
+                else "neutral",
+            )
+        )
+        cw[sp] = confident_wrong(tr, batch.targets, tol)
+        rows.append(
+            dict(
+                evidence="confident-wrong (settled and wrong)",
+                split=sp,
+                value=cw[sp]["confident_wrong_fraction"],
+                ci_low=np.nan,
+                ci_high=np.nan,
+                n=cw[sp]["n"],
+                reading=f"{cw[sp]['settled_given_wrong']:.0%} of wrong answers are settled attractors"
+                if cw[sp]["n_wrong"]
+                else "no wrong answers",
+                supports="memorized/heuristic"
+                if cw[sp]["n_wrong"] and cw[sp]["settled_given_wrong"] > 0.5
+                else "neutral",
+            )
+        )
+        # convergence time vs problem depth (per token; depth = the task's computation depth)
+        depth = batch.meta.get("depth")
+        if isinstance(depth, torch.Tensor) and depth.dim() == 2:
+            mt = metrics(tr, p_max=2, per_token=True, tol=tol)
+            tc = mt.t_conv.numpy().reshape(-1).astype(float)
+            dp = depth.numpy().reshape(-1).astype(float)
+            ok = (tc >= 0) & mask.numpy().reshape(-1)
+            if ok.sum() > 10 and np.std(dp[ok]) > 0 and np.std(tc[ok]) > 0:
+                rho, p = stats.spearmanr(dp[ok], tc[ok])
+                rows.append(
+                    dict(
+                        evidence="T_conv vs depth (Spearman)",
+                        split=sp,
+                        value=float(rho),
+                        ci_low=np.nan,
+                        ci_high=np.nan,
+                        n=int(ok.sum()),
+                        reading="convergence time grows with depth"
+                        if rho > 0.3
+                        else "convergence time independent of depth",
+                        supports="algorithm" if rho > 0.3 else "memorized/heuristic",
+                    )
+                )
+            # output space: the iteration after which each token's answer never changes again
+            am = tr.logits.argmax(-1)  # [T+1, B, P]
+            changed = am != am[-1:]
+            T1 = am.shape[0]
+            idx = torch.arange(T1).view(T1, 1, 1).expand_as(am)
+            settle = torch.where(changed, idx, torch.full_like(idx, -1)).amax(0) + 1  # [B, P]
+            st = settle.numpy().reshape(-1).astype(float)
+            okm = mask.numpy().reshape(-1) & (pred == batch.targets).numpy().reshape(-1)
+            if okm.sum() > 10 and np.std(dp[okm]) > 0 and np.std(st[okm]) > 0:
+                rho, _ = stats.spearmanr(dp[okm], st[okm])
+                rows.append(
+                    dict(
+                        evidence="answer settling step vs depth (Spearman)",
+                        split=sp,
+                        value=float(rho),
+                        ci_low=np.nan,
+                        ci_high=np.nan,
+                        n=int(okm.sum()),
+                        reading="correct answers appear later for deeper tokens (step-by-step)"
+                        if rho > 0.3
+                        else "answers appear regardless of depth (lookup-like)",
+                        supports="algorithm" if rho > 0.3 else "memorized/heuristic",
+                    )
+                )
+        # path independence: same budget from the model's init and from noise inits
+        pi = path_independence(model, batch.tokens, inits=("default", "noise"), n_iter=T, seed=seed)
+        aa = (
+            pi.aa("noise", space="readout")
+            if (pi.frame["space"] == "readout").any()
+            else pi.aa("noise")
+        )
+        lo, hi = _bootstrap_mean(aa, seed)
+        rows.append(
+            dict(
+                evidence="path independence AA (readout)",
+                split=sp,
+                value=float(np.nanmean(aa)),
+                ci_low=lo,
+                ci_high=hi,
+                n=len(aa),
+                reading="end state independent of the init"
+                if np.nanmean(aa) > 0.99
+                else "end state depends on the init",
+                supports="algorithm" if np.nanmean(aa) > 0.99 else "memorized/heuristic",
+            )
+        )
+    if "id" in acc and "ood" in acc:
+        gap = acc["id"] - acc["ood"]
+        rows.append(
+            dict(
+                evidence="ID - OOD accuracy gap",
+                split="id-ood",
+                value=gap,
+                ci_low=np.nan,
+                ci_high=np.nan,
+                n=n,
+                reading="generalizes out of distribution"
+                if gap < 0.1
+                else "does not generalize out of distribution",
+                supports="algorithm" if gap < 0.1 else "memorized/heuristic",
+            )
+        )
+    rows.extend(options.get("extra") or [])
+    return Verdict(
+        rows,
+        {
+            "model": getattr(model, "zoo_name", type(model).__name__),
+            "task": task.name,
+            "seed": seed,
+        },
+    )
