@@ -1,0 +1,224 @@
+"""Figure functions: tidy frames in, matplotlib Figure out (no computation here)."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg", force=False)
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+__all__ = [
+    "convergence_curves",
+    "spectra_lyapunov",
+    "eigen_scatter",
+    "basin_map",
+    "halting_tradeoff",
+    "hierarchical_convergence",
+    "heatmap",
+    "line_curves",
+    "scatter_xy",
+    "verdict_table",
+]
+
+
+def convergence_curves(df: pd.DataFrame) -> plt.Figure:
+    """Median relative residual (and period-2 residual) vs iteration, IQR band, per model x split;
+    accuracy vs iteration underneath. ``df``: model, split, iteration, median, q25, q75,
+    median_p2, accuracy."""
+    models = list(dict.fromkeys(df["model"]))
+    fig, axes = plt.subplots(
+        2, len(models), figsize=(4.2 * len(models), 6.5), sharex="col", squeeze=False
+    )
+    for j, m in enumerate(models):
+        d = df[df["model"] == m]
+        for split, g in d.groupby("split", sort=False):
+            ax = axes[0, j]
+            (line,) = ax.plot(g["iteration"], g["median"], label=f"{split} 1-step")
+            ax.fill_between(g["iteration"], g["q25"], g["q75"], alpha=0.2, color=line.get_color())
+            ax.plot(
+                g["iteration"],
+                g["median_p2"],
+                ls="--",
+                color=line.get_color(),
+                label=f"{split} period-2",
+            )
+            axes[1, j].plot(g["iteration"], g["accuracy"], color=line.get_color(), label=split)
+        axes[0, j].set_yscale("log")
+        axes[0, j].set_title(m)
+        axes[0, j].set_ylabel("relative residual")
+        axes[1, j].set_ylabel("token accuracy")
+        axes[1, j].set_xlabel("iteration")
+        axes[1, j].set_ylim(0, 1.02)
+        axes[0, j].legend(fontsize=7)
+        axes[1, j].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def spectra_lyapunov(rho: pd.DataFrame, lyap: pd.DataFrame) -> plt.Figure:
+    """Histograms of the spectral radius rho(J) at the end state and of the largest Lyapunov
+    exponent, per model, ID vs OOD."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    sns.stripplot(data=rho, x="model", y="rho", hue="split", dodge=True, ax=axes[0], size=4)
+    axes[0].axhline(1.0, color="k", lw=0.8, ls=":")
+    axes[0].set_title("spectral radius of J at the end state")
+    sns.stripplot(data=lyap, x="model", y="lambda1", hue="split", dodge=True, ax=axes[1], size=4)
+    axes[1].axhline(0.0, color="k", lw=0.8, ls=":")
+    axes[1].set_title("largest Lyapunov exponent (nats / iteration)")
+    for ax in axes:
+        ax.tick_params(axis="x", rotation=15)
+    fig.tight_layout()
+    return fig
+
+
+def eigen_scatter(eig: pd.DataFrame) -> plt.Figure:
+    """Eigenvalues in the complex plane with the unit circle, per split."""
+    fig, ax = plt.subplots(figsize=(4.6, 4.6))
+    th = np.linspace(0, 2 * np.pi, 400)
+    ax.plot(np.cos(th), np.sin(th), color="k", lw=0.8)
+    for (m, split), g in eig.groupby(["model", "split"], sort=False):
+        ax.scatter(g["real"], g["imag"], s=6, alpha=0.5, label=f"{m} {split}")
+    ax.set_aspect("equal")
+    ax.set_xlabel("Re λ")
+    ax.set_ylabel("Im λ")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def basin_map(img: pd.DataFrame, fractions: pd.DataFrame) -> plt.Figure:
+    """Left: decoded answer on a 2-D slice of initial states; right: basin fractions (correct
+    basin highlighted) per split. ``img``: alpha, beta, answer_id, correct."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+    piv = img.pivot(index="beta", columns="alpha", values="answer_id")
+    ext = [img["alpha"].min(), img["alpha"].max(), img["beta"].min(), img["beta"].max()]
+    axes[0].imshow(
+        piv.values, origin="lower", extent=ext, cmap="tab20", interpolation="nearest", aspect="auto"
+    )
+    axes[0].set_title("answer reached from a 2-D slice of h_0")
+    axes[0].set_xlabel("alpha (random direction 1)")
+    axes[0].set_ylabel("beta (random direction 2)")
+    sns.barplot(
+        data=fractions,
+        x="split",
+        y="correct_basin_fraction",
+        hue="model",
+        ax=axes[1],
+        errorbar=None,
+    )
+    axes[1].set_ylim(0, 1.02)
+    axes[1].set_title("share of random inits ending on the correct answer")
+    fig.tight_layout()
+    return fig
+
+
+def halting_tradeoff(df: pd.DataFrame, gaps: pd.DataFrame | None = None) -> plt.Figure:
+    """Accuracy vs mean iterations per exit criterion (points over thresholds)."""
+    fig, axes = plt.subplots(
+        1, 2 if gaps is not None else 1, figsize=(11 if gaps is not None else 6, 4.2), squeeze=False
+    )
+    ax = axes[0, 0]
+    for (crit, split), g in df.groupby(["criterion", "split"], sort=False):
+        g = g.sort_values("mean_steps")
+        ax.plot(g["mean_steps"], g["accuracy"], marker="o", ms=3, label=f"{crit} ({split})")
+    ax.set_xlabel("mean iterations at exit")
+    ax.set_ylabel("sequence accuracy")
+    ax.legend(fontsize=6, ncol=2)
+    ax.set_title("halting trade-off")
+    if gaps is not None:
+        sns.barplot(
+            data=gaps, x="criterion", y="saturation_gap", hue="split", ax=axes[0, 1], errorbar=None
+        )
+        axes[0, 1].axhline(0, color="k", lw=0.8)
+        axes[0, 1].set_title("halt step − accuracy-saturation step")
+        axes[0, 1].tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    return fig
+
+
+def hierarchical_convergence(df: pd.DataFrame, pr: pd.DataFrame) -> plt.Figure:
+    """Residual of z_H and z_L across slow cycles; fast-loop residual within each cycle;
+    participation ratio of each state."""
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    slow = df[df["loop"] == "slow"]
+    for state, g in slow.groupby("state"):
+        axes[0].plot(g["iteration"], g["median"], marker="o", ms=3, label=state)
+    axes[0].set_yscale("log")
+    axes[0].set_title("slow loop: relative change per H-cycle")
+    axes[0].set_xlabel("H-cycle")
+    axes[0].legend()
+    fast = df[df["loop"] == "fast"]
+    for cyc, g in fast.groupby("cycle"):
+        axes[1].plot(g["iteration"], g["median"], label=f"z_H of cycle {cyc}")
+    axes[1].set_yscale("log")
+    axes[1].set_title("fast loop (z_H fixed): relative change")
+    axes[1].set_xlabel("L-step")
+    axes[1].legend(fontsize=7)
+    sns.barplot(data=pr, x="state", y="participation_ratio", hue="split", ax=axes[2], errorbar=None)
+    axes[2].set_title("participation ratio")
+    fig.tight_layout()
+    return fig
+
+
+def heatmap(
+    df: pd.DataFrame, index: str, columns: str, values: str, title: str, center: float | None = None
+) -> plt.Figure:
+    """A labelled heatmap of one value over two axes."""
+    piv = df.pivot_table(index=index, columns=columns, values=values, aggfunc="mean")
+    fig, ax = plt.subplots(
+        figsize=(max(4, 0.35 * piv.shape[1] + 2), max(3, 0.3 * piv.shape[0] + 1.5))
+    )
+    sns.heatmap(piv, ax=ax, cmap="RdBu_r" if center is not None else "viridis", center=center)
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def line_curves(
+    df: pd.DataFrame,
+    x: str,
+    y: str,
+    hue: str,
+    title: str,
+    ylabel: str | None = None,
+    ylim: tuple | None = None,
+) -> plt.Figure:
+    """Lines of ``y`` vs ``x`` per ``hue`` with 95% CI bands where there are repeats."""
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    sns.lineplot(data=df, x=x, y=y, hue=hue, marker="o", ms=4, ax=ax, errorbar=("ci", 95))
+    ax.set_title(title)
+    if ylabel:
+        ax.set_ylabel(ylabel)
+    if ylim:
+        ax.set_ylim(*ylim)
+    fig.tight_layout()
+    return fig
+
+
+def scatter_xy(df: pd.DataFrame, x: str, y: str, hue: str | None, title: str) -> plt.Figure:
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    sns.scatterplot(data=df, x=x, y=y, hue=hue, ax=ax, s=18, alpha=0.7)
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def verdict_table(df: pd.DataFrame) -> plt.Figure:
+    """The verdict evidence rows as a colour-coded table figure."""
+    show = df[["model", "evidence", "split", "value", "reading"]].copy()
+    show["value"] = show["value"].map(lambda v: f"{v:.3f}")
+    colors = {"algorithm": "#d9f0d3", "memorized/heuristic": "#f4cccc", "neutral": "#ffffff"}
+    fig, ax = plt.subplots(figsize=(13, 0.28 * len(show) + 1))
+    ax.axis("off")
+    tab = ax.table(cellText=show.values, colLabels=show.columns, loc="center", cellLoc="left")
+    tab.auto_set_font_size(False)
+    tab.set_fontsize(7)
+    for i, s in enumerate(df["supports"].tolist()):
+        for j in range(show.shape[1]):
+            tab[i + 1, j].set_facecolor(colors.get(s, "#ffffff"))
+    tab.auto_set_column_width(list(range(show.shape[1])))
+    fig.tight_layout()
+    return fig

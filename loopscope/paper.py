@@ -1,0 +1,458 @@
+"""``loopscope paper``: regenerate the paper's figures and tables from the zoo.
+
+Each figure is one function ``fig_*(ctx) -> (Figure, DataFrame, title, caption)``: it computes
+tidy results with the analyses and hands them to :mod:`loopscope.figures`. The writer saves PDF +
+PNG + CSV + JSON per figure atomically; a rerun after an interruption skips figures already on
+disk (nothing lost, nothing done twice). ``--quick`` uses the shipped checkpoints and small sample
+sizes (minutes on 2 cores); without it the zoo is retrained from its recipes first and the sample
+sizes grow.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from loopscope import figures
+from loopscope.errors import LoopscopeError
+from loopscope.report import FigureWriter, set_style
+from loopscope.unroll import unroll
+
+__all__ = ["PaperContext", "FIGURES", "run_paper", "EXPECTED_FIGURES"]
+
+
+@dataclass
+class PaperContext:
+    """Shared settings and a model cache for one paper run."""
+
+    quick: bool = True
+    seed: int = 0
+    model_dir: Path | None = None
+    n: int = 64
+    cache: dict[str, Any] = field(default_factory=dict)
+
+    def model(self, name: str):
+        if name not in self.cache:
+            from loopscope import zoo
+            from loopscope.io import load_model
+
+            if self.model_dir is not None and (self.model_dir / name / "config.json").exists():
+                m = load_model(self.model_dir / name)
+                m.zoo_name = name
+            else:
+                m = zoo.load(name)
+            self.cache[name] = m
+        return self.cache[name]
+
+    def task(self, model_name: str):
+        from loopscope import tasks, zoo
+
+        c = zoo.card(model_name)
+        return tasks.get(c["task"], **(c.get("task_params") or {}))
+
+    def n_iter(self, batch: Any, factor: float) -> int:
+        L = int(max(batch.meta["grid"])) if "grid" in batch.meta else int(batch.tokens.shape[1])
+        return max(2, int(round(factor * L)))
+
+
+# -- figures -------------------------------------------------------------------------------------
+def fig_convergence(ctx: PaperContext):
+    from loopscope.analysis import metrics
+
+    rows = []
+    import warnings
+
+    warnings.filterwarnings("ignore", message="All-NaN slice", category=RuntimeWarning)
+    for name in ("s3_fprm", "s3_rope", "addition_conv"):
+        model, task = ctx.model(name), ctx.task(name)
+        for split in ("id", "ood"):
+            b = task.sample(ctx.n // 2 if ctx.quick else ctx.n, split, seed=ctx.seed)
+            tr = unroll(model, b.tokens, ctx.n_iter(b, 3.0 if ctx.quick else 4.0), seed=ctx.seed, decode=True)
+            m = metrics(tr, p_max=2)
+            rel = m["rel_residual"].numpy()  # [T+1, B]
+            p2 = (m["res_p2"] / tr.states.flatten(2).double().norm(dim=-1).clamp_min(1e-30)).numpy()
+            mask = b.targets != -100
+            acc = ((tr.logits.argmax(-1) == b.targets) & mask).sum(
+                (1, 2)
+            ).numpy() / mask.sum().item()
+            for t in range(1, rel.shape[0]):
+                if not np.isfinite(rel[t]).any():
+                    continue
+                rows.append(
+                    dict(
+                        model=name,
+                        split=split,
+                        iteration=t,
+                        median=np.nanmedian(rel[t]),
+                        q25=np.nanquantile(rel[t], 0.25),
+                        q75=np.nanquantile(rel[t], 0.75),
+                        median_p2=np.nanmedian(p2[t]) if t >= 2 else np.nan,
+                        accuracy=acc[t],
+                    )
+                )
+    df = pd.DataFrame(rows)
+    cap = (
+        "Median relative residual ||h_t - h_{t-1}||/||h_t|| (solid, IQR band) and period-2 residual (dashed) per iteration, "
+        "with token accuracy below; ID vs OOD (2x length), iterations up to 4x the length."
+    )
+    return figures.convergence_curves(df), df, "Convergence ID vs OOD", cap
+
+
+def fig_spectra(ctx: PaperContext):
+    from loopscope.analysis import lyapunov, spectrum
+
+    rho_rows, ly_rows, eig_rows = [], [], []
+    k_samples = 2 if ctx.quick else 8
+    for name in ("s3_fprm", "s3_rope", "addition_conv"):
+        model, task = ctx.model(name), ctx.task(name)
+        for split in ("id", "ood"):
+            b = task.sample(k_samples, split, seed=ctx.seed)
+            # causal models: a prefix of an input is an input of that length; the end-state
+            # Jacobian of prefixes <= 17 tokens keeps the dense eigen-solve cheap on CPU
+            b.tokens, b.targets = b.tokens[:, :17], b.targets[:, :17]
+            T = ctx.n_iter(b, 4.0)
+            tr = unroll(model, b.tokens, T, seed=ctx.seed)
+            sp = spectrum(
+                model, b.tokens, tr.final, k=6, dense_max=1200 if ctx.quick else 2400, sigma=False
+            )
+            for s in range(k_samples):
+                rho_rows.append(
+                    dict(
+                        model=name,
+                        split=split,
+                        sample=s,
+                        rho=sp.rho[s],
+                        unstable=sp.unstable[s],
+                        method=sp.method,
+                    )
+                )
+                for lam in sp.eigenvalues[s]:
+                    eig_rows.append(
+                        dict(model=name, split=split, sample=s, real=lam.real, imag=lam.imag)
+                    )
+            ly = lyapunov(
+                model,
+                b.tokens,
+                h0=tr.states[T // 2],
+                n_steps=40 if ctx.quick else 200,
+                k=1,
+                warmup=10,
+                bootstrap=0,
+                seed=ctx.seed,
+                two_trajectory=False,
+            )
+            for s in range(k_samples):
+                ly_rows.append(
+                    dict(model=name, split=split, sample=s, lambda1=float(ly.exponents[s, 0]))
+                )
+    rho, lyd = pd.DataFrame(rho_rows), pd.DataFrame(ly_rows)
+    df = rho.merge(lyd, on=["model", "split", "sample"])
+    cap = (
+        "Spectral radius of the step's Jacobian at the end state (dense or ARPACK with ncv >= 64) and the largest Lyapunov "
+        "exponent from the middle of the trajectory (QR method), per model, ID vs OOD; rho < 1 and lambda1 < 0 mean a locally stable attractor."
+    )
+    return figures.spectra_lyapunov(rho, lyd), df, "Jacobian spectra and Lyapunov exponents", cap
+
+
+def fig_basins(ctx: PaperContext):
+    from loopscope.analysis import basins
+    from loopscope.analysis.attractors import GridSeeds, InitSeeds
+
+    name = "s3_fprm"
+    model, task = ctx.model(name), ctx.task(name)
+    frac_rows = []
+    for split in ("id", "ood"):
+        b = task.sample(4 if ctx.quick else 16, split, seed=ctx.seed)
+        res = basins(
+            model,
+            b.tokens,
+            seeds=InitSeeds(n=16 if ctx.quick else 64),
+            n_iter=ctx.n_iter(b, 2.0),
+            targets=b.targets,
+            seed=ctx.seed,
+        )
+        s = res.seeds
+        for sample, g in s.groupby("sample"):
+            frac_rows.append(
+                dict(
+                    model=name,
+                    split=split,
+                    sample=sample,
+                    correct_basin_fraction=float(g["correct"].mean()),
+                    n_answers=int(g["answer"].nunique()),
+                    n_attractors=int(g.loc[g["attractor"] >= 0, "attractor"].nunique()),
+                )
+            )
+    b = task.sample(1, "ood", seed=ctx.seed)
+    ctx_enc = model.encode(b.tokens)
+    h0 = model.init_state(ctx_enc, torch.Generator().manual_seed(ctx.seed)).double()
+    g = torch.Generator().manual_seed(ctx.seed + 1)
+    u = torch.randn(h0.numel(), generator=g, dtype=torch.float64)
+    v = torch.randn(h0.numel(), generator=g, dtype=torch.float64)
+    u, v = u / u.norm() * h0.norm(), v / v.norm() * h0.norm()
+    res = 11 if ctx.quick else 41
+    gb = basins(
+        model,
+        b.tokens,
+        seeds=GridSeeds(center=h0.reshape(-1), u=u, v=v, extent=2.0, resolution=res),
+        n_iter=ctx.n_iter(b, 2.0),
+        targets=b.targets,
+        seed=ctx.seed,
+    )
+    s = gb.seeds.copy()
+    s["answer_id"] = pd.factorize(s["answer"])[0]
+    alphas = np.linspace(-2, 2, res)
+    s["alpha"] = np.repeat(alphas, res)[: len(s)]
+    s["beta"] = np.tile(alphas, res)[: len(s)]
+    fr = (
+        pd.DataFrame(frac_rows)
+        .groupby(["model", "split"], as_index=False)["correct_basin_fraction"]
+        .mean()
+    )
+    data = pd.concat(
+        [
+            pd.DataFrame(frac_rows).assign(kind="fractions"),
+            s[["alpha", "beta", "answer_id", "correct"]].assign(kind="slice"),
+        ],
+        ignore_index=True,
+    )
+    cap = (
+        f"{name}: decoded answer reached from a 2-D slice of initial states h_0 + a u + b v (random directions scaled to ||h_0||), "
+        "one OOD input; share of random inits (the model's init distribution) that end on the correct answer, ID vs OOD."
+    )
+    return figures.basin_map(s, fr), data, "Basins of attraction", cap
+
+
+def fig_halting(ctx: PaperContext):
+    from loopscope.analysis import halting
+
+    name = "s3_act"
+    model, task = ctx.model(name), ctx.task(name)
+    rows, gaps = [], []
+    for split in ("id", "ood"):
+        b = task.sample(ctx.n * 2, split, seed=ctx.seed)
+        T = ctx.n_iter(b, 3.0)
+        tr = unroll(model, b.tokens, T, seed=ctx.seed, decode=True)
+        grid = {
+            "fp_residual": [0.3, 0.1, 0.03],
+            "latent_diff": [0.1, 0.03, 0.01],
+            "kl": [1e-2, 1e-3, 1e-4],
+            "argmax_stable": [2, 3, 5],
+            "q_head": [0.0],
+            "fixed": sorted({max(1, T // 4), max(1, T // 2), T}),
+        }
+        rep = (
+            halting.evaluate(tr, grid, targets=b.targets[:, 1:], q=model.q_head, budget=T)
+            if False
+            else halting.evaluate(
+                tr, grid, correct=_correct_per_step(tr, b), q=model.q_head, budget=T
+            )
+        )
+        summ = rep.to_frame().assign(split=split, budget=T)
+        rows.append(summ)
+        gaps.append(
+            summ.groupby("criterion", as_index=False)["saturation_gap"].mean().assign(split=split)
+        )
+    df = pd.concat(rows, ignore_index=True)
+    gp = pd.concat(gaps, ignore_index=True)
+    cap = (
+        f"{name} (ACT Q-head, deep supervision): sequence accuracy vs mean iterations at exit for FPRM fixed-point residual, "
+        "Huginn latent-diff / KL / argmax-stability, the learned Q-head and fixed depth, scored offline on one recorded trace "
+        "(budget 3x length); right: mean halt step minus the step after which the answer is right for good."
+    )
+    return figures.halting_tradeoff(df, gp), df, "Halting criteria", cap
+
+
+def _correct_per_step(tr: Any, b: Any) -> torch.Tensor:
+    mask = b.targets != -100
+    return ((tr.logits.argmax(-1) == b.targets) | ~mask).all(-1)  # [T+1, B]
+
+
+def fig_hierarchical(ctx: PaperContext):
+    name = "sudoku4_hrm"
+    model, task = ctx.model(name), ctx.task(name)
+    rows, pr_rows = [], []
+    for split in ("id", "ood"):
+        b = task.sample(ctx.n, split, seed=ctx.seed)
+        T = 12
+        tr = unroll(model, b.tokens, T, seed=ctx.seed, decode=True)
+        S = tr.states.double()  # [T+1, B, 2, P, d]
+        for k, state in enumerate(("z_H", "z_L")):
+            X = S[:, :, k].flatten(2)
+            rel = ((X[1:] - X[:-1]).norm(dim=-1) / X[1:].norm(dim=-1).clamp_min(1e-30)).numpy()
+            for t in range(rel.shape[0]):
+                rows.append(
+                    dict(
+                        loop="slow",
+                        split=split,
+                        state=state,
+                        cycle=-1,
+                        iteration=t + 1,
+                        median=float(np.median(rel[t])),
+                    )
+                )
+            Z = S[-1, :, k].reshape(-1, S.shape[-1])
+            ev = torch.linalg.eigvalsh(torch.cov(Z.T)).clamp_min(0)
+            pr_rows.append(
+                dict(
+                    split=split,
+                    state=state,
+                    participation_ratio=float(ev.sum() ** 2 / (ev**2).sum()),
+                )
+            )
+        if split == "id":
+            for cyc in (0, 1, 3, 6):
+                fast = model.fast_loop(S[cyc, :, 0].float())
+                ft = unroll(fast, b.tokens, 16, init=S[cyc, :, 1].float())
+                X = ft.states.double().flatten(2)
+                rel = ((X[1:] - X[:-1]).norm(dim=-1) / X[1:].norm(dim=-1).clamp_min(1e-30)).numpy()
+                for t in range(rel.shape[0]):
+                    rows.append(
+                        dict(
+                            loop="fast",
+                            split=split,
+                            state="z_L",
+                            cycle=cyc,
+                            iteration=t + 1,
+                            median=float(np.median(rel[t])),
+                        )
+                    )
+        acc = _correct_per_step(tr, b).float().mean(1).numpy()
+        for t in range(1, T + 1):
+            rows.append(
+                dict(
+                    loop="accuracy",
+                    split=split,
+                    state="seq_acc",
+                    cycle=-1,
+                    iteration=t,
+                    median=float(acc[t]),
+                )
+            )
+    df = pd.DataFrame(rows)
+    pr = pd.DataFrame(pr_rows)
+    cap = (
+        f"{name}: relative change of z_H and z_L per slow H-cycle (left); the fast L-loop with z_H held at the state of "
+        "several H-cycles (middle): does the inner loop converge within a cycle?; participation ratio of each state (right)."
+    )
+    return (
+        figures.hierarchical_convergence(df[df["loop"] != "accuracy"], pr),
+        pd.concat([df, pr.assign(loop="pr")], ignore_index=True),
+        "Hierarchical (HRM) convergence",
+        cap,
+    )
+
+
+VERDICT_MODELS = (
+    "s3_fprm",
+    "s3_rope",
+    "s3_act",
+    "addition_conv",
+    "maze_reach_conv",
+    "sudoku4_hrm",
+    "mult_universal",
+)
+
+
+def fig_verdict(ctx: PaperContext):
+    from loopscope import zoo
+    from loopscope.analysis import verdict
+
+    frames = []
+    for name in VERDICT_MODELS:
+        if name not in zoo.names():
+            continue
+        v = verdict(
+            ctx.model(name),
+            ctx.task(name),
+            n=32 if ctx.quick else 128,
+            seed=ctx.seed,
+            iter_factor=3.0,
+        )
+        f = v.to_frame()
+        f["model"] = name
+        frames.append(f)
+    if not frames:
+        raise LoopscopeError("no zoo models to judge")
+    df = pd.concat(frames, ignore_index=True)
+    cap = (
+        "Evidence vector per model (green: reads algorithmic, red: memorized/heuristic); never a single yes/no. "
+        "Confident-wrong = the loop settled (residual < 1e-3) on a wrong answer."
+    )
+    return figures.verdict_table(df), df, "Verdict: algorithm vs memorization evidence", cap
+
+
+FIGURES: dict[str, Callable[[PaperContext], tuple]] = {
+    "convergence": fig_convergence,
+    "spectra": fig_spectra,
+    "basins": fig_basins,
+    "halting": fig_halting,
+    "hierarchical": fig_hierarchical,
+    "verdict": fig_verdict,
+}
+
+EXPECTED_FIGURES = list(FIGURES)
+
+
+def run_paper(
+    out: str | Path,
+    quick: bool = True,
+    seed: int = 0,
+    only: list[str] | None = None,
+    progress: bool = True,
+    command: str | None = None,
+) -> list:
+    """Compute and write every figure (resumable) and the report; returns the figure records."""
+    set_style()
+    out = Path(out)
+    names = list(FIGURES) if not only else only
+    for n in names:
+        if n not in FIGURES:
+            raise LoopscopeError(f"unknown figure {n!r}; figures: {', '.join(FIGURES)}")
+    command = (
+        command or f"loopscope paper {'--quick ' if quick else ''}--out {out.name} --seed {seed}"
+    )
+    ctx = PaperContext(quick=quick, seed=seed, n=64 if quick else 256)
+    if not quick:
+        from loopscope.zoo.recipes import RECIPES, build
+
+        ctx.model_dir = out / "models"
+        for name in RECIPES:
+            if not (ctx.model_dir / name / "card.json").exists():
+                build(
+                    name, out=ctx.model_dir / name, run_dir=out / "runs" / name, progress=progress
+                )
+    writer = FigureWriter(out, command=command, seed=seed)
+    torch.manual_seed(seed)
+    bar = None
+    if progress:
+        from rich.progress import Progress
+
+        bar = Progress(transient=True)
+        bar.start()
+        tid = bar.add_task("paper figures", total=len(names))
+    try:
+        for n in names:
+            if writer.done(n):
+                if bar:
+                    bar.update(tid, advance=1)
+                continue
+            t0 = time.perf_counter()
+            fig, data, title, caption = FIGURES[n](ctx)
+            writer.save(n, fig, data, title, caption, seconds=round(time.perf_counter() - t0, 1))
+            if bar:
+                bar.update(tid, advance=1, description=f"paper: {n}")
+    finally:
+        if bar:
+            bar.stop()
+    writer.write_report(
+        "loopscope: fixed points of looped transformers", f"Figures regenerated by `{command}`."
+    )
+    return writer.records
