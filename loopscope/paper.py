@@ -122,8 +122,8 @@ def fig_spectra(ctx: PaperContext):
             b = task.sample(k_samples, split, seed=ctx.seed)
             # causal models: a prefix of an input is an input of that length; capping OOD inputs
             # at 24 tokens (1.5x the longest training length) keeps the dense eigen-solve cheap
-            cap = 25 if split != "id" else 17
-            b.tokens, b.targets = b.tokens[:, :cap], b.targets[:, :cap]
+            max_len = 25 if split != "id" else 17
+            b.tokens, b.targets = b.tokens[:, :max_len], b.targets[:, :max_len]
             T = ctx.n_iter(b, 4.0)
             tr = unroll(model, b.tokens, T, seed=ctx.seed)
             sp = spectrum(
@@ -163,7 +163,7 @@ def fig_spectra(ctx: PaperContext):
     df = rho.merge(lyd, on=["model", "split", "sample"])
     cap = (
         "Spectral radius of the step's Jacobian at the end state (dense or ARPACK with ncv >= 64) and the largest Lyapunov "
-        "exponent from the middle of the trajectory (QR method), per model, ID vs OOD; rho < 1 and lambda1 < 0 mean a locally stable attractor."
+        "exponent from the middle of the trajectory (QR method), per model; ID inputs vs OOD inputs of 24 tokens (1.5x the training length); rho < 1 and lambda1 < 0 mean a locally stable attractor."
     )
     return figures.spectra_lyapunov(rho, lyd), df, "Jacobian spectra and Lyapunov exponents", cap
 
