@@ -26,7 +26,9 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-zoo_app = typer.Typer(help="The shipped model zoo.", no_args_is_help=False, invoke_without_command=True)
+zoo_app = typer.Typer(
+    help="The shipped model zoo.", no_args_is_help=False, invoke_without_command=True
+)
 app.add_typer(zoo_app, name="zoo")
 console = Console(stderr=True)
 
@@ -57,7 +59,9 @@ def parse_inputs(text: str):
     try:
         vals = [[int(x) for x in r] for r in rows]
     except ValueError:
-        raise LoopscopeError(f"--inputs must be integers separated by spaces (rows by ';'), got {text!r}") from None
+        raise LoopscopeError(
+            f"--inputs must be integers separated by spaces (rows by ';'), got {text!r}"
+        ) from None
     if len({len(r) for r in vals}) != 1:
         raise LoopscopeError("--inputs rows must all have the same length")
     return torch.tensor(vals, dtype=torch.long)
@@ -144,10 +148,22 @@ def train(
 
         cfg = TrainConfig.from_dict(read_json(config))
     else:
-        cfg = TrainConfig(task=task, preset=preset, steps=steps, batch_size=batch_size, lr=lr, seed=seed)
+        cfg = TrainConfig(
+            task=task, preset=preset, steps=steps, batch_size=batch_size, lr=lr, seed=seed
+        )
     model, history = run_train(cfg, out_dir=out, progress=not quiet)
-    save_model(model, out / "final", card={"train_config": cfg.to_dict(), "history_tail": history[-5:]})
-    typer.echo(json.dumps({"out": str(out), "steps": cfg.steps, "final_loss": history[-1]["loss"] if history else None}))
+    save_model(
+        model, out / "final", card={"train_config": cfg.to_dict(), "history_tail": history[-5:]}
+    )
+    typer.echo(
+        json.dumps(
+            {
+                "out": str(out),
+                "steps": cfg.steps,
+                "final_loss": history[-1]["loss"] if history else None,
+            }
+        )
+    )
 
 
 @app.command()
@@ -177,11 +193,235 @@ def trace(
         tokens = tasks.get(task).sample(n, split=split, seed=seed).tokens
     else:
         tokens = parse_inputs(inputs)
-    tr = ls.unroll(m, tokens, n_iter, capture=list(capture) if capture else None, seed=seed, decode=True,
-                   meta={"model": model, "task": task, "split": split if task else None, "seed": seed})
+    tr = ls.unroll(
+        m,
+        tokens,
+        n_iter,
+        capture=list(capture) if capture else None,
+        seed=seed,
+        decode=True,
+        meta={"model": model, "task": task, "split": split if task else None, "seed": seed},
+    )
     path = tr.save(out)
-    typer.echo(json.dumps({"trace": str(path), "n_iter": tr.n_iter, "batch": tr.batch_size,
-                           "hooks": tr.keys(), "status": tr.status}))
+    typer.echo(
+        json.dumps(
+            {
+                "trace": str(path),
+                "n_iter": tr.n_iter,
+                "batch": tr.batch_size,
+                "hooks": tr.keys(),
+                "status": tr.status,
+            }
+        )
+    )
+
+
+def _model_and_task(model: str, task: str | None):
+    """Load a model and its task (from the zoo card unless --task is given); check they match."""
+    from loopscope import tasks, zoo
+
+    m = resolve_model(model)
+    if task is None:
+        if model not in zoo.names():
+            raise LoopscopeError("--task is required for a checkpoint directory")
+        card = zoo.card(model)
+        t = tasks.get(card["task"], **(card.get("task_params") or {}))
+    else:
+        t = tasks.get(task)
+    vocab = getattr(getattr(m, "cfg", None), "vocab_size", None)
+    if vocab is not None and vocab != t.vocab_size:
+        raise LoopscopeError(
+            f"model {model!r} (vocab {vocab}) does not match task {t.name!r} (vocab {t.vocab_size})"
+        )
+    return m, t
+
+
+def _splits(text: str, task: Any) -> list[str]:
+    out = [s.strip() for s in text.split(",") if s.strip()]
+    for s in out:
+        if s not in task.splits:
+            raise LoopscopeError(
+                f"task {task.name!r} has no split {s!r}; splits: {', '.join(task.splits)}"
+            )
+    return out
+
+
+@app.command()
+def paper(
+    out: Path = typer.Option(
+        Path("paper_out"), help="output folder (figures, data tables, report)"
+    ),
+    quick: bool = typer.Option(
+        False, "--quick", help="use the shipped zoo and small samples (minutes on CPU)"
+    ),
+    seed: int = typer.Option(0),
+    only: list[str] = typer.Option(None, help="only these figures (repeatable)"),
+    quiet: bool = typer.Option(False, help="no progress bar"),
+) -> None:
+    """Regenerate the paper's figures and report from the zoo (resumable: reruns skip done figures).
+
+    Example: loopscope paper --quick --out paper_out
+    """
+    from loopscope.paper import run_paper
+
+    cmd = "loopscope paper" + (" --quick" if quick else "") + f" --out {out.name} --seed {seed}"
+    recs = run_paper(
+        out,
+        quick=quick,
+        seed=seed,
+        only=list(only) if only else None,
+        progress=not quiet,
+        command=cmd,
+    )
+    typer.echo(
+        json.dumps(
+            {"out": str(out), "figures": [r.name for r in recs], "report": str(out / "report.md")}
+        )
+    )
+
+
+@app.command()
+def verdict(
+    model: str = typer.Argument(..., help="zoo name or checkpoint directory"),
+    task: str = typer.Option(None, help="task (default: the zoo card's)"),
+    n: int = typer.Option(128, min=2, help="examples per split"),
+    seed: int = typer.Option(0),
+    out: Path = typer.Option(None, help="write the evidence table here (CSV)"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON records"),
+) -> None:
+    """The evidence vector for "real algorithm" vs "memorized subgraphs / heuristics".
+
+    Example: loopscope verdict addition_conv --n 64
+    """
+    from loopscope.analysis import verdict as run_verdict
+
+    m, t = _model_and_task(model, task)
+    df = run_verdict(m, t, n=n, seed=seed).to_frame()
+    if out is not None:
+        from loopscope.io import atomic_write_text
+
+        atomic_write_text(out, df.to_csv(index=False))
+    if as_json:
+        typer.echo(df.to_json(orient="records", indent=1))
+    else:
+        typer.echo(df[["evidence", "split", "value", "reading", "supports"]].to_string(index=False))
+
+
+@app.command()
+def stability(
+    model: str = typer.Argument(..., help="zoo name or checkpoint directory"),
+    split: str = typer.Option("id,ood", help="comma-separated task splits"),
+    task: str = typer.Option(None, help="task (default: the zoo card's)"),
+    n: int = typer.Option(64, min=1),
+    iter_factor: float = typer.Option(3.0, help="iterations = factor x length"),
+    seed: int = typer.Option(0),
+    out: Path = typer.Option(Path("stability_out"), help="output folder (CSV + JSON + figure)"),
+) -> None:
+    """Stability table per split: accuracy, converged / cycle / diverged fractions, T_conv, residual.
+
+    Example: loopscope stability s3_fprm --split id,ood --out s3_stability
+    """
+    import pandas as pd
+
+    from loopscope import unroll
+    from loopscope.analysis import classify, metrics
+    from loopscope.io import atomic_write_text
+
+    m, t = _model_and_task(model, task)
+    rows, curves = [], []
+    for sp in _splits(split, t):
+        b = t.sample(n, sp, seed=seed)
+        L = int(max(b.meta["grid"])) if "grid" in b.meta else int(b.tokens.shape[1])
+        tr = unroll(m, b.tokens, max(2, round(iter_factor * L)), seed=seed, decode=True)
+        mt = metrics(tr, p_max=4)
+        summ = mt.summary()
+        cls = classify(tr, p_max=4)
+        mask = b.targets != -100
+        ok = ((tr.logits[-1].argmax(-1) == b.targets) | ~mask).all(1).float().mean().item()
+        counts = (
+            cls["class"]
+            .astype(str)
+            .str.replace(r"\(\d+\)", "", regex=True)
+            .value_counts(normalize=True)
+            .to_dict()
+        )
+        rows.append(
+            {
+                "model": model,
+                "split": sp,
+                "n": n,
+                "n_iter": tr.n_iter,
+                "seq_acc": ok,
+                **summ,
+                **{f"class_{k}": v for k, v in counts.items()},
+            }
+        )
+        f = mt.to_frame()[["iteration", "sample", "rel_residual"]].assign(split=sp)
+        curves.append(f)
+    table = pd.DataFrame(rows)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "stability.csv", table.to_csv(index=False))
+    atomic_write_text(out / "stability.json", table.to_json(orient="records", indent=1))
+    from loopscope import figures
+    from loopscope.report import set_style
+
+    set_style()
+    cv = pd.concat(curves)
+    g = cv.groupby(["split", "iteration"])["rel_residual"]
+    agg = pd.DataFrame(
+        {"median": g.median(), "q25": g.quantile(0.25), "q75": g.quantile(0.75)}
+    ).reset_index()
+    agg["model"], agg["median_p2"], agg["accuracy"] = model, float("nan"), float("nan")
+    fig = figures.convergence_curves(agg.dropna(subset=["median"]))
+    fig.savefig(out / "residual_curves.png", dpi=120)
+    typer.echo(table.to_string(index=False))
+
+
+@app.command()
+def halting(
+    model: str = typer.Argument(..., help="zoo name or checkpoint directory"),
+    split: str = typer.Option("id,ood", help="comma-separated task splits"),
+    task: str = typer.Option(None, help="task (default: the zoo card's)"),
+    n: int = typer.Option(128, min=1),
+    iter_factor: float = typer.Option(3.0, help="budget = factor x length"),
+    seed: int = typer.Option(0),
+    out: Path = typer.Option(Path("halting_out"), help="output folder (CSV + figure)"),
+) -> None:
+    """Score every exit criterion offline on one recorded trace per split (accuracy vs iterations).
+
+    Example: loopscope halting s3_act --split id,ood
+    """
+    import pandas as pd
+
+    from loopscope import figures, unroll
+    from loopscope.analysis import halting as H
+    from loopscope.io import atomic_write_text
+    from loopscope.report import set_style
+
+    m, t = _model_and_task(model, task)
+    frames = []
+    for sp in _splits(split, t):
+        b = t.sample(n, sp, seed=seed)
+        L = int(max(b.meta["grid"])) if "grid" in b.meta else int(b.tokens.shape[1])
+        tr = unroll(m, b.tokens, max(2, round(iter_factor * L)), seed=seed, decode=True)
+        mask = b.targets != -100
+        correct = ((tr.logits.argmax(-1) == b.targets) | ~mask).all(-1)
+        opts = (
+            {"q": m.q_head} if getattr(getattr(m, "cfg", None), "halting", "none") == "act" else {}
+        )
+        rep = H.evaluate(tr, None, correct=correct, **opts)
+        frames.append(rep.to_frame().assign(split=sp, model=model))
+    df = pd.concat(frames, ignore_index=True)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "halting.csv", df.to_csv(index=False))
+    set_style()
+    gaps = df.groupby(["criterion", "split"], as_index=False)["saturation_gap"].mean()
+    figures.halting_tradeoff(df, gaps).savefig(out / "halting_tradeoff.png", dpi=120)
+    typer.echo(
+        df[
+            ["split", "criterion", "threshold", "mean_steps", "accuracy", "compute_saved"]
+        ].to_string(index=False)
+    )
 
 
 def main(argv: list[str] | None = None) -> Any:
@@ -207,7 +447,11 @@ def main(argv: list[str] | None = None) -> Any:
     except Exception as e:  # last resort: never show a traceback to the user
         if debug:
             raise
-        console.print(f"[bold red]error:[/] {type(e).__name__}: {e} (set LOOPSCOPE_DEBUG=1 for the traceback)", highlight=False, soft_wrap=True)
+        console.print(
+            f"[bold red]error:[/] {type(e).__name__}: {e} (set LOOPSCOPE_DEBUG=1 for the traceback)",
+            highlight=False,
+            soft_wrap=True,
+        )
         sys.exit(1)
 
 

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from loopscope.cli import main
 
-COMMANDS = ["zoo", "train", "trace"]
+COMMANDS = ["zoo", "train", "trace", "paper", "verdict", "stability", "halting"]
 
 
 def run(argv, capsys):
@@ -25,7 +25,7 @@ def test_help_lists_commands(capsys):
         assert c in out
 
 
-@pytest.mark.parametrize("cmd", ["train", "trace"])
+@pytest.mark.parametrize("cmd", ["train", "trace", "paper", "verdict", "stability", "halting"])
 def test_every_command_help_has_an_example(cmd, capsys):
     code, out, _ = run([cmd, "--help"], capsys)
     assert code == 0 and "Example:" in out
@@ -66,3 +66,21 @@ def test_fuzz_no_traceback_reaches_the_user(argv, capsys, tmp_path_factory):
     out = capsys.readouterr()
     assert "Traceback" not in out.err and "Traceback" not in out.out
     assert code in (0, 2, None)  # 1 would mean an unexpected internal error
+
+
+def test_model_task_mismatch_is_exit_2(capsys):
+    code, _, err = run(["verdict", "s3_fprm", "--task", "addition"], capsys)
+    assert code == 2 and "does not match task" in err
+
+
+def test_unknown_split_is_exit_2(capsys, tmp_path):
+    code, _, err = run(["stability", "s3_fprm", "--split", "id,oops", "--out", str(tmp_path)], capsys)
+    assert code == 2 and "no split 'oops'" in err
+
+
+def test_stability_writes_table(capsys, tmp_path):
+    code, out, _ = run(["stability", "addition_conv", "--split", "id", "--n", "8", "--out", str(tmp_path)], capsys)
+    import pandas as pd
+
+    df = pd.read_csv(tmp_path / "stability.csv")
+    assert code == 0 and df["seq_acc"].item() == 1.0 and (tmp_path / "residual_curves.png").exists()
