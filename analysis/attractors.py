@@ -32,10 +32,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from loopscope.analysis.convergence import safe_cos
-from loopscope.analysis.loopmap import LoopMap
 from torch import Tensor
 
+from loopscope.analysis.convergence import safe_cos
+from loopscope.analysis.loopmap import LoopMap
 from loopscope.errors import LoopscopeError, check_positive_int, reject_unknown_kwargs
 
 __all__ = [
@@ -644,12 +644,18 @@ def basins(
         A = torch.cat(ans_t)
         answers = np.array([",".join(map(str, r)) for r in A.tolist()], dtype=object).reshape(S, B)
     targets = options.get("targets")
-    tgt_str = None
+    correct_sb = None
     if targets is not None:
-        tg = torch.as_tensor(targets).reshape(B, -1)
-        tgt_str = [",".join(map(str, r)) for r in tg.tolist()]
         if answers is None:
             raise LoopscopeError("targets need decode=True")
+        tg = torch.as_tensor(targets).reshape(B, -1)
+        A3 = A.reshape(S, B, -1)
+        if A3.shape[2] != tg.shape[1]:
+            raise LoopscopeError(
+                f"targets have {tg.shape[1]} positions per sample, the readout has {A3.shape[2]}"
+            )
+        # positions labelled -100 (no target, e.g. BOS) are ignored
+        correct_sb = ((A3 == tg.unsqueeze(0)) | (tg.unsqueeze(0) == -100)).all(-1).numpy()
     eps_opt = options.get("eps_d")
     Enp = E.numpy()
     eps_d = np.zeros(B)
@@ -669,9 +675,7 @@ def basins(
         df.insert(1, "seed", np.arange(S))
         df["attractor"] = lab
         df["answer"] = answers[:, b] if answers is not None else ""
-        df["correct"] = (
-            (answers[:, b] == tgt_str[b]) & ~div_np[:, b] if tgt_str is not None else np.nan
-        )
+        df["correct"] = correct_sb[:, b] & ~div_np[:, b] if correct_sb is not None else np.nan
         df["conv_time"] = conv_np[:, b]
         df["end_residual"] = res_np[:, b]
         df["diverged"] = div_np[:, b]
@@ -699,7 +703,7 @@ def basins(
                     "rho": rho,
                     "stable": bool(rho < 1) if not np.isnan(rho) else False,
                     "answer": answers[rep, b] if answers is not None else "",
-                    "correct": (answers[rep, b] == tgt_str[b]) if tgt_str is not None else np.nan,
+                    "correct": bool(correct_sb[rep, b]) if correct_sb is not None else np.nan,
                 }
             )
     meta = {"seed": seed}

@@ -47,11 +47,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from loopscope.analysis.convergence import _masked_states
-from loopscope.analysis.loopmap import LoopMap
 from scipy.sparse.linalg import LinearOperator, eigs, gmres
 from torch import Tensor
 
+from loopscope.analysis.convergence import _masked_states
+from loopscope.analysis.loopmap import LoopMap
 from loopscope.errors import LoopscopeError, check_positive_int, reject_unknown_kwargs
 
 __all__ = ["detect_cycle", "CycleResult", "classify", "find_period"]

@@ -61,6 +61,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from torch import Tensor
+
 from loopscope.analysis.convergence import (
     _logits_positions,
     _masked_states,
@@ -68,8 +70,6 @@ from loopscope.analysis.convergence import (
     _trace_logits,
     compute_arrays,
 )
-from torch import Tensor
-
 from loopscope.errors import LoopscopeError, check_positive_int, reject_unknown_kwargs, suggest
 
 __all__ = ["Criterion", "HaltingReport", "evaluate", "CRITERIA", "oracle_steps"]

@@ -38,9 +38,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from loopscope.analysis.loopmap import LoopMap
 from torch import Tensor
 
+from loopscope.analysis.loopmap import LoopMap
 from loopscope.errors import LoopscopeError, check_positive_int, reject_unknown_kwargs
 
 __all__ = ["lyapunov", "LyapunovResult", "kaplan_yorke", "block_bootstrap_ci"]

@@ -78,7 +78,9 @@ def resolve_hooks(model: Any, selection: Any) -> tuple[dict[str, HookPoint], dic
             if any(c in item for c in "*?["):
                 hits = fnmatch.filter(hd, item)
                 if not hits:
-                    raise UnknownHookError(f"hook pattern {item!r} matches no hook point{suggest(item, hd)}")
+                    raise UnknownHookError(
+                        f"hook pattern {item!r} matches no hook point{suggest(item, hd)}"
+                    )
                 names.extend(hits)
             elif item in hd:
                 names.append(item)

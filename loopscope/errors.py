@@ -40,7 +40,9 @@ def suggest(name: str, choices: Iterable[str], n: int = 3) -> str:
     return f" (did you mean: {', '.join(close)}?)" if close else ""
 
 
-def reject_unknown_kwargs(where: str, kwargs: Mapping[str, Any], allowed: Iterable[str] = ()) -> None:
+def reject_unknown_kwargs(
+    where: str, kwargs: Mapping[str, Any], allowed: Iterable[str] = ()
+) -> None:
     """Raise on keyword options that a function does not know (never silently ignored).
 
     >>> reject_unknown_kwargs("solve", {}, ["tol"])

@@ -29,7 +29,7 @@ from torch import Tensor
 from loopscope.errors import LoopscopeError
 
 if TYPE_CHECKING:
-    from loopscope.trace import Trace
+    pass
 
 __all__ = [
     "Intervention",
@@ -139,7 +139,9 @@ class Patch(Intervention):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.value is None:
-            raise LoopscopeError(f"Patch on {self.hook!r} needs a value (tensor, Trace or callable)")
+            raise LoopscopeError(
+                f"Patch on {self.hook!r} needs a value (tensor, Trace or callable)"
+            )
 
     def new_value(self, x: Tensor, label: Label, k: int) -> Tensor:
         from loopscope.trace import Trace
@@ -151,7 +153,9 @@ class Patch(Intervention):
         if callable(v) and not isinstance(v, Tensor):
             return v(x, label)
         if not isinstance(v, Tensor):
-            raise LoopscopeError(f"Patch value must be a tensor, Trace or callable, got {type(v).__name__}")
+            raise LoopscopeError(
+                f"Patch value must be a tensor, Trace or callable, got {type(v).__name__}"
+            )
         return v
 
 
@@ -211,5 +215,7 @@ class Transplant(Intervention):
     def new_value(self, x: Tensor, label: Label, k: int) -> Tensor:
         t = label[0]
         if t >= self.source.states.shape[0]:
-            raise LoopscopeError(f"Transplant at iteration {t}: source has only {self.source.n_iter} iterations")
+            raise LoopscopeError(
+                f"Transplant at iteration {t}: source has only {self.source.n_iter} iterations"
+            )
         return self.source.states[t].to(x.device)

@@ -57,14 +57,18 @@ def read_json(path: str | os.PathLike) -> Any:
         raise CheckpointError(f"corrupted JSON file {path}: {e}") from None
 
 
-def save_state_dict(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None) -> Path:
+def save_state_dict(
+    tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None
+) -> Path:
     """Atomically save a flat dict of tensors as safetensors."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    save_file(
+        {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata
+    )
     os.replace(tmp, path)
     return path
 
@@ -109,11 +113,16 @@ def save_model(model: nn.Module, directory: str | os.PathLike, card: dict | None
     directory = Path(directory)
     cfg = getattr(model, "cfg", None)
     if cfg is None or not hasattr(cfg, "to_dict"):
-        raise CheckpointError(f"{type(model).__name__} has no cfg.to_dict(): cannot write its config")
+        raise CheckpointError(
+            f"{type(model).__name__} has no cfg.to_dict(): cannot write its config"
+        )
     save_state_dict(model.state_dict(), directory / "model.safetensors")
     atomic_write_text(
         directory / "config.json",
-        json.dumps({"format": "loopscope.model/1", "class": type(model).__name__, "config": cfg.to_dict()}, indent=1),
+        json.dumps(
+            {"format": "loopscope.model/1", "class": type(model).__name__, "config": cfg.to_dict()},
+            indent=1,
+        ),
     )
     if card is not None:
         atomic_write_text(directory / "card.json", json.dumps(card, indent=1, default=str))
@@ -134,7 +143,9 @@ def load_model(directory: str | os.PathLike, dtype: torch.dtype | None = None) -
         raise CheckpointError(f"{directory / 'config.json'} is not a loopscope model config")
     reg = _registry()
     if spec.get("class") not in reg:
-        raise CheckpointError(f"{directory / 'config.json'}: unknown model class {spec.get('class')!r}")
+        raise CheckpointError(
+            f"{directory / 'config.json'}: unknown model class {spec.get('class')!r}"
+        )
     cls, cfg_cls = reg[spec["class"]]
     try:
         cfg = cfg_cls.from_dict(spec["config"])

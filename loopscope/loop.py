@@ -118,7 +118,9 @@ class Loop(HookedRootModule):
         """Batch size of a context (first tensor's leading axis)."""
         b = batch_size_of(ctx)
         if b is None:
-            raise LoopscopeError(f"cannot find a batch axis in the context of {type(self).__name__}")
+            raise LoopscopeError(
+                f"cannot find a batch axis in the context of {type(self).__name__}"
+            )
         return b
 
     def select(self, ctx: Any, index: Tensor) -> Any:
@@ -192,7 +194,12 @@ class FnLoop(Loop):
         if not callable(step):
             raise LoopscopeError(f"FnLoop step must be callable, got {type(step).__name__}")
         self._fns: dict[str, Any] = {}
-        for name, fn in (("step", step), ("init", init_state), ("decode", decode), ("encode", encode)):
+        for name, fn in (
+            ("step", step),
+            ("init", init_state),
+            ("decode", decode),
+            ("encode", encode),
+        ):
             if isinstance(fn, nn.Module):
                 self.add_module(f"{name}_fn", fn)
             elif fn is not None and not callable(fn) and not isinstance(fn, Tensor):
@@ -211,7 +218,9 @@ class FnLoop(Loop):
     def init_state(self, ctx: Any, generator: torch.Generator | None = None) -> Tensor:
         fn = self._fns["init"]
         if fn is None:
-            raise LoopscopeError("this FnLoop has no init_state: pass init= (a [B, ...] tensor) to unroll")
+            raise LoopscopeError(
+                "this FnLoop has no init_state: pass init= (a [B, ...] tensor) to unroll"
+            )
         if isinstance(fn, Tensor):
             b = self.batch_size(ctx)
             return self.fixed_init.unsqueeze(0).expand(b, *self.fixed_init.shape).clone()

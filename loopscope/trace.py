@@ -68,7 +68,9 @@ class Trace:
         if name in self.aliases and self.aliases[name] in self.acts:
             return self.aliases[name]
         known = list(self.acts) + list(self.aliases)
-        raise UnknownHookError(f"hook {name!r} was not captured in this trace{suggest(name, known)}")
+        raise UnknownHookError(
+            f"hook {name!r} was not captured in this trace{suggest(name, known)}"
+        )
 
     def __getitem__(self, name: str) -> Tensor:
         """Stacked firings of hook ``name`` ``[n_firings, B, ...]``."""
@@ -116,7 +118,9 @@ class Trace:
         if self.logits is not None:
             return self.logits[self.n_iter if t is None else t]
         if self.loop is None or self.ctx is None:
-            raise LoopscopeError("this trace has no loop attached (loaded from disk?): cannot decode")
+            raise LoopscopeError(
+                "this trace has no loop attached (loaded from disk?): cannot decode"
+            )
         t = self.n_iter if t is None else t
         if not -self.n_iter - 1 <= t <= self.n_iter:
             raise LoopscopeError(f"iteration {t} out of range 0..{self.n_iter}")

@@ -35,7 +35,14 @@ from torch import Tensor
 from loopscope.errors import LoopscopeError
 from loopscope.io import atomic_write_text, load_state_dict, read_json, save_state_dict
 
-__all__ = ["TrainConfig", "train", "evaluate", "sample_iterations", "eval_iterations", "build_model"]
+__all__ = [
+    "TrainConfig",
+    "train",
+    "evaluate",
+    "sample_iterations",
+    "eval_iterations",
+    "build_model",
+]
 
 
 @dataclass
@@ -102,7 +109,11 @@ def build_model(cfg: TrainConfig, task: Any) -> torch.nn.Module:
     overrides.update(cfg.model_overrides)
     mcfg = models.preset(cfg.preset, **overrides)
     torch.manual_seed(cfg.seed)
-    cls = models.HierarchicalLoopedTransformer if type(mcfg).__name__.startswith("Hierarchical") else models.LoopedTransformer
+    cls = (
+        models.HierarchicalLoopedTransformer
+        if type(mcfg).__name__.startswith("Hierarchical")
+        else models.LoopedTransformer
+    )
     return cls(mcfg)
 
 
@@ -131,7 +142,9 @@ def _step_seed(seed: int, step: int) -> int:
     return (seed * 1_000_003 + step * 7_919 + 17) % (2**31 - 1)
 
 
-def _loss_and_stats(model: Any, batch: Any, n_iter: int, cfg: TrainConfig, generator: torch.Generator) -> tuple[Tensor, dict]:
+def _loss_and_stats(
+    model: Any, batch: Any, n_iter: int, cfg: TrainConfig, generator: torch.Generator
+) -> tuple[Tensor, dict]:
     tokens, targets = batch.tokens, batch.targets
     ctx = model.encode(tokens)
     h = model.init_state(ctx, generator)
@@ -152,7 +165,9 @@ def _loss_and_stats(model: Any, batch: Any, n_iter: int, cfg: TrainConfig, gener
             h = model.step(h, ctx, t)
             t += 1
         logits = model.decode(h, ctx)
-        ce = F.cross_entropy(logits.flatten(0, -2), targets.flatten(), ignore_index=-100, reduction="none")
+        ce = F.cross_entropy(
+            logits.flatten(0, -2), targets.flatten(), ignore_index=-100, reduction="none"
+        )
         ce = ce.view(targets.shape)
         mask = (targets != -100).to(ce.dtype)
         tok_loss = (ce * mask).sum() / mask.sum().clamp_min(1)
@@ -216,7 +231,11 @@ def evaluate(
         chunk += 1
         T = n_iter
         if T is None:
-            T = eval_iterations(cfg, batch, iter_factor) if cfg is not None else max(1, round((iter_factor or 2.0) * _length(batch)))
+            T = (
+                eval_iterations(cfg, batch, iter_factor)
+                if cfg is not None
+                else max(1, round((iter_factor or 2.0) * _length(batch)))
+            )
         logits = model(batch.tokens, T)
         pred = logits.argmax(-1)
         mask = batch.targets != -100
@@ -231,7 +250,14 @@ def evaluate(
 
 
 # -- checkpoints -------------------------------------------------------------------------------
-def _save_checkpoint(directory: Path, model: Any, opt: torch.optim.Optimizer, step: int, cfg: TrainConfig, history: list) -> None:
+def _save_checkpoint(
+    directory: Path,
+    model: Any,
+    opt: torch.optim.Optimizer,
+    step: int,
+    cfg: TrainConfig,
+    history: list,
+) -> None:
     tensors = {f"model/{k}": v for k, v in model.state_dict().items()}
     sd = opt.state_dict()
     for idx, st in sd["state"].items():
@@ -249,10 +275,14 @@ def _save_checkpoint(directory: Path, model: Any, opt: torch.optim.Optimizer, st
     atomic_write_text(directory / "checkpoint.json", json.dumps(meta, default=str))
 
 
-def _load_checkpoint(directory: Path, model: Any, opt: torch.optim.Optimizer, cfg: TrainConfig) -> tuple[int, list]:
+def _load_checkpoint(
+    directory: Path, model: Any, opt: torch.optim.Optimizer, cfg: TrainConfig
+) -> tuple[int, list]:
     meta = read_json(directory / "checkpoint.json")
     if meta.get("train_config") != json.loads(json.dumps(cfg.to_dict(), default=str)):
-        raise LoopscopeError(f"checkpoint in {directory} was written by a different training config; use another out_dir")
+        raise LoopscopeError(
+            f"checkpoint in {directory} was written by a different training config; use another out_dir"
+        )
     tensors = load_state_dict(directory / "checkpoint.safetensors")
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model/")})
     state: dict[int, dict[str, Tensor]] = {}
@@ -288,7 +318,10 @@ def train(
             continue
         (no_decay if p.dim() < 2 or "norm" in name else decay).append(p)
     opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        [
+            {"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
         lr=cfg.lr,
         betas=cfg.betas,
     )
@@ -311,19 +344,38 @@ def train(
             n_iter = sample_iterations(cfg, batch, gen)
             loss, stats = _loss_and_stats(model, batch, n_iter, cfg, gen)
             if not torch.isfinite(loss):
-                raise LoopscopeError(f"training diverged at step {step} (loss {float(loss)}); lower lr or use damping")
+                raise LoopscopeError(
+                    f"training diverged at step {step} (loss {float(loss)}); lower lr or use damping"
+                )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
-            rec = {"step": step + 1, "loss": stats["loss"], "n_iter": n_iter, "lr": lr,
-                   "wall_s": wall0 + time.perf_counter() - t0}
+            rec = {
+                "step": step + 1,
+                "loss": stats["loss"],
+                "n_iter": n_iter,
+                "lr": lr,
+                "wall_s": wall0 + time.perf_counter() - t0,
+            }
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
-                rec.update({f"id_{k}": v for k, v in evaluate(model, task, "id", cfg.eval_n, cfg=cfg).items() if k != "n"})
+                rec.update(
+                    {
+                        f"id_{k}": v
+                        for k, v in evaluate(model, task, "id", cfg.eval_n, cfg=cfg).items()
+                        if k != "n"
+                    }
+                )
             history.append(rec)
             if bar is not None:
-                bar[0].update(bar[1], advance=1, description=f"{cfg.task}/{cfg.preset} loss {stats['loss']:.3f}")
-            if directory is not None and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == end):
+                bar[0].update(
+                    bar[1],
+                    advance=1,
+                    description=f"{cfg.task}/{cfg.preset} loss {stats['loss']:.3f}",
+                )
+            if directory is not None and (
+                (step + 1) % cfg.checkpoint_every == 0 or step + 1 == end
+            ):
                 _save_checkpoint(directory, model, opt, step + 1, cfg, history)
     finally:
         if bar is not None:
@@ -335,9 +387,21 @@ def train(
 def _progress(enabled: bool, cfg: TrainConfig, start: int):
     if not enabled:
         return None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
 
-    prog = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), transient=True)
+    prog = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        transient=True,
+    )
     prog.start()
     tid = prog.add_task(f"{cfg.task}/{cfg.preset}", total=cfg.steps, completed=start)
     return prog, tid

@@ -11,7 +11,12 @@ import torch
 from torch import Tensor
 
 from loopscope.capture import Recorder, attach, available_memory_bytes, pos_dim_of, resolve_hooks
-from loopscope.errors import CaptureMemoryError, LoopscopeError, check_positive_int, reject_unknown_kwargs
+from loopscope.errors import (
+    CaptureMemoryError,
+    LoopscopeError,
+    check_positive_int,
+    reject_unknown_kwargs,
+)
 from loopscope.interventions import Intervention
 from loopscope.loop import Loop
 from loopscope.trace import Trace
@@ -59,7 +64,9 @@ class _Clock:
 def _per_sample_bad(h: Tensor, ref_norm: Tensor, blowup: float) -> Tensor:
     flat = h.detach().reshape(h.shape[0], -1)
     finite = torch.isfinite(flat).all(dim=1)
-    norms = torch.where(finite, flat.double().norm(dim=1), torch.zeros((), dtype=torch.float64, device=h.device))
+    norms = torch.where(
+        finite, flat.double().norm(dim=1), torch.zeros((), dtype=torch.float64, device=h.device)
+    )
     return ~finite | (norms > blowup * ref_norm)
 
 
@@ -108,7 +115,9 @@ def unroll(loop: Loop, inputs: Any, n_iter: int, **options: Any) -> Trace:
     interventions: Sequence[Intervention] = list(options.get("interventions") or [])
     for iv in interventions:
         if not isinstance(iv, Intervention):
-            raise LoopscopeError(f"interventions must be loopscope interventions, got {type(iv).__name__}")
+            raise LoopscopeError(
+                f"interventions must be loopscope interventions, got {type(iv).__name__}"
+            )
     blowup = float(options.get("blowup", 1e8))
     grad = bool(options.get("grad", False))
 
@@ -245,7 +254,9 @@ def unroll(loop: Loop, inputs: Any, n_iter: int, **options: Any) -> Trace:
     )
 
 
-def _check_budget(recorders: dict[str, Recorder], n_iter: int, max_bytes: Any, offload: Any, h: Tensor) -> None:
+def _check_budget(
+    recorders: dict[str, Recorder], n_iter: int, max_bytes: Any, offload: Any, h: Tensor
+) -> None:
     per_iter = sum(r.nbytes for r in recorders.values())
     estimate = per_iter * n_iter
     device = offload if offload is not None else h.device

@@ -6,6 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from scipy.cluster.hierarchy import fcluster, linkage
+
+import loopscope as ls
 from loopscope.analysis.attractors import (
     EigenSeeds,
     GaussianSeeds,
@@ -21,9 +24,6 @@ from loopscope.analysis.attractors import (
     wilson_ci,
 )
 from loopscope.analysis.convergence import metrics
-from scipy.cluster.hierarchy import fcluster, linkage
-
-import loopscope as ls
 from loopscope.errors import LoopscopeError
 
 A = 0.9575040240772688  # a = tanh(2a)

@@ -8,10 +8,10 @@ import math
 import numpy as np
 import pytest
 import torch
-from loopscope.analysis.cycles import classify, detect_cycle
-from loopscope.analysis.lyapunov_qr import lyapunov
 
 import loopscope as ls
+from loopscope.analysis.cycles import classify, detect_cycle
+from loopscope.analysis.lyapunov_qr import lyapunov
 from loopscope.errors import LoopscopeError
 
 A = 0.9575040240772688  # a = tanh(2a)

@@ -8,11 +8,11 @@ import math
 import numpy as np
 import pytest
 import torch
-from loopscope.analysis import halting
-from loopscope.analysis.halting import Criterion
 from scipy.special import rel_entr, softmax
 
 import loopscope as ls
+from loopscope.analysis import halting
+from loopscope.analysis.halting import Criterion
 from loopscope.errors import LoopscopeError
 from loopscope.trace import Trace
 

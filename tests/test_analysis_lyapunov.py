@@ -8,9 +8,9 @@ import math
 import numpy as np
 import pytest
 import torch
-from loopscope.analysis.lyapunov_qr import kaplan_yorke, lyapunov
 
 import loopscope as ls
+from loopscope.analysis.lyapunov_qr import kaplan_yorke, lyapunov
 from loopscope.errors import LoopscopeError
 
 

@@ -10,12 +10,12 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from loopscope.analysis.convergence import calibration, layer_metrics, metrics
 from scipy.spatial.distance import jensenshannon
 from scipy.special import rel_entr, softmax
 from transformer_lens.hook_points import HookPoint
 
 import loopscope as ls
+from loopscope.analysis.convergence import calibration, layer_metrics, metrics
 from loopscope.errors import LoopscopeError
 from loopscope.trace import Trace
 

@@ -32,7 +32,9 @@ def test_every_command_help_has_an_example(cmd, capsys):
 
 
 def test_unknown_model_is_one_line_error(capsys, tmp_path):
-    code, _, err = run(["trace", "no_such_model", "--inputs", "1 2", "--out", str(tmp_path / "t")], capsys)
+    code, _, err = run(
+        ["trace", "no_such_model", "--inputs", "1 2", "--out", str(tmp_path / "t")], capsys
+    )
     assert code == 2
     assert "unknown zoo model 'no_such_model'" in err
     assert "Traceback" not in err
@@ -47,7 +49,22 @@ def test_pickle_checkpoint_refused(capsys, tmp_path):
 
 junk = st.lists(
     st.one_of(
-        st.sampled_from(COMMANDS + ["--n-iter", "--out", "--inputs", "--task", "--steps", "-1", "0", "nan", "--json", "x;y", ""]),
+        st.sampled_from(
+            COMMANDS
+            + [
+                "--n-iter",
+                "--out",
+                "--inputs",
+                "--task",
+                "--steps",
+                "-1",
+                "0",
+                "nan",
+                "--json",
+                "x;y",
+                "",
+            ]
+        ),
         st.text(min_size=0, max_size=8),
     ),
     min_size=0,
@@ -55,7 +72,9 @@ junk = st.lists(
 )
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(argv=junk)
 def test_fuzz_no_traceback_reaches_the_user(argv, capsys, tmp_path_factory):
     try:
@@ -74,12 +93,16 @@ def test_model_task_mismatch_is_exit_2(capsys):
 
 
 def test_unknown_split_is_exit_2(capsys, tmp_path):
-    code, _, err = run(["stability", "s3_fprm", "--split", "id,oops", "--out", str(tmp_path)], capsys)
+    code, _, err = run(
+        ["stability", "s3_fprm", "--split", "id,oops", "--out", str(tmp_path)], capsys
+    )
     assert code == 2 and "no split 'oops'" in err
 
 
 def test_stability_writes_table(capsys, tmp_path):
-    code, out, _ = run(["stability", "addition_conv", "--split", "id", "--n", "8", "--out", str(tmp_path)], capsys)
+    code, out, _ = run(
+        ["stability", "addition_conv", "--split", "id", "--n", "8", "--out", str(tmp_path)], capsys
+    )
     import pandas as pd
 
     df = pd.read_csv(tmp_path / "stability.csv")

@@ -43,7 +43,13 @@ def test_patch_at_t_is_local_in_time(loop, T, data):
     x = torch.randn(3, d, dtype=torch.float64, generator=torch.Generator().manual_seed(t))
     clean = ls.unroll(loop, x, T, capture=["hook_pre", "hook_post"])
     value = torch.full((3, d), 0.25, dtype=torch.float64)
-    pt = ls.unroll(loop, x, T, capture=["hook_pre", "hook_post"], interventions=[ls.Patch("hook_pre", t, value=value)])
+    pt = ls.unroll(
+        loop,
+        x,
+        T,
+        capture=["hook_pre", "hook_post"],
+        interventions=[ls.Patch("hook_pre", t, value=value)],
+    )
     assert torch.equal(pt["hook_pre"][:t], clean["hook_pre"][:t])
     assert torch.equal(pt["hook_post"][:t], clean["hook_post"][:t])
     assert torch.equal(pt.states[: t + 1], clean.states[: t + 1])
@@ -77,7 +83,9 @@ def test_unroll_is_deterministic_with_seeded_random_init(seed, T):
 
 
 def test_patch_positions_only_touch_selected_positions():
-    loop = ls.FnLoop(step=lambda h, x: 0.5 * h + x, init_state=torch.zeros(4, 2, dtype=torch.float64))
+    loop = ls.FnLoop(
+        step=lambda h, x: 0.5 * h + x, init_state=torch.zeros(4, 2, dtype=torch.float64)
+    )
     x = torch.randn(2, 4, 2, dtype=torch.float64)
     clean = ls.unroll(loop, x, 3)
     pt = ls.unroll(loop, x, 3, interventions=[ls.Zero("hook_state", 2, positions=[1, 3])])
@@ -88,7 +96,14 @@ def test_patch_positions_only_touch_selected_positions():
 def test_add_and_mean_ablate():
     loop = ls.FnLoop(step=lambda h, x: h + x, init_state=torch.zeros(2, dtype=torch.float64))
     x = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.float64)
-    a = ls.unroll(loop, x, 2, interventions=[ls.Add("hook_state", 1, delta=torch.tensor([10.0, 0.0], dtype=torch.float64))])
+    a = ls.unroll(
+        loop,
+        x,
+        2,
+        interventions=[
+            ls.Add("hook_state", 1, delta=torch.tensor([10.0, 0.0], dtype=torch.float64))
+        ],
+    )
     assert a.states[1].tolist() == [[11.0, 2.0], [13.0, 4.0]]
     m = ls.unroll(loop, x, 2, interventions=[ls.MeanAblate("hook_state", 1)])
     assert m.states[1].tolist() == [[2.0, 3.0], [2.0, 3.0]]

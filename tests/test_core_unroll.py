@@ -9,7 +9,9 @@ from loopscope.errors import CaptureMemoryError, LoopscopeError, UnknownHookErro
 
 def linear_loop():
     A = torch.tensor([[0.5, 0.1], [0.0, 0.3]], dtype=torch.float64)
-    return ls.FnLoop(step=lambda h, x: h @ A.T + x, init_state=torch.zeros(2, dtype=torch.float64)), A
+    return ls.FnLoop(
+        step=lambda h, x: h @ A.T + x, init_state=torch.zeros(2, dtype=torch.float64)
+    ), A
 
 
 def test_unroll_matches_hand_iteration_exactly():
@@ -30,7 +32,9 @@ def test_patch_at_t_leaves_earlier_iterations_identical_and_sets_t():
     x = torch.randn(3, 2, dtype=torch.float64)
     clean = ls.unroll(loop, x, 6, capture=["hook_state"])
     v = torch.full((3, 2), 7.0, dtype=torch.float64)
-    pt = ls.unroll(loop, x, 6, capture=["hook_state"], interventions=[ls.Patch("hook_state", 3, value=v)])
+    pt = ls.unroll(
+        loop, x, 6, capture=["hook_state"], interventions=[ls.Patch("hook_state", 3, value=v)]
+    )
     assert torch.equal(pt.states[:3], clean.states[:3])
     assert torch.equal(pt.states[3], v)
     assert torch.equal(pt["hook_state"][3], v)
@@ -91,7 +95,9 @@ def test_memory_guard_refuses_with_estimate():
 
 def test_trace_save_load_roundtrip(tmp_path):
     loop, _ = linear_loop()
-    tr = ls.unroll(loop, torch.randn(2, 2, dtype=torch.float64), 5, capture=True, meta={"model": "lin"})
+    tr = ls.unroll(
+        loop, torch.randn(2, 2, dtype=torch.float64), 5, capture=True, meta={"model": "lin"}
+    )
     tr.save(tmp_path / "t")
     back = ls.Trace.load(tmp_path / "t.json")
     assert torch.equal(back.states, tr.states)

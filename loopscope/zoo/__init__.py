@@ -29,14 +29,20 @@ def names() -> list[str]:
     """Names of every shipped zoo model (those with a checkpoint and a card)."""
     if not ROOT.exists():
         return []
-    return sorted(p.name for p in ROOT.iterdir() if (p / "card.json").exists() and (p / "model.safetensors").exists())
+    return sorted(
+        p.name
+        for p in ROOT.iterdir()
+        if (p / "card.json").exists() and (p / "model.safetensors").exists()
+    )
 
 
 def checkpoint_dir(name: str) -> Path:
     """Directory of zoo model ``name`` (clear error with suggestions if unknown)."""
     d = ROOT / name
     if not (d / "card.json").exists():
-        raise LoopscopeError(f"unknown zoo model {name!r}{suggest(name, names())}; known: {', '.join(names()) or 'none'}")
+        raise LoopscopeError(
+            f"unknown zoo model {name!r}{suggest(name, names())}; known: {', '.join(names()) or 'none'}"
+        )
     return d
 
 
@@ -75,11 +81,15 @@ def table() -> pd.DataFrame:
 
 def cards_markdown() -> str:
     """Markdown table of every card (for the README)."""
-    lines = ["| model | task | preset | params | steps | wall (s) | accuracy (token / seq) per split | command |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | task | preset | params | steps | wall (s) | accuracy (token / seq) per split | command |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for n in names():
         c = card(n)
         acc = "; ".join(
-            f"{s}: {r['token_acc']:.3f} / {r['seq_acc']:.3f}" for s, r in (c.get("accuracy") or {}).items()
+            f"{s}: {r['token_acc']:.3f} / {r['seq_acc']:.3f}"
+            for s, r in (c.get("accuracy") or {}).items()
         )
         lines.append(
             f"| {n} | {c.get('task')} | {c.get('preset')} | {c.get('n_params')} | {c.get('steps')} | "
