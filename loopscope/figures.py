@@ -222,3 +222,67 @@ def verdict_table(df: pd.DataFrame) -> plt.Figure:
     tab.auto_set_column_width(list(range(show.shape[1])))
     fig.tight_layout()
     return fig
+
+
+def probe_wavefront(df: pd.DataFrame, onset_df: pd.DataFrame) -> plt.Figure:
+    """Probe test accuracy over (iteration x position), one panel per split, plus onset vs position."""
+    splits = list(dict.fromkeys(df["split"]))
+    fig, axes = plt.subplots(1, len(splits) + 1, figsize=(5 * len(splits) + 4.5, 4))
+    for ax, sp in zip(axes, splits, strict=False):
+        piv = df[df["split"] == sp].pivot_table(
+            index="iteration", columns="position", values="test_acc"
+        )
+        sns.heatmap(piv, ax=ax, vmin=0, vmax=1, cmap="viridis", cbar=ax is axes[len(splits) - 1])
+        ax.invert_yaxis()
+        ax.set_title(f"probe accuracy, running state ({sp})")
+    for sp, g in onset_df.groupby("split", sort=False):
+        g = g[g["onset"] >= 0]
+        axes[-1].plot(g["position"], g["onset"], marker="o", label=sp)
+    lim = float(onset_df["position"].max())
+    axes[-1].plot([0, lim], [0, lim], color="k", lw=0.8, ls=":", label="onset = position")
+    axes[-1].set_xlabel("position")
+    axes[-1].set_ylabel("onset iteration (acc >= 0.9)")
+    axes[-1].legend()
+    fig.tight_layout()
+    return fig
+
+
+def patching_panels(heat: pd.DataFrame, transplant: pd.DataFrame) -> plt.Figure:
+    """Denoising recovery over (iteration x position) and the state-transplant curve R(t)."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    piv = heat.pivot_table(index="iteration", columns="position", values="recovery", aggfunc="mean")
+    sns.heatmap(piv, ax=axes[0], cmap="RdBu_r", center=0, vmin=-1, vmax=1)
+    axes[0].invert_yaxis()
+    axes[0].set_title("denoising recovery: clean h_t at one position")
+    sns.lineplot(
+        data=transplant,
+        x="t",
+        y="recovery",
+        hue="measured_at",
+        marker="o",
+        ax=axes[1],
+        errorbar=("ci", 95),
+    )
+    axes[1].set_ylim(-0.1, 1.1)
+    axes[1].set_title("state transplant R(t)")
+    axes[1].set_xlabel("iteration t of the transplant")
+    fig.tight_layout()
+    return fig
+
+
+def memorization_panels(digits: pd.DataFrame) -> plt.Figure:
+    """Per-digit accuracy by whether the digit's computation was seen in training (df > 0)."""
+    d = digits.assign(seen=np.where(digits["df"] > 0, "df > 0 (seen)", "df = 0 (novel)"))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    sns.barplot(data=d, x="digit", y="correct", hue="seen", ax=axes[0], errorbar=("ci", 95))
+    axes[0].set_ylim(0, 1.02)
+    axes[0].set_title("digit accuracy vs training frequency of its computation")
+    g = d.groupby(["split", "digit"], as_index=False).agg(
+        acc=("correct", "mean"), mean_log_df=("df", lambda x: float(np.log1p(x).mean()))
+    )
+    sns.scatterplot(data=g, x="mean_log_df", y="acc", hue="split", style="digit", s=70, ax=axes[1])
+    axes[1].set_xlabel("mean log(1 + df)")
+    axes[1].set_ylabel("accuracy")
+    axes[1].set_title("correctness vs subgraph frequency")
+    fig.tight_layout()
+    return fig
