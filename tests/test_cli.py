@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from loopscope.cli import main
 
-COMMANDS = ["zoo", "train", "trace", "paper", "verdict", "stability", "halting"]
+COMMANDS = ["zoo", "train", "trace", "paper", "verdict", "stability", "halting", "probe", "patch"]
 
 
 def run(argv, capsys):
@@ -25,7 +25,9 @@ def test_help_lists_commands(capsys):
         assert c in out
 
 
-@pytest.mark.parametrize("cmd", ["train", "trace", "paper", "verdict", "stability", "halting"])
+@pytest.mark.parametrize(
+    "cmd", ["train", "trace", "paper", "verdict", "stability", "halting", "probe", "patch"]
+)
 def test_every_command_help_has_an_example(cmd, capsys):
     code, out, _ = run([cmd, "--help"], capsys)
     assert code == 0 and "Example:" in out
@@ -107,3 +109,42 @@ def test_stability_writes_table(capsys, tmp_path):
 
     df = pd.read_csv(tmp_path / "stability.csv")
     assert code == 0 and df["seq_acc"].item() == 1.0 and (tmp_path / "residual_curves.png").exists()
+
+
+def test_probe_cli_writes_onsets(capsys, tmp_path):
+    code, _, _ = run(
+        [
+            "probe",
+            "s3_fprm",
+            "--target",
+            "state",
+            "--split",
+            "id",
+            "--n",
+            "64",
+            "--out",
+            str(tmp_path),
+        ],
+        capsys,
+    )
+    import pandas as pd
+
+    on = pd.read_csv(tmp_path / "onset.csv")
+    assert code == 0 and len(on) > 0 and (tmp_path / "probes.png").exists()
+    # position 1's running state is the first token itself: decodable after one or two iterations
+    assert 1 <= on.loc[on.position == 1, "onset"].item() <= 2
+
+
+def test_probe_cli_unknown_variable(capsys, tmp_path):
+    code, _, err = run(["probe", "s3_fprm", "--target", "carry", "--out", str(tmp_path)], capsys)
+    assert code == 2 and "no variable 'carry'" in err
+
+
+def test_patch_cli(capsys, tmp_path):
+    code, out, _ = run(
+        ["patch", "addition_conv", "--n", "2", "--position", "0", "--out", str(tmp_path)], capsys
+    )
+    import pandas as pd
+
+    df = pd.read_csv(tmp_path / "patching.csv")
+    assert code == 0 and set(df["direction"]) == {"denoise"} and df["iteration"].nunique() > 1
