@@ -60,10 +60,37 @@ def _bootstrap_mean(x: np.ndarray, seed: int, n: int = 500) -> tuple[float, floa
     return float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
 
 
-def _iters(task: Any, batch: Any, factor: float) -> int:
-    meta = batch.meta
-    L = int(max(meta["grid"])) if "grid" in meta else int(batch.tokens.shape[1])
-    return max(2, int(round(factor * L)))
+def _iters(batch: Any, factor: float) -> int:
+    return max(2, int(round(factor * batch.length)))
+
+
+def _spearman_row(
+    rows: list,
+    evidence: str,
+    split: str,
+    depth: np.ndarray,
+    value: np.ndarray,
+    keep: np.ndarray,
+    yes: str,
+    no: str,
+    threshold: float = 0.3,
+) -> None:
+    """Append a Spearman(depth, value) evidence row when there is enough variation to rank."""
+    if keep.sum() <= 10 or np.std(depth[keep]) == 0 or np.std(value[keep]) == 0:
+        return
+    rho, _ = stats.spearmanr(depth[keep], value[keep])
+    rows.append(
+        dict(
+            evidence=evidence,
+            split=split,
+            value=float(rho),
+            ci_low=np.nan,
+            ci_high=np.nan,
+            n=int(keep.sum()),
+            reading=yes if rho > threshold else no,
+            supports="algorithm" if rho > threshold else "memorized/heuristic",
+        )
+    )
 
 
 def confident_wrong(trace: Any, targets: torch.Tensor, tol: float = 1e-3) -> dict[str, float]:
@@ -123,7 +150,7 @@ def verdict(model: Any, task: Any, **options: Any) -> Verdict:
     cw: dict[str, dict] = {}
     for sp in splits:
         batch = task.sample(n, sp, seed=seed)
-        T = _iters(task, batch, factor)
+        T = _iters(batch, factor)
         tr = unroll(model, batch.tokens, T, seed=seed, decode=True)
         pred = tr.logits[-1].argmax(-1)
         mask = batch.targets != -100
@@ -172,46 +199,33 @@ def verdict(model: Any, task: Any, **options: Any) -> Verdict:
             tc = mt.t_conv.numpy().reshape(-1).astype(float)
             dp = depth.numpy().reshape(-1).astype(float)
             ok = (tc >= 0) & mask.numpy().reshape(-1)
-            if ok.sum() > 10 and np.std(dp[ok]) > 0 and np.std(tc[ok]) > 0:
-                rho, p = stats.spearmanr(dp[ok], tc[ok])
-                rows.append(
-                    dict(
-                        evidence="T_conv vs depth (Spearman)",
-                        split=sp,
-                        value=float(rho),
-                        ci_low=np.nan,
-                        ci_high=np.nan,
-                        n=int(ok.sum()),
-                        reading="convergence time grows with depth"
-                        if rho > 0.3
-                        else "convergence time independent of depth",
-                        supports="algorithm" if rho > 0.3 else "memorized/heuristic",
-                    )
-                )
+            _spearman_row(
+                rows,
+                "T_conv vs depth (Spearman)",
+                sp,
+                dp,
+                tc,
+                ok,
+                "convergence time grows with depth",
+                "convergence time independent of depth",
+            )
             # output space: the iteration after which each token's answer never changes again
             am = tr.logits.argmax(-1)  # [T+1, B, P]
-            changed = am != am[-1:]
             T1 = am.shape[0]
             idx = torch.arange(T1).view(T1, 1, 1).expand_as(am)
-            settle = torch.where(changed, idx, torch.full_like(idx, -1)).amax(0) + 1  # [B, P]
+            settle = torch.where(am != am[-1:], idx, torch.full_like(idx, -1)).amax(0) + 1  # [B, P]
             st = settle.numpy().reshape(-1).astype(float)
             okm = mask.numpy().reshape(-1) & (pred == batch.targets).numpy().reshape(-1)
-            if okm.sum() > 10 and np.std(dp[okm]) > 0 and np.std(st[okm]) > 0:
-                rho, _ = stats.spearmanr(dp[okm], st[okm])
-                rows.append(
-                    dict(
-                        evidence="answer settling step vs depth (Spearman)",
-                        split=sp,
-                        value=float(rho),
-                        ci_low=np.nan,
-                        ci_high=np.nan,
-                        n=int(okm.sum()),
-                        reading="correct answers appear later for deeper tokens (step-by-step)"
-                        if rho > 0.3
-                        else "answers appear regardless of depth (lookup-like)",
-                        supports="algorithm" if rho > 0.3 else "memorized/heuristic",
-                    )
-                )
+            _spearman_row(
+                rows,
+                "answer settling step vs depth (Spearman)",
+                sp,
+                dp,
+                st,
+                okm,
+                "correct answers appear later for deeper tokens (step-by-step)",
+                "answers appear regardless of depth (lookup-like)",
+            )
         # path independence: same budget from the model's init and from noise inits
         pi = path_independence(model, batch.tokens, inits=("default", "noise"), n_iter=T, seed=seed)
         aa = (

@@ -331,7 +331,7 @@ def stability(
     rows, curves = [], []
     for sp in _splits(split, t):
         b = t.sample(n, sp, seed=seed)
-        L = int(max(b.meta["grid"])) if "grid" in b.meta else int(b.tokens.shape[1])
+        L = b.length
         tr = unroll(m, b.tokens, max(2, round(iter_factor * L)), seed=seed, decode=True)
         mt = metrics(tr, p_max=4)
         summ = mt.summary()
@@ -402,7 +402,7 @@ def halting(
     frames = []
     for sp in _splits(split, t):
         b = t.sample(n, sp, seed=seed)
-        L = int(max(b.meta["grid"])) if "grid" in b.meta else int(b.tokens.shape[1])
+        L = b.length
         tr = unroll(m, b.tokens, max(2, round(iter_factor * L)), seed=seed, decode=True)
         mask = b.targets != -100
         correct = ((tr.logits.argmax(-1) == b.targets) | ~mask).all(-1)
@@ -464,7 +464,7 @@ def probe(
             raise LoopscopeError(
                 f"task {t.name!r} has no variable {target!r}; variables: targets, {', '.join(b.intermediates)}"
             )
-        L = int(max(b.meta["grid"])) if "grid" in b.meta else int(b.tokens.shape[1])
+        L = b.length
         T = 2 * L if iterations == "all" else int(iterations)
         if T < 1:
             raise LoopscopeError(
@@ -515,7 +515,7 @@ def patch(
     clean = b.tokens
     corrupt = clean.clone()
     corrupt[:, position] = (corrupt[:, position] + 1) % t.vocab_size
-    L = int(max(b.meta["grid"])) if "grid" in b.meta else int(b.tokens.shape[1])
+    L = b.length
     T = 2 * L
     its = "all" if iterations == "all" else [int(x) for x in iterations.split(",")]
     ans = b.targets.clone()

@@ -58,7 +58,7 @@ class PaperContext:
         return tasks.get(c["task"], **(c.get("task_params") or {}))
 
     def n_iter(self, batch: Any, factor: float) -> int:
-        L = int(max(batch.meta["grid"])) if "grid" in batch.meta else int(batch.tokens.shape[1])
+        L = batch.length
         return max(2, int(round(factor * L)))
 
 

@@ -118,10 +118,7 @@ def build_model(cfg: TrainConfig, task: Any) -> torch.nn.Module:
 
 
 def _length(batch: Any) -> int:
-    meta = getattr(batch, "meta", {}) or {}
-    if "grid" in meta:
-        return int(max(meta["grid"]))
-    return int(batch.tokens.shape[1])
+    return batch.length
 
 
 def sample_iterations(cfg: TrainConfig, batch: Any, generator: torch.Generator) -> int:

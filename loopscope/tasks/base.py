@@ -44,6 +44,12 @@ class Batch:
     def __len__(self) -> int:
         return self.tokens.shape[0]
 
+    @property
+    def length(self) -> int:
+        """Problem length that iteration counts scale with: the grid side for grid tasks, else the
+        number of tokens per example."""
+        return int(max(self.meta["grid"])) if "grid" in self.meta else int(self.tokens.shape[1])
+
     def to(self, device: Any) -> Batch:
         return Batch(
             self.tokens.to(device),
