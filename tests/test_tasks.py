@@ -161,4 +161,18 @@ def test_bad_task_inputs():
         tasks.get("s3", train_length=3)
     with pytest.raises(LoopscopeError, match="train_len"):
         tasks.get("s3", train_len=(5, 2))
-    np.testing.assert_equal(len(tasks.names()), 10)
+    np.testing.assert_equal(len(tasks.names()), 11)
+
+
+def test_sudoku6_valid_unique_and_split_by_difficulty():
+    from loopscope.tasks.sudoku import UNITS6, count_solutions6
+
+    t = tasks.get("sudoku6", pool_size=24)
+    easy = t.sample(6, "train", seed=0)
+    hard = t.sample(6, "ood", seed=0)
+    for b in (easy, hard):
+        for p, s in zip(b.tokens.view(-1, 6, 6).numpy(), (b.targets + 1).view(-1, 6, 6).numpy(), strict=True):
+            assert all(sorted(s[r, c] for r, c in u) == [1, 2, 3, 4, 5, 6] for u in UNITS6)
+            assert ((p == 0) | (p == s)).all()
+            assert count_solutions6(p) == 1
+    assert hard.meta["difficulty"].min() > easy.meta["difficulty"].max()

@@ -15,7 +15,7 @@ from loopscope.tasks.base import Batch, Task
 from loopscope.tasks.groups import GroupTask, cayley_table
 from loopscope.tasks.maze import MazePathTask, MazeReachTask
 from loopscope.tasks.multiplication import MultiplicationTask, evaluate_graph, multiplication_graph
-from loopscope.tasks.sudoku import Sudoku4Task
+from loopscope.tasks.sudoku import Sudoku4Task, Sudoku6Task
 
 __all__ = [
     "get",
@@ -28,6 +28,7 @@ __all__ = [
     "MazePathTask",
     "MultiplicationTask",
     "Sudoku4Task",
+    "Sudoku6Task",
     "cayley_table",
     "parallel_carry_iterations",
     "multiplication_graph",
@@ -43,6 +44,7 @@ _REGISTRY = {
     "addition": AdditionTask,
     "multiplication": MultiplicationTask,
     "sudoku4": Sudoku4Task,
+    "sudoku6": Sudoku6Task,
     "maze_reach": MazeReachTask,
     "maze_path": MazePathTask,
 }

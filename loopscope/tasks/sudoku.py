@@ -189,3 +189,153 @@ class Sudoku4Task(Task):
                 "difficulty": torch.from_numpy(diff[pick]).long(),
             },
         )
+
+
+# -- 6x6 (2x3 boxes) ---------------------------------------------------------------------------
+def _units_n(n: int, br: int, bc: int) -> list[list[tuple[int, int]]]:
+    rows = [[(r, c) for c in range(n)] for r in range(n)]
+    cols = [[(r, c) for r in range(n)] for c in range(n)]
+    boxes = [
+        [(r0 + r, c0 + c) for r in range(br) for c in range(bc)]
+        for r0 in range(0, n, br)
+        for c0 in range(0, n, bc)
+    ]
+    return rows + cols + boxes
+
+
+UNITS6 = _units_n(6, 2, 3)
+_PEERS6 = {
+    (r, c): {p for u in UNITS6 if (r, c) in u for p in u} - {(r, c)}
+    for r in range(6)
+    for c in range(6)
+}
+
+
+def _solve6(
+    g: np.ndarray, rng: np.random.Generator | None, limit: int
+) -> tuple[int, np.ndarray | None]:
+    """Backtracking (most-constrained cell first); returns (#solutions up to limit, first solution)."""
+    empties = [(r, c) for r in range(6) for c in range(6) if g[r, c] == 0]
+    if not empties:
+        return 1, g.copy()
+    best, cand = None, None
+    for cell in empties:
+        opts = [v for v in range(1, 7) if all(g[p] != v for p in _PEERS6[cell])]
+        if cand is None or len(opts) < len(cand):
+            best, cand = cell, opts
+        if not opts:
+            return 0, None
+    if rng is not None:
+        cand = list(rng.permutation(cand))
+    total, first = 0, None
+    for v in cand:
+        g[best] = v
+        k, sol = _solve6(g, rng, limit - total)
+        g[best] = 0
+        if k and first is None:
+            first = sol
+        total += k
+        if total >= limit:
+            break
+    return total, first
+
+
+def count_solutions6(puzzle: np.ndarray, limit: int = 2) -> int:
+    """Number of solutions of a 6x6 puzzle (0 = blank), stopping at ``limit``."""
+    return _solve6(puzzle.copy(), None, limit)[0]
+
+
+def propagation_rounds6(puzzle: np.ndarray) -> np.ndarray:
+    """Round at which naked/hidden singles fill each 6x6 cell (0 givens, -1 never)."""
+    g = puzzle.copy()
+    rnd = np.where(g > 0, 0, -1)
+    k = 0
+    while (g == 0).any():
+        k += 1
+        cand = {
+            cell: {v for v in range(1, 7) if all(g[p] != v for p in _PEERS6[cell])}
+            for cell in zip(*np.nonzero(g == 0), strict=True)
+        }
+        fills = {cell: next(iter(s)) for cell, s in cand.items() if len(s) == 1}
+        for u in UNITS6:
+            for v in range(1, 7):
+                spots = [cell for cell in u if cell in cand and v in cand[cell]]
+                if len(spots) == 1 and not any(g[p] == v for p in u):
+                    fills.setdefault(spots[0], v)
+        if not fills:
+            break
+        for cell, v in fills.items():
+            g[cell] = v
+            rnd[cell] = k
+    return rnd
+
+
+@lru_cache(maxsize=2)
+def _pool6(n_puzzles: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    P, S, R = [], [], []
+    while len(P) < n_puzzles:
+        _, sol = _solve6(np.zeros((6, 6), dtype=np.int64), rng, 1)
+        p = sol.copy()
+        for cell in rng.permutation(36):
+            r, c = divmod(int(cell), 6)
+            keep = p[r, c]
+            p[r, c] = 0
+            if count_solutions6(p) != 1:
+                p[r, c] = keep
+        P.append(p)
+        S.append(sol)
+        R.append(propagation_rounds6(p))
+    P, S, R = np.stack(P), np.stack(S), np.stack(R)
+    difficulty = np.where((R < 0).any(axis=(1, 2)), 99, R.max(axis=(1, 2)))
+    return P, S, R, difficulty
+
+
+class Sudoku6Task(Sudoku4Task):
+    """6x6 Sudoku (2x3 boxes): backtracking generator + uniqueness counter; OOD = harder puzzles."""
+
+    name = "sudoku6"
+    vocab_size = 7
+    n_classes = 6
+
+    def __init__(self, easy_rounds: int = 3, pool_size: int = 120) -> None:
+        super().__init__(easy_rounds=easy_rounds, pool_size=pool_size)
+
+    def _pool(self) -> tuple:
+        return _pool6(self.pool_size, 0)
+
+    def _index(self, split: str) -> np.ndarray:
+        P, _, _, diff = self._pool()
+        pattern = np.array([int(hashlib.sha256((p > 0).tobytes()).hexdigest(), 16) % 5 for p in P])
+        easy = diff <= self.easy_rounds
+        if split == "train":
+            return np.flatnonzero(easy & (pattern != 0))
+        if split == "id":
+            return np.flatnonzero(easy & (pattern == 0))
+        return np.flatnonzero(~easy)
+
+    def _sample(self, n: int, split: str, rng: np.random.Generator) -> Batch:
+        P, S, R, diff = self._pool()
+        idx = self._index(split)
+        if len(idx) == 0:
+            raise LoopscopeError(
+                f"sudoku6 split {split!r} is empty with easy_rounds={self.easy_rounds}"
+            )
+        pick = idx[rng.integers(0, len(idx), size=n)]
+        perm = np.stack([np.concatenate([[0], rng.permutation(6) + 1]) for _ in range(n)])
+        puz = np.take_along_axis(perm, P[pick].reshape(n, -1), axis=1)
+        sol = np.take_along_axis(perm, S[pick].reshape(n, -1), axis=1)
+        return Batch(
+            tokens=torch.from_numpy(puz).long(),
+            targets=torch.from_numpy(sol - 1).long(),
+            intermediates={
+                "given": torch.from_numpy((puz > 0).astype(np.int64)),
+                "round": torch.from_numpy(R[pick].reshape(n, -1)).long(),
+            },
+            meta={
+                "grid": (6, 6),
+                "length": 6,
+                "split": split,
+                "difficulty": torch.from_numpy(diff[pick]).long(),
+            },
+        )
