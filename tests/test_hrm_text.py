@@ -134,3 +134,40 @@ def test_counting_pass_warns_on_looped_hooks(hrm):
         looped = warn_looped_hooks(counts)
     assert looped == ["H_blocks.0.hook_out", "L_blocks.0.hook_out"]
     assert any(issubclass(x.category, LoopedHookWarning) for x in w)
+
+
+def test_float64_slow_loop_and_both_patch_routes_agree():
+    model, tok = build_tiny_hrm_text(seed=0)
+    bridge = bridge_hrm_text(model.double(), tok)
+    ids = torch.randint(0, 60, (2, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(ids).logits
+    assert ref.dtype == torch.float64
+    loops = hrm_text_loop(bridge)
+    name = "L_blocks.0.hook_out"
+    tr = ls.unroll(loops.slow, ids, H, capture=[name], decode=True)
+    assert tr.logits.dtype == torch.float64
+    assert (tr.logits[-1] - ref).abs().max().item() == 0.0
+    # the slow Loop's z_H after each cycle is the state capture_forward reads off the forward
+    cf = capture_forward(bridge, ids, capture=[name])
+    assert torch.equal(tr.states[:, :, 0], cf.states)
+    # a patch at firing (1, 2) gives the same run whether it goes through unroll or the HF forward
+    value = torch.full((2, 10, 64), 0.25, dtype=torch.float64)
+    patch = ls.Patch(name, (1, 2), value=value)
+    via_loop = ls.unroll(loops.slow, ids, H, capture=[name], decode=True, interventions=[patch])
+    via_hf = capture_forward(bridge, ids, capture=[name], interventions=[patch])
+    assert torch.equal(via_loop[name], via_hf[name])
+    assert torch.equal(via_loop.logits[-1], via_hf.logits[-1])
+    assert not torch.equal(via_hf.logits[-1], ref)
+
+
+def test_bad_input_raises_one_line_loopscope_errors(hrm):
+    _, bridge, ids, _ = hrm
+    with pytest.raises(ls.LoopscopeError, match="HrmTextForCausalLM"):
+        hrm_text_loop(object())
+    with pytest.raises(ls.LoopscopeError, match="str"):
+        capture_forward(bridge, ids, interventions=["L_blocks.0.hook_out"])
+    with pytest.raises(ls.LoopscopeError, match="nope.hook"):
+        capture_forward(bridge, ids, capture=["nope.hook"])
+    with pytest.raises(ls.LoopscopeError, match="99"):
+        ls.unroll(hrm_text_loop(bridge).slow, torch.full((1, 5), 99), 1)
