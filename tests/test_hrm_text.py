@@ -171,3 +171,5 @@ def test_bad_input_raises_one_line_loopscope_errors(hrm):
         capture_forward(bridge, ids, capture=["nope.hook"])
     with pytest.raises(ls.LoopscopeError, match="99"):
         ls.unroll(hrm_text_loop(bridge).slow, torch.full((1, 5), 99), 1)
+    with pytest.raises(ls.LoopscopeError, match="H_cylces"):
+        build_tiny_hrm_text(H_cylces=2)  # HF's config would silently keep the typo

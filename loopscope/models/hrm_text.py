@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from loopscope.capture import Recorder, attach, pos_dim_of, resolve_hooks
-from loopscope.errors import LoopscopeError
+from loopscope.errors import LoopscopeError, reject_unknown_kwargs
 from loopscope.interventions import Intervention
 from loopscope.loop import Loop
 from loopscope.trace import Trace
@@ -68,6 +68,8 @@ def build_tiny_hrm_text(seed: int = 0, **overrides: Any):
         L_cycles=4,
         max_position_embeddings=64,
     )
+    # HF configs accept any keyword silently; a typo here must not build a different model
+    reject_unknown_kwargs("build_tiny_hrm_text", overrides, HrmTextConfig().to_dict())
     kw.update(overrides)
     cfg = HrmTextConfig(**kw)
     cfg.architectures = ["HrmTextForCausalLM"]  # the bridge picks its adapter from this
