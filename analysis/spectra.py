@@ -31,7 +31,7 @@ from torch import Tensor
 from loopscope.analysis.loopmap import LoopMap
 from loopscope.errors import LoopscopeError, reject_unknown_kwargs
 
-__all__ = ["spectrum", "Spectrum", "power_iteration_rho"]
+__all__ = ["spectrum", "spectrum_map", "Spectrum", "power_iteration_rho"]
 
 
 @dataclass
@@ -82,13 +82,25 @@ class Spectrum:
                         "imag": float(lam.imag),
                         "modulus": float(abs(lam)),
                         "angle": float(np.angle(lam)),
+                        "timescale": _timescale(abs(lam)),
                         "rho": self.rho[b],
+                        "margin": 1.0 - self.rho[b],
                         "unstable": self.unstable[b],
                         "sigma_max": self.sigma_max[b],
+                        "nonnormality": self.nonnormality[b],
                         "method": self.method,
                     }
                 )
         return pd.DataFrame(rows)
+
+
+def _timescale(mod: float) -> float:
+    """``-1 / ln|lambda|`` (0 for lambda = 0, inf for |lambda| = 1, negative when growing)."""
+    if mod == 0.0:
+        return 0.0
+    if mod == 1.0:
+        return math.inf
+    return -1.0 / math.log(mod)
 
 
 _OPTIONS = ("k", "method", "dense_max", "tol", "ncv", "seed", "t", "sigma")
@@ -103,9 +115,6 @@ def spectrum(loop: Any, inputs: Any, state: Tensor, **options: Any) -> Spectrum:
     sigma_max, default True).
     """
     reject_unknown_kwargs("spectrum", options, _OPTIONS)
-    method = options.get("method", "auto")
-    if method not in ("auto", "dense", "arpack"):
-        raise LoopscopeError(f"spectrum method must be auto, dense or arpack, got {method!r}")
     if not isinstance(state, Tensor) or state.dim() < 2:
         raise LoopscopeError("state must be a tensor [B, ...] with a batch axis")
     m = LoopMap(
@@ -116,6 +125,16 @@ def spectrum(loop: Any, inputs: Any, state: Tensor, **options: Any) -> Spectrum:
         t=options.get("t"),
     )
     z = m.flatten(state.to(m.dtype or state.dtype))
+    return spectrum_map(m, z, **{k: v for k, v in options.items() if k != "t"})
+
+
+def spectrum_map(m: LoopMap, z: Tensor, **options: Any) -> Spectrum:
+    """:func:`spectrum` on an existing :class:`LoopMap` at flat states ``z [b, n]`` (one row
+    per sample of the map; used by the fixed-point census)."""
+    reject_unknown_kwargs("spectrum", options, _OPTIONS)
+    method = options.get("method", "auto")
+    if method not in ("auto", "dense", "arpack"):
+        raise LoopscopeError(f"spectrum method must be auto, dense or arpack, got {method!r}")
     n = m.n
     k = options.get("k")
     if k is not None and (not isinstance(k, int) or k < 1 or k > n):

@@ -1,6 +1,10 @@
-"""loopscope.circuits — per-iteration patching (batched), state transplant, computation-graph
-memorization statistics."""
+"""loopscope.circuits — per-iteration patching (batched), state transplant, attribution, unrolled
+circuit graphs, computation-graph memorization statistics and heuristic neurons.
 
+>>> from loopscope.circuits import patch_sweep, state_transplant, attribution, circuit_graph
+"""
+
+from loopscope.circuits import toys
 from loopscope.circuits.compgraph import (
     digit_df,
     document_frequency,
@@ -8,15 +12,35 @@ from loopscope.circuits.compgraph import (
     logistic_slope,
     subgraph_keys,
 )
-from loopscope.circuits.patching import logit_diff_metric, patch_sweep, state_transplant
+from loopscope.circuits.corruptions import (
+    Corruption,
+    STRPairs,
+    gaussian_noise,
+    mean_ablation,
+    resample,
+    str_pairs,
+    zero_ablation,
+)
+from loopscope.circuits.metrics import AnswerMetric, logit_diff_metric
+from loopscope.circuits.patching import SweepFrame, patch_sweep, state_transplant
 
 __all__ = [
     "patch_sweep",
     "state_transplant",
+    "SweepFrame",
     "logit_diff_metric",
+    "AnswerMetric",
+    "Corruption",
+    "STRPairs",
+    "str_pairs",
+    "resample",
+    "mean_ablation",
+    "zero_ablation",
+    "gaussian_noise",
     "subgraph_keys",
     "document_frequency",
     "digit_df",
     "graph_metrics",
     "logistic_slope",
+    "toys",
 ]

@@ -1,18 +1,33 @@
 """Per-iteration activation patching, batched: many patches per forward along the batch axis.
 
 ``patch_sweep`` runs the clean and corrupted inputs once (capturing the sites), then evaluates
-every (site x iteration x position) patch, ``chunk`` patches per forward: the corrupted (denoising)
-or clean (noising) input is repeated and each batch row gets its own patch through one
-row-aware intervention. A patch at iteration t leaves iterations < t bit-identical. Output: a tidy
-DataFrame, one row per (patch, example), one column per metric; ``recovery`` is the normalised
-logit difference (LD_pt - LD_corr) / (LD_clean - LD_corr).
+every (site x iteration x position [x unit]) patch for every example, ``batch_size`` patches per
+forward: the corrupted (denoising) or clean (noising) input is repeated and each batch row gets its
+own patch through one row-aware intervention per site (:mod:`loopscope.circuits.engine`). A patch
+at iteration t leaves iterations < t bit-identical. Output: a tidy frame, one row per (patch,
+example), one column per metric; ``recovery`` is the normalised metric
+(m_pt - m_corr) / (m_clean - m_corr).
+
+Directions (Heimersheim & Nanda): "denoise" = corrupted run + one clean activation (sufficiency),
+"noise" = clean run + one corrupted activation (necessity); they are not mirror images (AND/OR
+gates), so "both" is recommended.
 
 ``state_transplant`` gives the recovery curve R(t) when the clean state h_t is transplanted into
-the corrupted run at iteration t.
+the corrupted run at iteration t (measured at T and at T + extra).
+
+Example:
+    >>> import torch
+    >>> from loopscope.circuits import toys
+    >>> gate = toys.GateLoop("or")
+    >>> df = patch_sweep(gate, torch.tensor([[1, 1]]), torch.tensor([[0, 0]]), ["hook_A"], "all",
+    ...                  toys.gate_metric, n_iter=1, direction="both")
+    >>> df[["direction", "recovery"]].values.tolist()
+    [['denoise', 1.0], ['noise', 1.0]]
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -21,211 +36,349 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from loopscope.capture import pos_dim_of, resolve_hooks
-from loopscope.errors import LoopscopeError, check_positive_int
-from loopscope.interventions import Patch, Transplant
+from loopscope.circuits.corruptions import STRPairs, as_corruption
+from loopscope.circuits.engine import (
+    Elements,
+    Source,
+    canonical_sites,
+    init_states,
+    run_rows,
+    site_info,
+)
+from loopscope.circuits.metrics import AnswerMetric, kl_columns, normalised
+from loopscope.errors import LoopscopeError, check_positive_int, reject_unknown_kwargs
+from loopscope.interventions import Transplant
+from loopscope.loop import batch_size_of
 from loopscope.unroll import unroll
 
-__all__ = ["patch_sweep", "state_transplant", "logit_diff_metric"]
+__all__ = ["patch_sweep", "state_transplant", "SweepFrame", "resolve_metric"]
 
 
-def logit_diff_metric(
-    answer: Tensor, wrong: Tensor, position: int = -1
-) -> Callable[[Tensor, Tensor], Tensor]:
-    """Metric ``logit[answer] - logit[wrong]`` at ``position`` for example rows ``idx``.
+class SweepFrame(pd.DataFrame):
+    """A tidy pandas DataFrame (one row per patch and example) that is also a loopscope result:
+    ``.to_frame()`` returns a plain DataFrame; run facts (seed, n_iter, corruption) are in
+    ``.attrs``."""
 
-    Returns ``fn(logits [R, P, C], idx [R]) -> [R]``.
-    """
+    @property
+    def _constructor(self) -> type:
+        return SweepFrame
 
-    def fn(logits: Tensor, idx: Tensor) -> Tensor:
-        lg = logits[:, position]
-        return (
-            lg.gather(-1, answer[idx].view(-1, 1))[:, 0]
-            - lg.gather(-1, wrong[idx].view(-1, 1))[:, 0]
+    def to_frame(self) -> pd.DataFrame:
+        return pd.DataFrame(self)
+
+
+def resolve_metric(metric: Any, corrupt: Any) -> Callable[[Tensor, Tensor], Tensor]:
+    """The metric callable; ``None`` takes the STR pairs' logit-difference metric."""
+    if metric is None:
+        if isinstance(corrupt, STRPairs):
+            return corrupt.metric()
+        raise LoopscopeError("metric is required (fn(logits, example_idx) -> [R]) unless corrupt is STRPairs")
+    if not callable(metric):
+        raise LoopscopeError(f"metric must be callable fn(logits, example_idx), got {type(metric).__name__}")
+    return metric
+
+
+def _metric_columns(
+    metric: Callable, lg: Tensor, idx: Tensor, clean_lg: Tensor, corr_lg: Tensor
+) -> dict[str, Tensor]:
+    vals = {"metric": torch.as_tensor(metric(lg, idx)).double().reshape(-1)}
+    if len(vals["metric"]) != len(idx):
+        raise LoopscopeError(
+            f"metric must return one value per row ({len(idx)}), got {tuple(vals['metric'].shape)}"
         )
+    if isinstance(metric, AnswerMetric):
+        vals.update(metric.columns(lg, idx, clean_lg[idx], corr_lg[idx]))
+    elif lg.is_floating_point() and lg.dim() >= 2:
+        vals.update(kl_columns(lg, clean_lg[idx], corr_lg[idx]))
+    return {k: v.detach().double().cpu() for k, v in vals.items()}
 
-    return fn
+
+def _iterations(its: Any, n_iter: int) -> list[int] | None:
+    if isinstance(its, str):
+        if its != "all":
+            raise LoopscopeError(f"iterations must be 'all' or a list of ints, got {its!r}")
+        return None
+    if isinstance(its, int) and not isinstance(its, bool):
+        its = [its]
+    out = []
+    for t in its:
+        if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
+            raise LoopscopeError(f"iterations must be ints, got {t!r}")
+        if not 0 <= int(t) < n_iter:
+            raise LoopscopeError(f"iteration {int(t)} out of range 0..{n_iter - 1}")
+        out.append(int(t))
+    return out
 
 
-def _repeat_inputs(x: Any, idx: Tensor) -> Any:
-    if isinstance(x, Tensor):
-        return x[idx]
-    raise LoopscopeError("patch_sweep needs tensor inputs (token ids [B, pos])")
+def _positions(positions: Any, n_pos: int, site: str) -> list[int]:
+    if positions is None:
+        return list(range(n_pos))
+    out = []
+    for p in positions:
+        p = int(p)
+        if not -n_pos <= p < n_pos:
+            raise LoopscopeError(f"position {p} out of range for {site!r} ({n_pos} positions)")
+        out.append(p % n_pos)
+    return out
+
+
+def _base_runs(
+    loop: Any, clean: Any, corruption: Any, sites: list[str], n_iter: int, seed: int, read_at: int
+) -> dict[str, Any]:
+    """Clean and corrupted reference runs (captured sites, initial states, readouts)."""
+    B = batch_size_of(clean)
+    if B is None:
+        raise LoopscopeError("clean inputs need a leading batch axis")
+    Bc = batch_size_of(corruption.inputs)
+    if isinstance(clean, Tensor) and isinstance(corruption.inputs, Tensor):
+        if clean.shape != corruption.inputs.shape:
+            raise LoopscopeError(
+                f"clean and corrupt inputs must have the same shape, got {tuple(clean.shape)} vs "
+                f"{tuple(corruption.inputs.shape)}"
+            )
+    elif Bc != B:
+        raise LoopscopeError(f"clean and corrupt batches differ in size: {B} vs {Bc}")
+    T = max(n_iter, read_at)
+    h0c = init_states(loop, clean, seed)
+    h0k = init_states(loop, corruption.inputs, seed)
+    every = torch.arange(B)
+    extra = corruption.interventions(every) if corruption.interventions is not None else []
+    tc = unroll(loop, clean, T, capture=sites, init=h0c)
+    tk = unroll(loop, corruption.inputs, T, capture=sites, init=h0k, interventions=extra)
+    return {
+        "B": B,
+        "h0_clean": h0c,
+        "h0_corrupt": h0k,
+        "clean": tc,
+        "corrupt": tk,
+        "src_clean": Source.from_trace(tc, sites),
+        "src_corrupt": Source.from_trace(tk, sites),
+        "lg_clean": tc.decode(read_at),
+        "lg_corrupt": tk.decode(read_at),
+    }
+
+
+def run_jobs(
+    loop: Any,
+    base: dict[str, Any],
+    corruption: Any,
+    direction: str,
+    jobs: Sequence[tuple[int, list[tuple[str, int, int, int]]]],
+    infos: dict,
+    metric: Callable,
+    n_iter: int,
+    read_at: int,
+    batch_size: int,
+) -> dict[str, np.ndarray]:
+    """Evaluate patch *jobs* ``(example, [(site, t, pos, unit), ...])``, one job per batch row.
+
+    denoise: corrupted run, elements from the clean run; noise: clean run, elements from the
+    corrupted run. Returns metric columns (arrays of len(jobs)).
+    """
+    if direction == "denoise":
+        inputs, h0, src = corruption.inputs, base["h0_corrupt"], base["src_clean"]
+        extra = corruption.interventions
+    else:
+        inputs, h0, src = base["clean_inputs"], base["h0_clean"], base["src_corrupt"]
+        extra = None
+    T = max(n_iter, read_at)
+    cols: dict[str, list[Tensor]] = {}
+    for s0 in range(0, len(jobs), batch_size):
+        part = jobs[s0 : s0 + batch_size]
+        ex = torch.as_tensor([j[0] for j in part], dtype=torch.long)
+        els: dict[str, Elements] = {}
+        for r, (_, elements) in enumerate(part):
+            for site, t, p, u in elements:
+                els.setdefault(site, Elements()).add(r, t, p, u)
+        lg = run_rows(loop, inputs, ex, T, h0, els, src, infos, [read_at], extra)[read_at]
+        for k, v in _metric_columns(metric, lg, ex, base["lg_clean"], base["lg_corrupt"]).items():
+            cols.setdefault(k, []).append(v)
+    return {k: torch.cat(v).numpy() for k, v in cols.items()}
 
 
 def patch_sweep(
     loop: Any,
-    clean: Tensor,
-    corrupt: Tensor,
-    sites: Sequence[str],
-    iterations: Sequence[int] | str,
-    metric: Callable[[Tensor, Tensor], Tensor],
+    clean: Any,
+    corrupt: Any,
+    sites: Sequence[str] | str,
+    iterations: Sequence[int] | int | str = "all",
+    metric: Callable[[Tensor, Tensor], Tensor] | None = None,
     *,
     n_iter: int,
     positions: Sequence[int] | None = None,
+    units: dict[str, int] | None = None,
     direction: str = "denoise",
-    chunk: int = 256,
+    batch_size: int = 256,
     seed: int = 0,
-) -> pd.DataFrame:
+    measure_at: int | None = None,
+    **options: Any,
+) -> SweepFrame:
     """Sweep single-site, single-iteration, single-position patches (see module docstring).
 
     Args:
-        loop: a Loop; ``clean`` / ``corrupt``: token ids ``[B, pos]`` of equal shape.
-        sites: hook names; ``iterations``: iterations to patch (or "all").
-        metric: ``fn(final_logits [R, P, C], example_idx [R]) -> [R]`` (e.g. :func:`logit_diff_metric`).
-        n_iter: loop iterations; positions: positions to patch (default all; None = whole activation
-            if a hook has no position axis).
-        direction: "denoise" (corrupt run, clean value: sufficiency), "noise" (clean run, corrupt
-            value: necessity) or "both".
-        chunk: patches evaluated per forward (rows of one batch).
+        loop: a Loop. clean: clean inputs ``[B, ...]``. corrupt: corrupted inputs of the same
+            shape, a :class:`~loopscope.circuits.corruptions.Corruption` (resample / mean / zero /
+            Gaussian) or :class:`~loopscope.circuits.corruptions.STRPairs`.
+        sites: hook names or globs. iterations: iterations to patch or "all".
+        metric: ``fn(readout [R, ...], example_idx [R]) -> [R]``; an
+            :class:`~loopscope.circuits.metrics.AnswerMetric` (``logit_diff_metric``) adds logprob,
+            prob, KL and accuracy columns; None takes the STR pairs' metric.
+        n_iter: loop iterations T. measure_at: readout iteration (default T; > T runs longer).
+        positions: positions to patch (default all); hooks without a position axis ([B, d]) are
+            patched whole (``position = -1``).
+        units: ``{site: axis}`` to patch one unit (head, neuron) at a time along that axis of the
+            activation (e.g. ``{"core.blocks.0.attn.hook_z": 2}``); ``unit = -1`` otherwise.
+        direction: "denoise", "noise" or "both".
+        batch_size: patches evaluated per forward (rows of one batch).
+        seed: seed of the initial states (shared by every run so random inits stay paired).
+
+    Returns:
+        :class:`SweepFrame` with columns direction, site, iteration, position, unit, example,
+        metric, clean, corrupt, recovery, and kl / kl_delta (plus logprob, prob, logprob_wrong,
+        accuracy for answer metrics).
     """
+    reject_unknown_kwargs("patch_sweep", options)
     n_iter = check_positive_int("n_iter", n_iter)
-    if clean.shape != corrupt.shape:
-        raise LoopscopeError(
-            f"clean and corrupt inputs must have the same shape, got {tuple(clean.shape)} vs {tuple(corrupt.shape)}"
-        )
+    batch_size = check_positive_int("batch_size", batch_size)
+    read_at = n_iter if measure_at is None else check_positive_int("measure_at", measure_at)
     if direction not in ("denoise", "noise", "both"):
-        raise LoopscopeError(f"direction must be denoise, noise or both, got {direction!r}")
-    its = list(range(n_iter)) if iterations == "all" else [int(t) for t in iterations]
-    for t in its:
-        if not 0 <= t < n_iter:
-            raise LoopscopeError(f"iteration {t} out of range 0..{n_iter - 1}")
-    points, _ = resolve_hooks(loop, list(sites))
-    B = clean.shape[0]
-    runs = {
-        "clean": unroll(loop, clean, n_iter, capture=list(sites), seed=seed, decode=True),
-        "corrupt": unroll(loop, corrupt, n_iter, capture=list(sites), seed=seed, decode=True),
+        raise LoopscopeError(f"direction must be 'denoise', 'noise' or 'both', got {direction!r}")
+    metric = resolve_metric(metric, corrupt)
+    corruption = as_corruption(corrupt)
+    if isinstance(corrupt, STRPairs) and isinstance(clean, Tensor):
+        if not torch.equal(clean, corrupt.clean):
+            raise LoopscopeError("clean inputs differ from the STR pairs' clean tokens")
+    its = _iterations(iterations, n_iter)
+    names = canonical_sites(loop, sites)
+    units = dict(units or {})
+    for s in units:
+        if s not in names:
+            raise LoopscopeError(f"units names site {s!r}, which is not among the sites {names}")
+    base = _base_runs(loop, clean, corruption, names, n_iter, seed, read_at)
+    base["clean_inputs"] = clean
+    infos = {s: site_info(loop, base["src_clean"], s, units.get(s)) for s in names}
+    keys: list[tuple[str, int, int, int, int]] = []
+    for s in names:
+        info = infos[s]
+        s_its = info.iterations if its is None else its
+        missing = sorted(set(s_its) - set(info.iterations))
+        if missing:
+            raise LoopscopeError(f"site {s!r} does not fire at iterations {missing}")
+        pos = [-1] if info.pos_dim is None else _positions(positions, info.n_pos, s)
+        uns = [-1] if info.unit_dim is None else list(range(info.n_units))
+        keys += [(s, t, p, u, b) for t, p, u, b in itertools.product(s_its, pos, uns, range(base["B"]))]
+    jobs = [(b, [(s, t, p, u)]) for s, t, p, u, b in keys]
+    dirs = ["denoise", "noise"] if direction == "both" else [direction]
+    clean_m = _metric_columns(metric, base["lg_clean"], torch.arange(base["B"]), base["lg_clean"], base["lg_corrupt"])["metric"].numpy()
+    corr_m = _metric_columns(metric, base["lg_corrupt"], torch.arange(base["B"]), base["lg_clean"], base["lg_corrupt"])["metric"].numpy()
+    frames = []
+    for d in dirs:
+        cols = run_jobs(loop, base, corruption, d, jobs, infos, metric, n_iter, read_at, batch_size)
+        ex = np.array([k[4] for k in keys], dtype=np.int64)
+        f = pd.DataFrame(
+            {
+                "direction": d,
+                "site": [k[0] for k in keys],
+                "iteration": np.array([k[1] for k in keys], dtype=np.int64),
+                "position": np.array([k[2] for k in keys], dtype=np.int64),
+                "unit": np.array([k[3] for k in keys], dtype=np.int64),
+                "example": ex,
+            }
+        )
+        f["metric"] = cols.pop("metric")
+        f["clean"] = clean_m[ex]
+        f["corrupt"] = corr_m[ex]
+        f["recovery"] = normalised(f["metric"], f["clean"], f["corrupt"])
+        for k, v in cols.items():
+            f[k] = v
+        frames.append(f)
+    out = SweepFrame(pd.concat(frames, ignore_index=True))
+    out.attrs.update(_meta(loop, corruption, seed, n_iter, read_at))
+    return out
+
+
+def _meta(loop: Any, corruption: Any, seed: int, n_iter: int, read_at: int) -> dict[str, Any]:
+    cfg = getattr(loop, "cfg", None)
+    return {
+        "model": getattr(cfg, "name", type(loop).__name__),
+        "seed": int(seed),
+        "n_iter": int(n_iter),
+        "measured_at": int(read_at),
+        "corruption": corruption.kind,
+        "flagged": bool(corruption.flagged),
+        **{f"corruption_{k}": v for k, v in corruption.meta.items() if np.isscalar(v)},
     }
-    base = {k: metric(v.logits[-1], torch.arange(B)) for k, v in runs.items()}
-    directions = ["denoise", "noise"] if direction == "both" else [direction]
-    rows = []
-    for d in directions:
-        run_inputs, src = (corrupt, runs["clean"]) if d == "denoise" else (clean, runs["corrupt"])
-        jobs = []  # (site, t, pos, example)
-        for site in sites:
-            name = next(iter(resolve_hooks(loop, [site])[0]))
-            act = src[name]
-            has_pos = act.dim() >= 3  # [T, B, pos, ...]
-            pos_list = (
-                [None]
-                if not has_pos
-                else (
-                    list(range(act.shape[1 + pos_dim_of(points[name])]))
-                    if positions is None
-                    else list(positions)
-                )
-            )
-            for t in its:
-                for p in pos_list:
-                    for b in range(B):
-                        jobs.append((name, t, p, b))
-        for s0 in range(0, len(jobs), chunk):
-            part = jobs[s0 : s0 + chunk]
-            ex = torch.tensor([j[3] for j in part])
-            ivs = []
-            for site in dict.fromkeys(j[0] for j in part):
-                rows_site = [(r, j) for r, j in enumerate(part) if j[0] == site]
-                pdim = pos_dim_of(points[site])
-                ivs.append(Patch(site, "all", value=_row_patcher(src[site], rows_site, pdim)))
-            tr = unroll(
-                loop,
-                _repeat_inputs(run_inputs, ex),
-                n_iter,
-                interventions=ivs,
-                seed=seed,
-                decode=True,
-                init=_init_rows(loop, run_inputs, ex, seed),
-            )
-            vals = metric(tr.logits[-1], ex)
-            for r, (site, t, p, b) in enumerate(part):
-                rows.append(
-                    dict(
-                        direction=d,
-                        site=site,
-                        iteration=t,
-                        position=-1 if p is None else p,
-                        example=b,
-                        metric=float(vals[r]),
-                        clean=float(base["clean"][b]),
-                        corrupt=float(base["corrupt"][b]),
-                    )
-                )
-    df = pd.DataFrame(rows)
-    denom = df["clean"] - df["corrupt"]
-    df["recovery"] = np.where(denom.abs() > 1e-12, (df["metric"] - df["corrupt"]) / denom, np.nan)
-    return df
-
-
-def _init_rows(loop: Any, inputs: Tensor, ex: Tensor, seed: int) -> Tensor:
-    # the same initial state per example as in the reference runs (random inits stay paired)
-    with torch.no_grad():
-        ctx = loop.encode(inputs)
-        h0 = loop.init_state(ctx, torch.Generator().manual_seed(seed))
-    return h0[ex]
-
-
-def _row_patcher(src: Tensor, rows_site: list, pdim: int) -> Callable:
-    """A value fn patching row r at its own iteration/position from the source trace."""
-
-    def fn(x: Tensor, label: tuple) -> Tensor:
-        out = x.clone()
-        for r, (_, t, p, b) in rows_site:
-            if label[0] != t:
-                continue
-            if p is None:
-                out[r] = src[t][b]
-            else:
-                idx = [slice(None)] * (x.dim() - 1)
-                idx[pdim - 1] = p
-                out[r][tuple(idx)] = src[t][b][tuple(idx)]
-        return out
-
-    return fn
 
 
 def state_transplant(
     loop: Any,
-    clean: Tensor,
-    corrupt: Tensor,
-    metric: Callable[[Tensor, Tensor], Tensor],
+    clean: Any,
+    corrupt: Any,
+    metric: Callable[[Tensor, Tensor], Tensor] | None = None,
     *,
     n_iter: int,
     extra: int = 0,
+    iterations: Sequence[int] | str = "all",
     seed: int = 0,
-) -> pd.DataFrame:
+    **options: Any,
+) -> SweepFrame:
     """Recovery R(t) when the clean state h_t replaces the corrupted run's state at iteration t.
 
-    Returns one row per (t, example) with the metric at T (and at T + ``extra`` if > 0) and
-    ``recovery`` = (m_pt - m_corr) / (m_clean - m_corr).
+    For each t the corrupted run is repeated with ``Transplant(iteration=t, source=clean_run)``
+    and read out at T (= ``n_iter``) and, if ``extra > 0``, at T + extra. With input injection and
+    a contracting block the effect decays back to the corrupted attractor (distance <=
+    L^(T-t) x gap); without injection the transplanted answer persists (recovery 1).
+
+    Returns:
+        :class:`SweepFrame`, one row per (t, measured_at, example): metric, clean, corrupt,
+        recovery, ``gap`` = ||h_t^clean - h_t^corrupt||, ``dist_corrupt`` / ``dist_clean`` = distance
+        of the transplanted state at measured_at to the corrupted / clean run's state.
     """
+    reject_unknown_kwargs("state_transplant", options)
     n_iter = check_positive_int("n_iter", n_iter)
+    if isinstance(extra, bool) or not isinstance(extra, int) or extra < 0:
+        raise LoopscopeError(f"extra must be a non-negative int, got {extra!r}")
+    metric = resolve_metric(metric, corrupt)
+    corruption = as_corruption(corrupt)
     T = n_iter + extra
-    c = unroll(loop, clean, T, seed=seed, decode=True)
-    k = unroll(loop, corrupt, T, seed=seed, decode=True)
-    B = clean.shape[0]
+    base = _base_runs(loop, clean, corruption, [], T, seed, T)
+    c, k = base["clean"], base["corrupt"]
+    B = base["B"]
     idx = torch.arange(B)
-    rows = []
-    for t in range(n_iter):
+    its = _iterations(iterations, n_iter)
+    its = list(range(n_iter)) if its is None else its
+    ivs0 = corruption.interventions(idx) if corruption.interventions is not None else []
+    at_list = sorted({n_iter, T})
+    m_c = {a: torch.as_tensor(metric(c.decode(a), idx)).double() for a in at_list}
+    m_k = {a: torch.as_tensor(metric(k.decode(a), idx)).double() for a in at_list}
+    frames = []
+    for t in its:
         tr = unroll(
             loop,
-            corrupt,
+            corruption.inputs,
             T,
-            seed=seed,
-            decode=True,
-            interventions=[Transplant(iteration=t, source=c)],
+            init=base["h0_corrupt"],
+            interventions=[*ivs0, Transplant(iteration=t, source=c)],
         )
-        for at in sorted({n_iter, T}):
-            m_pt = metric(tr.logits[at], idx)
-            m_c, m_k = metric(c.logits[at], idx), metric(k.logits[at], idx)
-            for b in range(B):
-                den = float(m_c[b] - m_k[b])
-                rows.append(
-                    dict(
-                        t=t,
-                        measured_at=at,
-                        example=b,
-                        metric=float(m_pt[b]),
-                        recovery=(float(m_pt[b] - m_k[b]) / den) if abs(den) > 1e-12 else np.nan,
-                    )
+        gap = (c.states[t] - k.states[t]).reshape(B, -1).double().norm(dim=1)
+        for a in at_list:
+            m_pt = torch.as_tensor(metric(tr.decode(a), idx)).double()
+            frames.append(
+                pd.DataFrame(
+                    {
+                        "t": t,
+                        "measured_at": a,
+                        "example": idx.numpy(),
+                        "metric": m_pt.numpy(),
+                        "clean": m_c[a].numpy(),
+                        "corrupt": m_k[a].numpy(),
+                        "recovery": normalised(m_pt.numpy(), m_c[a].numpy(), m_k[a].numpy()),
+                        "gap": gap.numpy(),
+                        "dist_corrupt": (tr.states[a] - k.states[a]).reshape(B, -1).double().norm(dim=1).numpy(),
+                        "dist_clean": (tr.states[a] - c.states[a]).reshape(B, -1).double().norm(dim=1).numpy(),
+                    }
                 )
-    return pd.DataFrame(rows)
+            )
+    out = SweepFrame(pd.concat(frames, ignore_index=True))
+    out.attrs.update(_meta(loop, corruption, seed, n_iter, T))
+    return out

@@ -224,10 +224,14 @@ def verdict_table(df: pd.DataFrame) -> plt.Figure:
     return fig
 
 
-def probe_wavefront(df: pd.DataFrame, onset_df: pd.DataFrame) -> plt.Figure:
-    """Probe test accuracy over (iteration x position), one panel per split, plus onset vs position."""
+def probe_wavefront(
+    df: pd.DataFrame, onset_df: pd.DataFrame, transfer: pd.DataFrame | None = None
+) -> plt.Figure:
+    """Probe test accuracy over (iteration x position), one panel per split, onset vs position,
+    and (optionally) the cross-iteration transfer matrix (fit at t, score at t')."""
     splits = list(dict.fromkeys(df["split"]))
-    fig, axes = plt.subplots(1, len(splits) + 1, figsize=(5 * len(splits) + 4.5, 4))
+    extra = 2 if transfer is not None else 1
+    fig, axes = plt.subplots(1, len(splits) + extra, figsize=(5 * len(splits) + 4.5 * extra, 4))
     for ax, sp in zip(axes, splits, strict=False):
         piv = df[df["split"] == sp].pivot_table(
             index="iteration", columns="position", values="test_acc"
@@ -237,12 +241,18 @@ def probe_wavefront(df: pd.DataFrame, onset_df: pd.DataFrame) -> plt.Figure:
         ax.set_title(f"probe accuracy, running state ({sp})")
     for sp, g in onset_df.groupby("split", sort=False):
         g = g[g["onset"] >= 0]
-        axes[-1].plot(g["position"], g["onset"], marker="o", label=sp)
+        axes[len(splits)].plot(g["position"], g["onset"], marker="o", label=sp)
     lim = float(onset_df["position"].max())
-    axes[-1].plot([0, lim], [0, lim], color="k", lw=0.8, ls=":", label="onset = position")
-    axes[-1].set_xlabel("position")
-    axes[-1].set_ylabel("onset iteration (acc >= 0.9)")
-    axes[-1].legend()
+    axes[len(splits)].plot([0, lim], [0, lim], color="k", lw=0.8, ls=":", label="onset = position")
+    ax_on = axes[len(splits)]
+    ax_on.set_xlabel("position")
+    ax_on.set_ylabel("onset iteration (acc >= 0.9)")
+    ax_on.legend()
+    if transfer is not None:
+        piv = transfer.pivot(index="fit_iteration", columns="score_iteration", values="accuracy")
+        sns.heatmap(piv, ax=axes[-1], vmin=0, vmax=1, cmap="viridis")
+        axes[-1].invert_yaxis()
+        axes[-1].set_title("transfer: probe fit at t, scored at t'")
     fig.tight_layout()
     return fig
 

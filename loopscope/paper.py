@@ -359,7 +359,7 @@ def fig_hierarchical(ctx: PaperContext):
 
 def fig_probes(ctx: PaperContext):
     from loopscope import tasks
-    from loopscope.probes import onset, probe_trace
+    from loopscope.probes import fit_probes, onset, probe_trace, transfer_matrix
 
     name = "s3_fprm"
     model = ctx.model(name)
@@ -375,15 +375,30 @@ def fig_probes(ctx: PaperContext):
         on = onset(df, threshold=0.9)
         on["split"] = split
         onsets.append(on)
+        if split == "id":  # transfer matrix at one position: fit at iteration t, score at t'
+            p = min(8, L)
+            X = tr.states[1:, :, p]
+            res = fit_probes(X, b.targets[:, p], seed=ctx.seed)
+            M = transfer_matrix(res, X, b.targets[:, p])
+            transfer = pd.DataFrame(
+                [
+                    dict(fit_iteration=i + 1, score_iteration=j + 1, accuracy=M[i, j], position=p)
+                    for i in range(M.shape[0])
+                    for j in range(M.shape[1])
+                ]
+            )
     df, on = pd.concat(frames, ignore_index=True), pd.concat(onsets, ignore_index=True)
     cap = (
         f"{name}: held-out accuracy of a linear probe (ridge, one per iteration x position, fitted in one batched solve, "
         "split by sequence) for the running group element s_i; onset = first iteration with accuracy >= 0.9. "
-        "A step-by-step wavefront has onset = position, ID (L = 16) and OOD (L = 32)."
+        "A step-by-step wavefront has onset = position, ID (L = 16) and OOD (L = 32). "
+        "Right: cross-iteration transfer of the probes at position 8 (ID)."
     )
     return (
-        figures.probe_wavefront(df, on),
-        pd.concat([df, on.assign(kind="onset")], ignore_index=True),
+        figures.probe_wavefront(df, on, transfer),
+        pd.concat(
+            [df, on.assign(kind="onset"), transfer.assign(kind="transfer")], ignore_index=True
+        ),
         "Probes: the running state per iteration",
         cap,
     )
