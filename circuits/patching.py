@@ -72,9 +72,13 @@ def resolve_metric(metric: Any, corrupt: Any) -> Callable[[Tensor, Tensor], Tens
     if metric is None:
         if isinstance(corrupt, STRPairs):
             return corrupt.metric()
-        raise LoopscopeError("metric is required (fn(logits, example_idx) -> [R]) unless corrupt is STRPairs")
+        raise LoopscopeError(
+            "metric is required (fn(logits, example_idx) -> [R]) unless corrupt is STRPairs"
+        )
     if not callable(metric):
-        raise LoopscopeError(f"metric must be callable fn(logits, example_idx), got {type(metric).__name__}")
+        raise LoopscopeError(
+            f"metric must be callable fn(logits, example_idx), got {type(metric).__name__}"
+        )
     return metric
 
 
@@ -266,11 +270,17 @@ def patch_sweep(
             raise LoopscopeError(f"site {s!r} does not fire at iterations {missing}")
         pos = [-1] if info.pos_dim is None else _positions(positions, info.n_pos, s)
         uns = [-1] if info.unit_dim is None else list(range(info.n_units))
-        keys += [(s, t, p, u, b) for t, p, u, b in itertools.product(s_its, pos, uns, range(base["B"]))]
+        keys += [
+            (s, t, p, u, b) for t, p, u, b in itertools.product(s_its, pos, uns, range(base["B"]))
+        ]
     jobs = [(b, [(s, t, p, u)]) for s, t, p, u, b in keys]
     dirs = ["denoise", "noise"] if direction == "both" else [direction]
-    clean_m = _metric_columns(metric, base["lg_clean"], torch.arange(base["B"]), base["lg_clean"], base["lg_corrupt"])["metric"].numpy()
-    corr_m = _metric_columns(metric, base["lg_corrupt"], torch.arange(base["B"]), base["lg_clean"], base["lg_corrupt"])["metric"].numpy()
+    clean_m = _metric_columns(
+        metric, base["lg_clean"], torch.arange(base["B"]), base["lg_clean"], base["lg_corrupt"]
+    )["metric"].numpy()
+    corr_m = _metric_columns(
+        metric, base["lg_corrupt"], torch.arange(base["B"]), base["lg_clean"], base["lg_corrupt"]
+    )["metric"].numpy()
     frames = []
     for d in dirs:
         cols = run_jobs(loop, base, corruption, d, jobs, infos, metric, n_iter, read_at, batch_size)
@@ -374,8 +384,16 @@ def state_transplant(
                         "corrupt": m_k[a].numpy(),
                         "recovery": normalised(m_pt.numpy(), m_c[a].numpy(), m_k[a].numpy()),
                         "gap": gap.numpy(),
-                        "dist_corrupt": (tr.states[a] - k.states[a]).reshape(B, -1).double().norm(dim=1).numpy(),
-                        "dist_clean": (tr.states[a] - c.states[a]).reshape(B, -1).double().norm(dim=1).numpy(),
+                        "dist_corrupt": (tr.states[a] - k.states[a])
+                        .reshape(B, -1)
+                        .double()
+                        .norm(dim=1)
+                        .numpy(),
+                        "dist_clean": (tr.states[a] - c.states[a])
+                        .reshape(B, -1)
+                        .double()
+                        .norm(dim=1)
+                        .numpy(),
                     }
                 )
             )
