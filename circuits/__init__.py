@@ -5,6 +5,7 @@ circuit graphs, computation-graph memorization statistics and heuristic neurons.
 """
 
 from loopscope.circuits import toys
+from loopscope.circuits.attribution import AttributionResult, attribution
 from loopscope.circuits.compgraph import (
     digit_df,
     document_frequency,
@@ -21,6 +22,7 @@ from loopscope.circuits.corruptions import (
     str_pairs,
     zero_ablation,
 )
+from loopscope.circuits.graph import CircuitGraph, circuit_graph, jaccard_by_iteration
 from loopscope.circuits.metrics import AnswerMetric, logit_diff_metric
 from loopscope.circuits.patching import SweepFrame, patch_sweep, state_transplant
 
@@ -28,6 +30,11 @@ __all__ = [
     "patch_sweep",
     "state_transplant",
     "SweepFrame",
+    "attribution",
+    "AttributionResult",
+    "circuit_graph",
+    "CircuitGraph",
+    "jaccard_by_iteration",
     "logit_diff_metric",
     "AnswerMetric",
     "Corruption",
