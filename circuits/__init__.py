@@ -7,11 +7,20 @@ circuit graphs, computation-graph memorization statistics and heuristic neurons.
 from loopscope.circuits import toys
 from loopscope.circuits.attribution import AttributionResult, attribution
 from loopscope.circuits.compgraph import (
+    NullModel,
+    SubgraphIndex,
     digit_df,
     document_frequency,
     graph_metrics,
     logistic_slope,
+    node_taxonomy,
+    null_model,
+    num_hit,
+    relative_ig,
+    relative_ig_table,
     subgraph_keys,
+    taxonomy_by_layer,
+    taxonomy_frame,
 )
 from loopscope.circuits.corruptions import (
     Corruption,
@@ -45,6 +54,15 @@ __all__ = [
     "zero_ablation",
     "gaussian_noise",
     "subgraph_keys",
+    "SubgraphIndex",
+    "num_hit",
+    "node_taxonomy",
+    "taxonomy_frame",
+    "taxonomy_by_layer",
+    "relative_ig",
+    "relative_ig_table",
+    "null_model",
+    "NullModel",
     "document_frequency",
     "digit_df",
     "graph_metrics",
