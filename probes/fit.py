@@ -258,7 +258,7 @@ def fit_probes(X: Any, y: Any, **options: Any) -> ProbeResult:
             f"need at least 2 classes to fit probes, got {classes.tolist()} (pass classes=)"
         )
     K = int(classes.numel())
-    yi = torch.searchsorted(classes, torch.where(valid, y, classes[0]))
+    yi = torch.searchsorted(classes, torch.where(valid, y, classes[0]).contiguous())
     groups = as_groups(o["groups"], N)
     folds = make_folds(
         N,

@@ -50,6 +50,13 @@ class TransferResult:
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         return self.acc if dtype is None else self.acc.astype(dtype)
 
+    def __getitem__(self, index: Any) -> Any:
+        return self.acc[index]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.acc.shape
+
     def to_frame(self) -> pd.DataFrame:
         """One row per (train site, test site): train_*, test_* label columns and acc."""
         S = self.acc.shape[0]
