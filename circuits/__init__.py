@@ -4,7 +4,7 @@ circuit graphs, computation-graph memorization statistics and heuristic neurons.
 >>> from loopscope.circuits import patch_sweep, state_transplant, attribution, circuit_graph
 """
 
-from loopscope.circuits import toys
+from loopscope.circuits import heuristics, toys
 from loopscope.circuits.attribution import AttributionResult, attribution
 from loopscope.circuits.compgraph import (
     NullModel,
@@ -67,5 +67,6 @@ __all__ = [
     "digit_df",
     "graph_metrics",
     "logistic_slope",
+    "heuristics",
     "toys",
 ]
