@@ -1,7 +1,13 @@
-"""Full (iteration x position) patching sweep: loopscope's batched patch_sweep vs one forward per
-patch through plain TransformerLens hooks (a counting patch hook with ``run_with_hooks``).
+"""Full (iteration x position) patching sweep: loopscope's batched ``patch_sweep`` vs one forward
+per patch through plain TransformerLens hooks (``run_with_hooks`` with a counting patch hook).
 
-    python benchmarks/patching.py [--model s3_fprm --n 4 --length 12]
+    python benchmarks/patching.py [--iters 12 --pos 12 --n 4 --d-model 32 --site hook_state]
+    python benchmarks/patching.py --zoo s3_fprm      # a shipped LoopedTransformer instead
+
+The default Loop is :class:`loopscope.circuits.toys.TinyLoopedTransformer` (attention + MLP,
+input injection; per-example batched matmuls), whose rows do not depend on the batch they are in:
+the two sets of numbers must then agree bit for bit (max |difference| = 0). On a zoo model the
+BLAS matmuls tile by batch size and differences of a few ulps are expected.
 
 Prints both wall times, the speed ratio and the largest difference between the two sets of numbers.
 """
@@ -13,42 +19,80 @@ import time
 
 import torch
 
-from loopscope import tasks, zoo
-from loopscope.circuits import patch_sweep
+from loopscope.circuits import patch_sweep, toys
+
+
+def _model(args: argparse.Namespace):
+    if args.zoo:
+        from loopscope import tasks, zoo
+
+        model = zoo.load(args.zoo).double().eval()
+        task = tasks.get("s3", train_len=(args.pos - 1, args.pos - 1))
+        b = task.sample(args.n, "id", seed=args.seed)
+        clean = b.tokens
+        vocab = task.vocab_size
+    else:
+        model = toys.TinyLoopedTransformer(
+            vocab_size=16,
+            n_ctx=args.pos,
+            d_model=args.d_model,
+            n_heads=4,
+            d_mlp=2 * args.d_model,
+            seed=args.seed,
+        ).eval()
+        g = torch.Generator().manual_seed(args.seed)
+        clean = torch.randint(0, 16, (args.n, args.pos), generator=g)
+        vocab = 16
+    corrupt = clean.clone()
+    corrupt[:, 1] = (corrupt[:, 1] + 1) % vocab
+    return model, clean, corrupt
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="s3_fprm")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--iters", type=int, default=12)
+    ap.add_argument("--pos", type=int, default=12)
     ap.add_argument("--n", type=int, default=4)
-    ap.add_argument("--length", type=int, default=12)
+    ap.add_argument("--d-model", type=int, default=32)
+    ap.add_argument("--site", default="hook_state")
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--zoo", default=None, help="zoo model name (s3 task) instead of the toy")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (the CI box is shared)")
+    ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    model = zoo.load(args.model).double()
-    task = tasks.get("s3", train_len=(args.length, args.length))
-    b = task.sample(args.n, "id", seed=0)
-    clean, corrupt = b.tokens, b.tokens.clone()
-    corrupt[:, 3] = corrupt[:, 3] % 5 + 1
-    T = 2 * args.length
-    site = "core.blocks.0.hook_resid_pre"
+    torch.set_num_threads(args.threads)
+    model, clean, corrupt = _model(args)
+    T, site = args.iters, args.site
 
-    def metric(lg, i):
-        return lg[:, -1].log_softmax(-1).gather(-1, b.targets[i, -1:])[:, 0]
+    def metric(lg: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+        return lg[:, -1].double().log_softmax(-1)[:, 0]
 
     t0 = time.perf_counter()
-    fast = patch_sweep(model, clean, corrupt, [site], "all", metric, n_iter=T, seed=0)
+    fast = patch_sweep(
+        model,
+        clean,
+        corrupt,
+        [site],
+        "all",
+        metric,
+        n_iter=T,
+        batch_size=args.batch_size,
+        seed=args.seed,
+    )
     t_fast = time.perf_counter() - t0
 
     # anchor: one forward per (iteration, position, example) through TL's run_with_hooks
-    gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        h0_clean = model.init_state(model.encode(clean), torch.Generator().manual_seed(0))
-        h0_corr = model.init_state(model.encode(corrupt), torch.Generator().manual_seed(0))
-    del gen
-    store = []
-    with torch.no_grad():
-        hooks = [(site, lambda x, hook: store.append(x.clone()))]
-        model.run_with_hooks(clean, T, h0_clean, fwd_hooks=hooks)
-    clean_acts = torch.stack(store)
+        gen = torch.Generator().manual_seed(args.seed)
+        h0 = model.init_state(model.encode(corrupt), gen)
+        store: list[torch.Tensor] = []
+        model.run_with_hooks(
+            clean,
+            T,
+            model.init_state(model.encode(clean), torch.Generator().manual_seed(args.seed)),
+            fwd_hooks=[(site, lambda x, hook: store.append(x.clone()))],
+        )
+    clean_acts = torch.stack(store)  # [T, B, pos, d]
     t0 = time.perf_counter()
     slow = []
     for r in fast.itertuples():
@@ -60,21 +104,23 @@ def main() -> None:
             if k != t:
                 return None
             out = x.clone()
-            out[:, p] = clean_acts[t][e : e + 1, p]
+            out[:, p] = clean_acts[t][e, p]
             return out
 
         with torch.no_grad():
             lg = model.run_with_hooks(
                 corrupt[r.example : r.example + 1],
                 T,
-                h0_corr[r.example : r.example + 1],
+                h0[r.example : r.example + 1],
                 fwd_hooks=[(site, patch)],
             )
         slow.append(metric(lg, torch.tensor([r.example])).item())
     t_slow = time.perf_counter() - t0
     diff = max(abs(a - b) for a, b in zip(fast["metric"], slow, strict=True))
+    name = args.zoo or f"TinyLoopedTransformer(d_model={args.d_model})"
     print(
-        f"sweep: {args.model}, {T} iterations x {args.length + 1} positions x {args.n} examples = {len(fast)} patches (float64)"
+        f"sweep: {name}, site {site}, {T} iterations x {clean.shape[1]} positions x {len(clean)} "
+        f"examples = {len(fast)} patches (float64, {args.threads} thread(s))"
     )
     print(f"  loopscope batched patch_sweep      {t_fast:8.2f} s")
     print(f"  one forward per patch (TL hooks)   {t_slow:8.2f} s")

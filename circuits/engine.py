@@ -26,10 +26,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from loopscope.capture import pos_dim_of, resolve_hooks
+from loopscope.capture import attach, pos_dim_of, resolve_hooks
 from loopscope.errors import LoopscopeError
 from loopscope.interventions import Intervention, Patch
-from loopscope.loop import select_batch
+from loopscope.loop import Loop, select_batch
 from loopscope.trace import Trace
 from loopscope.unroll import unroll
 
@@ -41,6 +41,7 @@ __all__ = [
     "row_patch",
     "run_rows",
     "init_states",
+    "fires_in_encode",
     "canonical_sites",
 ]
 
@@ -172,11 +173,18 @@ def _as_tuple(ix: dict[int, Any], ndim: int) -> tuple:
     return tuple(full)
 
 
-def row_patch(site: str, el: Elements, ex: Tensor, src: Source, info: SiteInfo) -> Patch:
-    """One :class:`loopscope.Patch` on ``site`` applying every row's elements at its firing."""
+def row_patch(
+    site: str, el: Elements, ex: Tensor, src: Source, info: SiteInfo, offset: int = 0
+) -> Patch:
+    """One :class:`loopscope.Patch` on ``site`` applying every row's elements at its firing.
+
+    ``offset``: the run starts at iteration ``offset`` (its labels count from 0), so a firing
+    labelled (t, k) is iteration t + offset of the reference run.
+    """
     plan = _index_plan(el, ex, info)
 
     def value(x: Tensor, label: tuple) -> Tensor:
+        label = (label[0] + offset, *label[1:])
         items = plan.get(label[0])
         if not items:
             return x
@@ -188,7 +196,7 @@ def row_patch(site: str, el: Elements, ex: Tensor, src: Source, info: SiteInfo) 
             )
         return out
 
-    return Patch(site, sorted(plan), value=value)
+    return Patch(site, [t - offset for t in sorted(plan)], value=value)
 
 
 def run_rows(
@@ -202,21 +210,81 @@ def run_rows(
     infos: dict[str, SiteInfo],
     read_at: Sequence[int],
     extra: Callable[[Tensor], list[Intervention]] | None = None,
+    start: int = 0,
+    start_states: Tensor | None = None,
 ) -> dict[int, Tensor]:
     """Run the rows ``ex`` (example of each row) with their patches; readouts at ``read_at``.
 
     ``h0`` is the full batch's initial state (rows take ``h0[ex]`` so random inits stay paired
     with the reference runs); ``extra(ex)`` adds per-row interventions applied before the patches
     (a corruption such as mean ablation or embedding noise).
+
+    ``start > 0`` reuses the prefix: every patch of these rows is at iteration >= ``start``, and
+    iterations before a patch are identical to the unpatched run, so the rows start from that
+    run's state ``start_states[start]`` (``[T+1, B, ...]``) and only iterate from ``start`` on
+    (the step still sees absolute iteration indices).
     """
     B = h0.shape[0]
     rows_in = select_batch(inputs, ex, B)
     ivs: list[Intervention] = list(extra(ex)) if extra is not None else []
+    if start and extra is not None:
+        raise LoopscopeError("prefix reuse cannot shift the labels of extra interventions")
     for site, el in patches.items():
         if len(el):
-            ivs.append(row_patch(site, el, ex, src, infos[site]))
-    tr = unroll(loop, rows_in, n_iter, interventions=ivs, init=h0[ex])
-    return {t: tr.decode(t) for t in read_at}
+            ivs.append(row_patch(site, el, ex, src, infos[site], offset=start))
+    if start:
+        if start_states is None:
+            raise LoopscopeError("start > 0 needs the reference run's states")
+        runner: Any = _Shifted(loop, start)
+        init = start_states[start][ex]
+    else:
+        runner, init = loop, h0[ex]
+    tr = unroll(runner, rows_in, max(n_iter, *read_at) - start, interventions=ivs, init=init)
+    return {t: tr.decode(t - start) for t in read_at}
+
+
+def fires_in_encode(loop: Any, inputs: Any, sites: Sequence[str]) -> set[str]:
+    """The sites among ``sites`` that fire while ``loop.encode`` runs (outside the iterations)."""
+    points, _ = resolve_hooks(loop, list(sites))
+    fired: set[str] = set()
+
+    def make(name: str) -> Callable:
+        def fn(x: Tensor, hook: Any) -> None:
+            fired.add(name)
+
+        return fn
+
+    with torch.no_grad(), attach((hp, make(n)) for n, hp in points.items()):
+        loop.encode(inputs)
+    return fired
+
+
+class _Shifted(Loop):
+    """``loop`` seen from iteration ``offset`` on: same hook points (same names), the step gets
+    absolute iteration indices, labels count from 0 (patches translate them back)."""
+
+    def __init__(self, loop: Any, offset: int) -> None:
+        super().__init__()
+        self.__dict__["_inner"] = loop  # not a submodule: hook names stay the inner loop's
+        self.__dict__["_offset"] = int(offset)
+        self.hook_state = loop.hook_state
+        self.hook_dict = loop.hook_dict
+        self.mod_dict = getattr(loop, "mod_dict", {})
+
+    def encode(self, inputs: Any) -> Any:
+        return self._inner.encode(inputs)
+
+    def step(self, h: Tensor, ctx: Any, t: int | None = None) -> Tensor:
+        return self._inner.step(h, ctx, None if t is None else t + self._offset)
+
+    def decode(self, h: Tensor, ctx: Any) -> Tensor:
+        return self._inner.decode(h, ctx)
+
+    def batch_size(self, ctx: Any) -> int:
+        return self._inner.batch_size(ctx)
+
+    def select(self, ctx: Any, index: Tensor) -> Any:
+        return self._inner.select(ctx, index)
 
 
 def init_states(loop: Any, inputs: Any, seed: int) -> Tensor:

@@ -85,11 +85,22 @@ class AnswerMetric:
         return lg.gather(-1, r.view(-1, 1))[:, 0] - lg.gather(-1, w.view(-1, 1))[:, 0]
 
     def columns(
-        self, logits: Tensor, idx: Tensor, clean_logits: Tensor, corrupt_logits: Tensor
+        self,
+        logits: Tensor,
+        idx: Tensor,
+        clean_logits: Tensor,
+        corrupt_logits: Tensor,
+        direction: str | None = None,
     ) -> dict[str, Tensor]:
         """Companion metrics ``[R]`` each: ``logprob`` / ``prob`` of r, ``logprob_wrong``,
         ``kl`` = D(P_clean || P_patched), ``kl_delta`` = D(P_clean || P_corrupt) - D(P_clean ||
-        P_patched) (positive = closer to clean) and ``accuracy`` (argmax == r).
+        P_patched) (positive = closer to clean), ``accuracy`` (argmax == r) and ``nl`` =
+        logit(r) / max logit (Nikankin's normalised logit).
+
+        With ``direction`` ("denoise" / "noise") also Nikankin's effect ``effect_E`` =
+        1/2 [(P*(b) - P(b)) / P(b) + (P(a) - P*(a)) / P*(a)] where P / P* are the run's
+        probabilities before / after the patch, a is the run's answer and b the patch source's
+        (noise: a = r, b = r'; denoise: a = r', b = r).
 
         ``clean_logits`` / ``corrupt_logits`` are the unpatched runs' readouts for examples ``idx``
         (same layout as ``logits``).
@@ -100,14 +111,29 @@ class AnswerMetric:
         lp_cl = self.readout(clean_logits, idx).log_softmax(-1)
         lp_co = self.readout(corrupt_logits, idx).log_softmax(-1)
         kl_pt = _kl(lp_cl, lp)
-        return {
-            "logprob": lp.gather(-1, r.view(-1, 1))[:, 0],
-            "prob": lp.gather(-1, r.view(-1, 1))[:, 0].exp(),
-            "logprob_wrong": lp.gather(-1, w.view(-1, 1))[:, 0],
+
+        def at(x: Tensor, k: Tensor) -> Tensor:
+            return x.gather(-1, k.view(-1, 1))[:, 0]
+
+        out = {
+            "logprob": at(lp, r),
+            "prob": at(lp, r).exp(),
+            "logprob_wrong": at(lp, w),
             "kl": kl_pt,
             "kl_delta": _kl(lp_cl, lp_co) - kl_pt,
             "accuracy": (lg.argmax(-1) == r).double(),
+            "nl": at(lg, r) / lg.max(-1).values,
         }
+        if direction is not None:
+            if direction not in ("denoise", "noise"):
+                raise LoopscopeError(f"direction must be 'denoise' or 'noise', got {direction!r}")
+            pre = (lp_co if direction == "denoise" else lp_cl).exp()
+            post = lp.exp()
+            a, b = (w, r) if direction == "denoise" else (r, w)
+            out["effect_E"] = 0.5 * (
+                (at(post, b) - at(pre, b)) / at(pre, b) + (at(pre, a) - at(post, a)) / at(post, a)
+            )
+        return out
 
 
 def logit_diff_metric(

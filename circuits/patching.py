@@ -41,6 +41,7 @@ from loopscope.circuits.engine import (
     Elements,
     Source,
     canonical_sites,
+    fires_in_encode,
     init_states,
     run_rows,
     site_info,
@@ -83,7 +84,12 @@ def resolve_metric(metric: Any, corrupt: Any) -> Callable[[Tensor, Tensor], Tens
 
 
 def _metric_columns(
-    metric: Callable, lg: Tensor, idx: Tensor, clean_lg: Tensor, corr_lg: Tensor
+    metric: Callable,
+    lg: Tensor,
+    idx: Tensor,
+    clean_lg: Tensor,
+    corr_lg: Tensor,
+    direction: str | None = None,
 ) -> dict[str, Tensor]:
     vals = {"metric": torch.as_tensor(metric(lg, idx)).double().reshape(-1)}
     if len(vals["metric"]) != len(idx):
@@ -91,7 +97,7 @@ def _metric_columns(
             f"metric must return one value per row ({len(idx)}), got {tuple(vals['metric'].shape)}"
         )
     if isinstance(metric, AnswerMetric):
-        vals.update(metric.columns(lg, idx, clean_lg[idx], corr_lg[idx]))
+        vals.update(metric.columns(lg, idx, clean_lg[idx], corr_lg[idx], direction))
     elif lg.is_floating_point() and lg.dim() >= 2:
         vals.update(kl_columns(lg, clean_lg[idx], corr_lg[idx]))
     return {k: v.detach().double().cpu() for k, v in vals.items()}
@@ -173,31 +179,55 @@ def run_jobs(
     n_iter: int,
     read_at: int,
     batch_size: int,
+    reuse_prefix: bool = True,
 ) -> dict[str, np.ndarray]:
     """Evaluate patch *jobs* ``(example, [(site, t, pos, unit), ...])``, one job per batch row.
 
     denoise: corrupted run, elements from the clean run; noise: clean run, elements from the
-    corrupted run. Returns metric columns (arrays of len(jobs)).
+    corrupted run. With ``reuse_prefix`` a job whose earliest element is at iteration s starts
+    from the unpatched run's state h_s (iterations before a patch are identical to it), so rows
+    are grouped by s and only iterate from s on. Returns metric columns (arrays of len(jobs)).
     """
     if direction == "denoise":
         inputs, h0, src = corruption.inputs, base["h0_corrupt"], base["src_clean"]
-        extra = corruption.interventions
+        extra, states = corruption.interventions, base["corrupt"].states
     else:
         inputs, h0, src = base["clean_inputs"], base["h0_clean"], base["src_corrupt"]
-        extra = None
-    T = max(n_iter, read_at)
-    cols: dict[str, list[Tensor]] = {}
-    for s0 in range(0, len(jobs), batch_size):
-        part = jobs[s0 : s0 + batch_size]
-        ex = torch.as_tensor([j[0] for j in part], dtype=torch.long)
-        els: dict[str, Elements] = {}
-        for r, (_, elements) in enumerate(part):
-            for site, t, p, u in elements:
-                els.setdefault(site, Elements()).add(r, t, p, u)
-        lg = run_rows(loop, inputs, ex, T, h0, els, src, infos, [read_at], extra)[read_at]
-        for k, v in _metric_columns(metric, lg, ex, base["lg_clean"], base["lg_corrupt"]).items():
-            cols.setdefault(k, []).append(v)
-    return {k: torch.cat(v).numpy() for k, v in cols.items()}
+        extra, states = None, base["clean"].states
+    sites = sorted({e[0] for _, els in jobs for e in els})
+    shift = reuse_prefix and extra is None and not fires_in_encode(loop, inputs, sites)
+    starts = np.array([min((e[1] for e in els), default=0) if shift else 0 for _, els in jobs])
+    order = np.argsort(starts, kind="stable")
+    cols: dict[str, np.ndarray] = {}
+    for s in np.unique(starts):
+        idx = order[starts[order] == s]
+        for c0 in range(0, len(idx), batch_size):
+            part = idx[c0 : c0 + batch_size]
+            ex = torch.as_tensor([jobs[j][0] for j in part], dtype=torch.long)
+            els: dict[str, Elements] = {}
+            for r, j in enumerate(part):
+                for site, t, p, u in jobs[j][1]:
+                    els.setdefault(site, Elements()).add(r, t, p, u)
+            lg = run_rows(
+                loop,
+                inputs,
+                ex,
+                n_iter,
+                h0,
+                els,
+                src,
+                infos,
+                [read_at],
+                extra,
+                start=int(s),
+                start_states=states,
+            )[read_at]
+            vals = _metric_columns(metric, lg, ex, base["lg_clean"], base["lg_corrupt"], direction)
+            for k, v in vals.items():
+                if k not in cols:
+                    cols[k] = np.full(len(jobs), np.nan)
+                cols[k][part] = v.numpy()
+    return cols
 
 
 def patch_sweep(
@@ -215,6 +245,7 @@ def patch_sweep(
     batch_size: int = 256,
     seed: int = 0,
     measure_at: int | None = None,
+    reuse_prefix: bool = True,
     **options: Any,
 ) -> SweepFrame:
     """Sweep single-site, single-iteration, single-position patches (see module docstring).
@@ -235,11 +266,14 @@ def patch_sweep(
         direction: "denoise", "noise" or "both".
         batch_size: patches evaluated per forward (rows of one batch).
         seed: seed of the initial states (shared by every run so random inits stay paired).
+        reuse_prefix: start a row patched at iteration t from the unpatched run's h_t instead
+            of recomputing iterations < t (identical by construction; off for corruptions with
+            interventions and for sites that fire in ``encode``).
 
     Returns:
         :class:`SweepFrame` with columns direction, site, iteration, position, unit, example,
         metric, clean, corrupt, recovery, and kl / kl_delta (plus logprob, prob, logprob_wrong,
-        accuracy for answer metrics).
+        accuracy, nl and Nikankin's effect_E for answer metrics).
     """
     reject_unknown_kwargs("patch_sweep", options)
     n_iter = check_positive_int("n_iter", n_iter)
@@ -283,7 +317,19 @@ def patch_sweep(
     )["metric"].numpy()
     frames = []
     for d in dirs:
-        cols = run_jobs(loop, base, corruption, d, jobs, infos, metric, n_iter, read_at, batch_size)
+        cols = run_jobs(
+            loop,
+            base,
+            corruption,
+            d,
+            jobs,
+            infos,
+            metric,
+            n_iter,
+            read_at,
+            batch_size,
+            reuse_prefix,
+        )
         ex = np.array([k[4] for k in keys], dtype=np.int64)
         f = pd.DataFrame(
             {

@@ -165,16 +165,8 @@ def test_answer_metric_columns_match_a_direct_computation():
     ans, wrong = torch.tensor([0, 1, 2]), torch.tensor([3, 4, 5])
     metric = logit_diff_metric(ans, wrong, position=-1)
     df = patch_sweep(model, clean, corrupt, ["hook_state"], [0, 2], metric, n_iter=3)
-    for col in (
-        "metric",
-        "recovery",
-        "logprob",
-        "prob",
-        "logprob_wrong",
-        "kl",
-        "kl_delta",
-        "accuracy",
-    ):
+    cols = ("metric", "recovery", "logprob", "prob", "logprob_wrong", "kl", "kl_delta", "accuracy")
+    for col in (*cols, "nl", "effect_E"):
         assert col in df and df[col].notna().all()
     lp_clean = ls.unroll(model, clean, 3).decode()[:, -1].double().log_softmax(-1)
     lp_corr = ls.unroll(model, corrupt, 3).decode()[:, -1].double().log_softmax(-1)
@@ -191,6 +183,12 @@ def test_answer_metric_columns_match_a_direct_computation():
         assert r.kl == pytest.approx(kl, abs=1e-12)
         assert r.kl_delta == pytest.approx(kl_co - kl, abs=1e-12)
         assert r.accuracy == float(int(lg.argmax()) == int(ans[b]))
+        assert r.nl == pytest.approx(float(lg[ans[b]] / lg.max()), abs=1e-12)
+        # denoising: the run is the corrupted one (answer r'), the patch source the clean one (r)
+        pre, post = lp_corr[b].exp(), lp.exp()
+        a, s = wrong[b], ans[b]
+        E = 0.5 * ((post[s] - pre[s]) / pre[s] + (pre[a] - post[a]) / post[a])
+        assert r.effect_E == pytest.approx(float(E), rel=1e-10)
 
 
 def test_generic_metric_gets_kl_columns_and_position_whole_for_flat_states():
@@ -382,3 +380,77 @@ def test_bad_inputs():
             "metric"
         ].iloc[0]
     )
+
+
+def test_prefix_reuse_on_a_looped_transformer_with_random_init_and_encode_hooks():
+    from loopscope.models import build, preset
+
+    torch.manual_seed(0)
+    model = (
+        build(preset("fprm", vocab_size=7, n_classes=6, d_model=16, n_heads=2, d_mlp=32))
+        .double()
+        .eval()
+    )
+    g = torch.Generator().manual_seed(1)
+    clean = torch.randint(0, 7, (2, 5), generator=g)
+    corrupt = clean.clone()
+    corrupt[:, 1] = (corrupt[:, 1] + 1) % 7
+    sites = ["core.blocks.0.hook_resid_pre", "hook_embed"]  # hook_embed fires in encode
+    fast = patch_sweep(model, clean, corrupt, sites, "all", _lp0, n_iter=4, seed=3, batch_size=9)
+    slow = patch_sweep(
+        model, clean, corrupt, sites, "all", _lp0, n_iter=4, seed=3, reuse_prefix=False
+    )
+    assert len(fast) == (4 + 1) * 5 * 2 and set(fast[fast.site == "hook_embed"].iteration) == {0}
+    # equal up to float64 rounding of batched vs single-row BLAS matmuls
+    assert np.allclose(fast["metric"], slow["metric"], rtol=1e-12, atol=1e-12)
+    refs = ls.unroll(model, clean, 4, capture=sites, seed=3)
+    h0 = model.init_state(model.encode(corrupt), torch.Generator().manual_seed(3))  # random init
+    for r in fast.sample(8, random_state=1).itertuples():
+        src = refs[r.site][r.iteration][r.example, r.position]
+
+        def value(x, lab, src=src, p=r.position):
+            out = x.clone()
+            out[:, p] = src
+            return out
+
+        one = ls.unroll(
+            model,
+            corrupt[r.example : r.example + 1],
+            4,
+            init=h0[r.example : r.example + 1],
+            interventions=[ls.Patch(r.site, r.iteration, value=value)],
+        )
+        assert _lp0(one.decode(), torch.tensor([0])).item() == pytest.approx(
+            r.metric, rel=1e-12, abs=1e-12
+        )
+
+
+def test_prefix_reuse_keeps_absolute_iterations_for_non_autonomous_loops():
+    # h' = h + (t + 1) x: the step reads t, so a run resumed at s must still see t = s, s + 1 ...
+    loop = ls.FnLoop(
+        step=lambda h, x, t: h + (t + 1) * x, init_state=lambda x, gen: torch.zeros_like(x)
+    )
+    clean = torch.tensor([[1.0, 2.0], [3.0, -1.0]], dtype=torch.float64)
+    corrupt = -clean
+
+    def m(lg, i):
+        return lg[:, 0]
+
+    fast = patch_sweep(loop, clean, corrupt, ["hook_state"], "all", m, n_iter=4, direction="both")
+    slow = patch_sweep(
+        loop,
+        clean,
+        corrupt,
+        ["hook_state"],
+        "all",
+        m,
+        n_iter=4,
+        direction="both",
+        reuse_prefix=False,
+    )
+    assert np.array_equal(fast["metric"].to_numpy(), slow["metric"].to_numpy())
+    # denoising h_t restores sum_{s<t}(s+1) x_clean, the rest comes from the corrupted input
+    for r in fast[fast.direction == "denoise"].itertuples():
+        t, x = r.iteration, clean[r.example, 0].item()
+        want = sum(s + 1 for s in range(t)) * x - sum(s + 1 for s in range(t, 4)) * x
+        assert r.metric == want
