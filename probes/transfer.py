@@ -211,7 +211,7 @@ class LensResult:
             raise LoopscopeError("logit_lens was run without targets")
         m = self.targets != -100
         ok = (self.argmax == self.targets) & m
-        return (ok.flatten(1).sum(1) / m.sum().clamp_min(1)).double().numpy()
+        return (ok.flatten(1).sum(1).double() / m.sum().clamp_min(1)).numpy()
 
     def to_frame(self) -> pd.DataFrame:
         """Rows (iteration, position, accuracy, n); position -1 = pooled over positions."""
