@@ -199,34 +199,35 @@ def run_jobs(
     starts = np.array([min((e[1] for e in els), default=0) if shift else 0 for _, els in jobs])
     order = np.argsort(starts, kind="stable")
     cols: dict[str, np.ndarray] = {}
-    for s in np.unique(starts):
-        idx = order[starts[order] == s]
-        for c0 in range(0, len(idx), batch_size):
-            part = idx[c0 : c0 + batch_size]
-            ex = torch.as_tensor([jobs[j][0] for j in part], dtype=torch.long)
-            els: dict[str, Elements] = {}
-            for r, j in enumerate(part):
-                for site, t, p, u in jobs[j][1]:
-                    els.setdefault(site, Elements()).add(r, t, p, u)
-            lg = run_rows(
-                loop,
-                inputs,
-                ex,
-                n_iter,
-                h0,
-                els,
-                src,
-                infos,
-                [read_at],
-                extra,
-                start=int(s),
-                start_states=states,
-            )[read_at]
-            vals = _metric_columns(metric, lg, ex, base["lg_clean"], base["lg_corrupt"], direction)
-            for k, v in vals.items():
-                if k not in cols:
-                    cols[k] = np.full(len(jobs), np.nan)
-                cols[k][part] = v.numpy()
+    # one group per start (merging starts would recompute iterations the model cost is in)
+    groups = [order[starts[order] == s] for s in np.unique(starts)]
+    chunks = [g[c0 : c0 + batch_size] for g in groups for c0 in range(0, len(g), batch_size)]
+    for part in chunks:
+        s = int(starts[part].min())
+        ex = torch.as_tensor([jobs[j][0] for j in part], dtype=torch.long)
+        els: dict[str, Elements] = {}
+        for r, j in enumerate(part):
+            for site, t, p, u in jobs[j][1]:
+                els.setdefault(site, Elements()).add(r, t, p, u)
+        lg = run_rows(
+            loop,
+            inputs,
+            ex,
+            n_iter,
+            h0,
+            els,
+            src,
+            infos,
+            [read_at],
+            extra,
+            start=int(s),
+            start_states=states,
+        )[read_at]
+        vals = _metric_columns(metric, lg, ex, base["lg_clean"], base["lg_corrupt"], direction)
+        for k, v in vals.items():
+            if k not in cols:
+                cols[k] = np.full(len(jobs), np.nan)
+            cols[k][part] = v.numpy()
     return cols
 
 
