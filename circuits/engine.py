@@ -212,8 +212,9 @@ def run_rows(
     extra: Callable[[Tensor], list[Intervention]] | None = None,
     start: int = 0,
     start_states: Tensor | None = None,
-) -> dict[int, Tensor]:
-    """Run the rows ``ex`` (example of each row) with their patches; readouts at ``read_at``.
+) -> dict[Any, Tensor]:
+    """Run the rows ``ex`` (example of each row) with their patches; readouts at ``read_at``
+    (``{t: [R, ...]}``) plus ``"diverged"`` (``[R]`` bool, from the run's per-sample flags).
 
     ``h0`` is the full batch's initial state (rows take ``h0[ex]`` so random inits stay paired
     with the reference runs); ``extra(ex)`` adds per-row interventions applied before the patches
@@ -240,7 +241,9 @@ def run_rows(
     else:
         runner, init = loop, h0[ex]
     tr = unroll(runner, rows_in, max(n_iter, *read_at) - start, interventions=ivs, init=init)
-    return {t: tr.decode(t - start) for t in read_at}
+    out: dict[Any, Tensor] = {t: tr.decode(t - start) for t in read_at}
+    out["diverged"] = tr.diverged_at >= 0  # per row: NaN / inf / blow-up, flagged not raised
+    return out
 
 
 def fires_in_encode(loop: Any, inputs: Any, sites: Sequence[str]) -> set[str]:

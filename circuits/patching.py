@@ -190,13 +190,17 @@ def run_jobs(
     """
     if direction == "denoise":
         inputs, h0, src = corruption.inputs, base["h0_corrupt"], base["src_clean"]
-        extra, states = corruption.interventions, base["corrupt"].states
+        extra, run = corruption.interventions, base["corrupt"]
     else:
         inputs, h0, src = base["clean_inputs"], base["h0_clean"], base["src_corrupt"]
-        extra, states = None, base["clean"].states
+        extra, run = None, base["clean"]
+    states = run.states
+    frozen = (run.diverged_at >= 0).numpy()  # diverged examples are frozen: replay them in full
     sites = sorted({e[0] for _, els in jobs for e in els})
     shift = reuse_prefix and extra is None and not fires_in_encode(loop, inputs, sites)
-    starts = np.array([min((e[1] for e in els), default=0) if shift else 0 for _, els in jobs])
+    starts = np.array(
+        [min((e[1] for e in els), default=0) if shift and not frozen[b] else 0 for b, els in jobs]
+    )
     order = np.argsort(starts, kind="stable")
     cols: dict[str, np.ndarray] = {}
     # one group per start (merging starts would recompute iterations the model cost is in)
@@ -209,7 +213,7 @@ def run_jobs(
         for r, j in enumerate(part):
             for site, t, p, u in jobs[j][1]:
                 els.setdefault(site, Elements()).add(r, t, p, u)
-        lg = run_rows(
+        out = run_rows(
             loop,
             inputs,
             ex,
@@ -222,8 +226,10 @@ def run_jobs(
             extra,
             start=int(s),
             start_states=states,
-        )[read_at]
+        )
+        lg = out[read_at]
         vals = _metric_columns(metric, lg, ex, base["lg_clean"], base["lg_corrupt"], direction)
+        vals["diverged"] = out["diverged"].double()
         for k, v in vals.items():
             if k not in cols:
                 cols[k] = np.full(len(jobs), np.nan)
@@ -273,7 +279,8 @@ def patch_sweep(
 
     Returns:
         :class:`SweepFrame` with columns direction, site, iteration, position, unit, example,
-        metric, clean, corrupt, recovery, and kl / kl_delta (plus logprob, prob, logprob_wrong,
+        metric, clean, corrupt, recovery, diverged (the patched run blew up / went non-finite;
+        its metric is read from the frozen state), and kl / kl_delta (plus logprob, prob, logprob_wrong,
         accuracy, nl and Nikankin's effect_E for answer metrics).
     """
     reject_unknown_kwargs("patch_sweep", options)
@@ -346,6 +353,7 @@ def patch_sweep(
         f["clean"] = clean_m[ex]
         f["corrupt"] = corr_m[ex]
         f["recovery"] = normalised(f["metric"], f["clean"], f["corrupt"])
+        f["diverged"] = cols.pop("diverged").astype(bool)
         for k, v in cols.items():
             f[k] = v
         frames.append(f)

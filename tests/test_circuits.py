@@ -454,3 +454,35 @@ def test_prefix_reuse_keeps_absolute_iterations_for_non_autonomous_loops():
         t, x = r.iteration, clean[r.example, 0].item()
         want = sum(s + 1 for s in range(t)) * x - sum(s + 1 for s in range(t, 4)) * x
         assert r.metric == want
+
+
+def test_diverging_rows_are_flagged_not_raised():
+    # h' = h * x, h_0 = 1: x = 1 is stable, x = 1e5 blows up past 1e8 |h_0| at the second step
+    loop = ls.FnLoop(step=lambda h, x: h * x, init_state=lambda x, gen: torch.ones_like(x))
+    clean = torch.ones(1, 1, dtype=torch.float64)
+    corrupt = torch.full((1, 1), 1e5, dtype=torch.float64)
+
+    def m(lg, i):
+        return torch.log(lg[:, 0])
+
+    for reuse in (True, False):
+        df = patch_sweep(
+            loop,
+            clean,
+            corrupt,
+            ["hook_state"],
+            "all",
+            m,
+            n_iter=3,
+            direction="both",
+            reuse_prefix=reuse,
+        )
+        den = df[df.direction == "denoise"].sort_values("iteration")
+        # the corrupted run blows up at its second step, before any patch at t >= 2 can act
+        assert den["diverged"].tolist() == [True, True, True]
+        assert den["metric"].iloc[2] == 0.0  # frozen at the patched h_2 = 1
+        assert np.isfinite(df["metric"]).all()
+        # the corrupted reference froze at h_1 = 1e5; noising with its h_2 keeps 1e5
+        noi = df[df.direction == "noise"].sort_values("iteration")
+        assert not noi["diverged"].any()
+        assert np.allclose(noi["metric"], [0.0, math.log(1e5), math.log(1e5)])
