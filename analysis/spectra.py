@@ -106,14 +106,26 @@ def _timescale(mod: float) -> float:
 _OPTIONS = ("k", "method", "dense_max", "tol", "ncv", "seed", "t", "sigma")
 
 
-def spectrum(loop: Any, inputs: Any, state: Tensor, **options: Any) -> Spectrum:
+def spectrum(
+    loop: Any,
+    inputs: Any,
+    state: Tensor,
+    k: int | None = None,
+    method: str = "auto",
+    **options: Any,
+) -> Spectrum:
     """Eigenvalues of the step's Jacobian at ``state [B, ...]`` (per sample).
 
-    Options: ``k`` (eigenvalues kept; default all on the dense path, 6 on ARPACK), ``method``
-    ("auto" | "dense" | "arpack"), ``dense_max`` (2048), ``tol`` (1e-8), ``ncv`` (max(64, 4k)),
-    ``seed`` (ARPACK ``v0``), ``t`` (iteration index for non-autonomous loops), ``sigma`` (compute
-    sigma_max, default True).
+    Args:
+        k: eigenvalues kept (default: all on the dense path, 6 on ARPACK).
+        method: "auto" (dense for n ≤ ``dense_max``, else ARPACK) | "dense" | "arpack".
+        **options: ``dense_max`` (2048), ``tol`` (1e-8), ``ncv`` (max(64, 4k)), ``seed`` (ARPACK
+            ``v0``), ``t`` (iteration index for non-autonomous loops), ``sigma`` (compute
+            sigma_max, default True).
     """
+    options = {**options, "method": method}
+    if k is not None:
+        options["k"] = k
     reject_unknown_kwargs("spectrum", options, _OPTIONS)
     if not isinstance(state, Tensor) or state.dim() < 2:
         raise LoopscopeError("state must be a tensor [B, ...] with a batch axis")
