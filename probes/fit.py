@@ -45,7 +45,8 @@ FIT_OPTIONS: dict[str, Any] = {
     "lr": 3e-3,
     "epochs": 50,
     "batch_size": 256,
-    "max_iter": 100,
+    "max_iter": 1000,
+    "tol": 1e-4,
     "groups": None,
     "folds": None,
     "split": "random",
@@ -190,7 +191,7 @@ def _check_options(o: dict[str, Any]) -> None:
         raise LoopscopeError(
             f"unknown probe kind {o['probe']!r}; choose one of {', '.join(solvers.KINDS)}"
         )
-    for name in ("C", "lr"):
+    for name in ("C", "lr", "tol"):
         if not float(o[name]) > 0:
             raise LoopscopeError(f"{name} must be > 0, got {o[name]!r}")
     for name in ("alpha", "weight_decay"):
@@ -213,8 +214,8 @@ def fit_probes(X: Any, y: Any, **options: Any) -> ProbeResult:
         y: ``[N]`` labels shared by every site, or ``[S, N]``; ``-100`` = unlabelled.
 
     Keyword options (defaults in ``FIT_OPTIONS``):
-        probe: ``"logistic"`` (L2, ``C``), ``"ridge"`` (``alpha``), ``"lowrank"`` (``rank``,
-            ``C``), ``"mlp"`` (``hidden``, ``weight_decay``, ``lr``, ``epochs``, ``batch_size``).
+        probe: ``"logistic"`` (L2, ``C``; batched L-BFGS to gradient ``tol``, ``max_iter``),
+            ``"ridge"`` (``alpha``), ``"lowrank"`` (``rank``, ``C``), ``"mlp"`` (``hidden``, ``weight_decay``, ``lr``, ``epochs``, ``batch_size``).
         groups: ``[N]`` example ids (tokens of one example never straddle folds).
         folds: k-fold cross-validation; else ``split`` (``"random"`` with ``test_frac``,
             ``"all"``, ``(train_idx, test_idx)`` or a bool train mask).
@@ -268,7 +269,9 @@ def fit_probes(X: Any, y: Any, **options: Any) -> ProbeResult:
         split=o["split"],
         seed=o["seed"],
     )
-    X0 = torch.where(finite.unsqueeze(-1), X.double(), torch.zeros((), dtype=torch.float64))
+    X0 = X.double()  # no copy when X is already float64
+    if not bool(finite.all()):
+        X0 = torch.where(finite.unsqueeze(-1), X0, torch.zeros((), dtype=torch.float64))
     Fn = len(folds)
     out = {k: torch.full((Fn, S), float("nan"), dtype=torch.float64) for k in ("tr", "te")}
     n_tr = torch.zeros(Fn, S, dtype=torch.long)
@@ -278,18 +281,24 @@ def fit_probes(X: Any, y: Any, **options: Any) -> ProbeResult:
     params, means, stds = [], [], []
     for f, (tr, te) in enumerate(folds):
         w = valid[:, tr].double()
+        # full-array passes dominate at probe sizes: standardise the training rows in place
+        # and score every row through weights with the standardisation folded in
         if o["standardize"]:
-            mean = solvers._wmean(X0[:, tr], w)
-            var = solvers._wmean((X0[:, tr] - mean) ** 2, w)
-            std = var.sqrt()
+            Ztr = X0[:, tr]
+            mean = solvers._wmean(Ztr, w)
+            Ztr = Ztr - mean
+            std = solvers._wmean(Ztr * Ztr, w).sqrt()
             std = torch.where(std > 1e-12 * (1 + mean.abs()), std, torch.ones_like(std))
+            Ztr /= std
         else:
+            Ztr = X0[:, tr]
             mean = torch.zeros(S, 1, d, dtype=torch.float64)
             std = torch.ones(S, 1, d, dtype=torch.float64)
-        Z = (X0 - mean) / std
         gen = torch.Generator().manual_seed(int(o["seed"]) * 1000 + f)
-        p = _solve(o, Z[:, tr], yi[:, tr], w, K, gen)
-        pred = solvers.scores(o["probe"], p, Z).argmax(-1)  # [S, N] class indices
+        p = _solve(o, Ztr, yi[:, tr], w, K, gen)
+        del Ztr
+        raw = solvers.fold_standardisation(o["probe"], p, mean, std)
+        pred = solvers.scores(o["probe"], raw, X0).argmax(-1)  # [S, N] class indices
         ok = (pred == yi).double()
         for key, idx in (("tr", tr), ("te", te)):
             v = valid[:, idx]
@@ -338,10 +347,20 @@ def _solve(
     if kind == "ridge":
         return solvers.ridge(Z, y, w, K, alpha=float(o["alpha"]))
     if kind == "logistic":
-        return solvers.logistic(Z, y, w, K, C=float(o["C"]), max_iter=o["max_iter"])
+        return solvers.logistic(
+            Z, y, w, K, C=float(o["C"]), max_iter=o["max_iter"], tol=float(o["tol"])
+        )
     if kind == "lowrank":
         return solvers.lowrank(
-            Z, y, w, K, rank=o["rank"], C=float(o["C"]), max_iter=o["max_iter"], generator=gen
+            Z,
+            y,
+            w,
+            K,
+            rank=o["rank"],
+            C=float(o["C"]),
+            max_iter=o["max_iter"],
+            tol=float(o["tol"]),
+            generator=gen,
         )
     return solvers.mlp(
         Z,
