@@ -86,7 +86,8 @@ def main() -> None:
     if args.data == "zoo":
         model = zoo.load("s3_fprm")
         b = tasks.get("s3", train_len=(16, 16)).sample(args.n, "id", seed=0)
-        tr_ = ls.unroll(model, b.tokens, args.iterations, seed=0, capture=SITES[1:])
+        # one extra step so every site has iterations 1..T (block hooks fire at t = 0..T-1)
+        tr_ = ls.unroll(model, b.tokens, args.iterations + 1, seed=0, capture=SITES[1:])
         its = range(1, args.iterations + 1)
         acts = collect(tr_, SITES, positions=[args.position], iterations=its)
         X = acts.X[:, :, 0].double()  # [S, N, d]

@@ -107,6 +107,26 @@ def test_planted_onset_per_position_and_pooled():
     assert acc[0] < 0.6 and acc[-1] > 0.95 and np.all(np.diff(acc[1:]) > -0.03)
 
 
+def test_selectivity_onset_on_a_trace():
+    # control: a random bit per (position, sequence mod 20) type — the state does not carry it
+    from loopscope.probes import control_task, selectivity
+
+    z = _labels()
+    tr = ls.unroll(_planted_loop(), z, T)
+    types = torch.stack(
+        [torch.arange(P).expand(B, P), (torch.arange(B) % 20)[:, None].expand(B, P)], -1
+    )
+    ctrl = control_task(types, z, seed=0)
+    task = fit_probes(tr, z, probe="logistic", seed=0)
+    control = fit_probes(tr, ctrl, probe="logistic", seed=0)
+    sel = selectivity(task, control, n_boot=200)
+    df = sel.to_frame()
+    assert {"iteration", "position", "task_acc", "selectivity", "ci_low"} <= set(df.columns)
+    on = onset(df, threshold=0.95, min_selectivity=0.3, acc="task_acc")
+    assert on["onset"].tolist() == ONSET
+    assert df[df["iteration"] >= 5]["selectivity"].min() > 0.3
+
+
 def test_onset_requires_selectivity_when_asked():
     df = pd.DataFrame(
         {
