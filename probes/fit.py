@@ -47,6 +47,7 @@ FIT_OPTIONS: dict[str, Any] = {
     "batch_size": 256,
     "max_iter": 1000,
     "tol": 1e-4,
+    "dtype": "float64",
     "groups": None,
     "folds": None,
     "split": "random",
@@ -186,7 +187,12 @@ def _as_labels(y: Any, S: int, N: int) -> Tensor:
     return y
 
 
+_DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
+
 def _check_options(o: dict[str, Any]) -> None:
+    if str(o["dtype"]).replace("torch.", "") not in _DTYPES:
+        raise LoopscopeError(f"dtype must be 'float64' or 'float32', got {o['dtype']!r}")
     if o["probe"] not in solvers.KINDS:
         raise LoopscopeError(
             f"unknown probe kind {o['probe']!r}; choose one of {', '.join(solvers.KINDS)}"
@@ -214,7 +220,8 @@ def fit_probes(X: Any, y: Any, **options: Any) -> ProbeResult:
         y: ``[N]`` labels shared by every site, or ``[S, N]``; ``-100`` = unlabelled.
 
     Keyword options (defaults in ``FIT_OPTIONS``):
-        probe: ``"logistic"`` (L2, ``C``; batched L-BFGS to gradient ``tol``, ``max_iter``),
+        probe: ``"logistic"`` (L2, ``C``; batched L-BFGS to gradient ``tol``, ``max_iter``;
+            ``dtype="float32"`` runs the data passes in single precision, about 2x faster),
             ``"ridge"`` (``alpha``), ``"lowrank"`` (``rank``, ``C``), ``"mlp"`` (``hidden``, ``weight_decay``, ``lr``, ``epochs``, ``batch_size``).
         groups: ``[N]`` example ids (tokens of one example never straddle folds).
         folds: k-fold cross-validation; else ``split`` (``"random"`` with ``test_frac``,
@@ -348,7 +355,14 @@ def _solve(
         return solvers.ridge(Z, y, w, K, alpha=float(o["alpha"]))
     if kind == "logistic":
         return solvers.logistic(
-            Z, y, w, K, C=float(o["C"]), max_iter=o["max_iter"], tol=float(o["tol"])
+            Z,
+            y,
+            w,
+            K,
+            C=float(o["C"]),
+            max_iter=o["max_iter"],
+            tol=float(o["tol"]),
+            dtype=_DTYPES[str(o["dtype"]).replace("torch.", "")],
         )
     if kind == "lowrank":
         return solvers.lowrank(

@@ -77,10 +77,14 @@ class _Logistic:
     ``K > 2`` the multinomial one (``W [d, K]``, ``b [K]``); the intercept is unpenalised.
     """
 
-    def __init__(self, Z: Tensor, y: Tensor, w: Tensor, K: int, C: float) -> None:
-        self.Z, self.y, self.w, self.K, self.C = Z, y, w, K, C
+    def __init__(
+        self, Z: Tensor, y: Tensor, w: Tensor, K: int, C: float, dtype: torch.dtype = torch.float64
+    ) -> None:
+        # data passes run in ``dtype`` (float32 halves the memory traffic); L-BFGS state, the
+        # objective value and the gradient handed back stay float64
+        self.Z, self.y, self.w, self.K, self.C = Z.to(dtype), y, w.to(dtype), K, C
         self.scale = 1.0 / (C * w.sum(1).clamp_min(1.0))
-        self.Y = None if K == 2 else F.one_hot(y, K).to(Z.dtype)
+        self.Y = None if K == 2 else F.one_hot(y, K).to(dtype)
         self._sel: Tensor | None = None
         self._cache: tuple = ()
         if K == 2:  # Boehning's bound p(1-p) <= 1/4: a fixed per-site L-BFGS preconditioner
@@ -120,17 +124,19 @@ class _Logistic:
         c = c / (0.25 * ev + lam.unsqueeze(1)).unsqueeze(-1)
         return (V @ c).squeeze(-1)
 
-    def __call__(self, x: Tensor, sel: Tensor) -> tuple[Tensor, Tensor]:
+    def __call__(self, x64: Tensor, sel: Tensor) -> tuple[Tensor, Tensor]:
         Z, y, w, Y, scale = self._data(sel)
         s, n, d = Z.shape
         C = self.C
+        x = x64.to(Z.dtype)
         if self.K == 2:
             W, b = x[:, :d], x[:, d]
             z = (Z @ W.unsqueeze(-1)).squeeze(-1) + b.unsqueeze(1)
             yf = y.to(Z.dtype)
             f = C * (w * (F.softplus(z) - yf * z)).sum(1) + 0.5 * (W * W).sum(1)
             r = C * w * (torch.sigmoid(z) - yf)  # [s, n]
-            gW = (Z.transpose(1, 2) @ r.unsqueeze(-1)).squeeze(-1) + W
+            # r^T Z reads Z in its stored (row-major) layout: ~2x faster than Z^T r
+            gW = (r.unsqueeze(1) @ Z).squeeze(1) + W
             g = torch.cat([gW, r.sum(1, keepdim=True)], 1)
         else:
             K = self.K
@@ -139,10 +145,11 @@ class _Logistic:
             lse = torch.logsumexp(logits, -1)
             picked = (logits * Y).sum(-1)
             f = C * (w * (lse - picked)).sum(1) + 0.5 * (W * W).sum((1, 2))
-            R = C * w.unsqueeze(-1) * (torch.softmax(logits, -1) - Y)  # [s, n, K]
-            gW = Z.transpose(1, 2) @ R + W
+            # softmax from the lse already at hand (torch.softmax over a tiny last axis is slow)
+            R = C * w.unsqueeze(-1) * (torch.exp(logits - lse.unsqueeze(-1)) - Y)  # [s, n, K]
+            gW = (R.transpose(1, 2) @ Z).transpose(1, 2) + W
             g = torch.cat([gW.reshape(s, -1), R.sum(1)], 1)
-        return f * scale, g * scale.unsqueeze(1)
+        return f.double() * scale, g.double() * scale.unsqueeze(1)
 
 
 def logistic(
@@ -154,14 +161,16 @@ def logistic(
     C: float = 1.0,
     max_iter: int = 1000,
     tol: float = 1e-4,
+    dtype: torch.dtype = torch.float64,
 ) -> dict[str, Tensor]:
     """L2-logistic regression for all sites at once (batched per-site L-BFGS).
 
-    ``tol`` bounds ``max |grad|`` of the per-site objective scaled by ``1 / (C n)``.
+    ``tol`` bounds ``max |grad|`` of the per-site objective scaled by ``1 / (C n)``;
+    ``dtype`` is the precision of the passes over the data (the iterates stay float64).
     """
     Z, w = Z.double(), w.double()
     S, n, d = Z.shape
-    obj = _Logistic(Z, y, w, K, C)
+    obj = _Logistic(Z, y, w, K, C, dtype)
     # the curvature bound preconditions binary problems well (measured: ~3x fewer iterations);
     # for K > 2 the Kronecker bound is too loose and plain L-BFGS scaling converges faster
     pc = obj.precond if K == 2 else None

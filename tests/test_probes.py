@@ -64,6 +64,7 @@ def test_batched_ridge_equals_per_site_sklearn_ridge():
 def test_batched_logistic_matches_per_site_sklearn(classes):
     X, y = _data(classes=classes, seed=1)
     res = fit_probes(X, y, probe="logistic", C=0.5, seed=0, tol=1e-8)
+    res32 = fit_probes(X, y, probe="logistic", C=0.5, seed=0, dtype="float32")  # fast path
     tr, te = (i.numpy() for i in res.folds[0])
     for s in range(X.shape[0]):
         Ztr, Zte = _sk_standardise(X[s].numpy(), tr, te)
@@ -74,6 +75,7 @@ def test_batched_logistic_matches_per_site_sklearn(classes):
         else:
             assert np.abs(ref.coef_.T - ours).max() < 1e-4
         assert abs(ref.score(Zte, y.numpy()[te]) - float(res.test_acc[0, s])) <= 0.01
+        assert abs(ref.score(Zte, y.numpy()[te]) - float(res32.test_acc[0, s])) <= 0.01
 
 
 def test_batched_lbfgs_sites_do_not_interact():
@@ -209,6 +211,8 @@ def test_bad_probe_inputs():
         fit_probes(X, y, probe="lowrank")
     with pytest.raises(LoopscopeError, match="at least 2 classes"):
         fit_probes(X, torch.zeros(50, dtype=torch.long))
+    with pytest.raises(LoopscopeError, match="dtype must be"):
+        fit_probes(X, y, dtype="float16")
     with pytest.raises(LoopscopeError, match="C must be > 0"):
         fit_probes(X, y, C=0)
     with pytest.raises(LoopscopeError, match="folds must be an integer >= 2"):
