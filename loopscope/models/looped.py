@@ -2,7 +2,7 @@
 
 ::
 
-    ctx  = encode(tokens)            # e = prelude(embed(tokens) [+ learned positions])
+    ctx  = encode(tokens)            # e = prelude(embed(tokens) [+ learned positions]), mask, grid
     h_0  = init_state(ctx)           # zeros / fixed / random trunc-normal / embedding
     h'   = step(h, ctx, t)           # inject e, local mixer, n_core weight-tied layers, damping
     y_t  = decode(h, ctx)            # coda layers, final norm, unembed -> [B, pos, n_classes]
@@ -33,7 +33,7 @@ from transformer_lens.hook_points import HookPoint
 from loopscope.errors import LoopscopeError
 from loopscope.loop import Loop
 from loopscope.models.config import LoopedConfig
-from loopscope.models.layers import Block, RMSNorm
+from loopscope.models.layers import Block, RMSNorm, attention_mask
 
 __all__ = ["LoopedTransformer", "check_tokens", "trunc_normal"]
 
@@ -86,7 +86,17 @@ def _grid_shape(pos: int) -> tuple[int, int]:
 
 
 class LoopedTransformer(Loop):
-    """The single-state looped family; every knob is a :class:`LoopedConfig` field."""
+    """The single-state looped family; every knob is a :class:`LoopedConfig` field.
+
+    Shapes: tokens ``[B, pos]`` (long), state ``h [B, pos, d_model]``, logits
+    ``[B, pos, n_classes]``. The ctx is a dict: ``tokens [B, pos]``, ``e [B, pos, d]`` (embedding
+    after the prelude), ``mask`` (bool ``[B, pos, pos]``, True = may attend; None when
+    bidirectional) and ``grid`` (``(H, W)`` for the conv2d mixer, else None). Every ctx tensor has
+    the batch on axis 0, so ``select`` subsets it.
+
+    Parameters are float32 at construction; ``model.double()`` gives an exact float64 model (the
+    RoPE tables and random inits are drawn in float64 and cast to the model dtype).
+    """
 
     label_names = ("iteration", "sub")
 
@@ -159,22 +169,39 @@ class LoopedTransformer(Loop):
             nn.init.constant_(self.gate_proj.bias, cfg.halt_bias)
         self.setup()
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """Dtype of the parameters (float64 after ``model.double()``)."""
+        return self.embed.weight.dtype
+
+    @property
+    def n_params(self) -> int:
+        """Number of learned parameters (buffers such as the fixed init excluded)."""
+        return sum(p.numel() for p in self.parameters())
+
     # -- Loop protocol ------------------------------------------------------------------------
     def encode(self, tokens: Tensor) -> dict[str, Any]:
-        """``tokens [B, pos]`` -> ``{"tokens", "e" [B, pos, d]}`` (prelude applied)."""
-        max_pos = self.cfg.max_pos if self.cfg.positions == "learned" else None
-        tokens = check_tokens(tokens, self.cfg.vocab_size, max_pos)
+        """``tokens [B, pos]`` -> ctx ``{"tokens", "e" [B, pos, d], "mask", "grid"}``.
+
+        Raises LoopscopeError for non-integer or non-2-D tokens, ids outside the vocabulary,
+        sequences longer than ``max_pos`` (learned positions) and non-square grids (conv2d).
+        """
+        cfg = self.cfg
+        max_pos = cfg.max_pos if cfg.positions == "learned" else None
+        tokens = check_tokens(tokens, cfg.vocab_size, max_pos).to(self.embed.weight.device)
+        B, P = tokens.shape
+        grid = _grid_shape(P) if cfg.mixer == "conv2d" else None
+        mask = attention_mask(B, P, cfg.causal, tokens.device)
         e = self.embed(tokens)
-        if self.cfg.positions == "learned":
-            e = e + self.pos_embed[: tokens.shape[1]]
+        if cfg.positions == "learned":
+            e = e + self.pos_embed[:P]
         e = self.hook_embed(e)
         for blk in self.prelude.blocks:
-            e = blk(e)
-        if self.cfg.mixer == "conv2d":
-            _grid_shape(tokens.shape[1])
-        return {"tokens": tokens, "e": e}
+            e = blk(e, mask)
+        return {"tokens": tokens, "e": e, "mask": mask, "grid": grid}
 
     def init_state(self, ctx: dict[str, Any], generator: torch.Generator | None = None) -> Tensor:
+        """``h_0 [B, pos, d]`` per ``cfg.init``; ``random`` draws from ``generator``."""
         e = ctx["e"]
         kind = self.cfg.init
         if kind == "zeros":
@@ -195,7 +222,12 @@ class LoopedTransformer(Loop):
         return a1, b1, a2, b2
 
     def step(self, h: Tensor, ctx: dict[str, Any], t: int | None = None) -> Tensor:
-        cfg, e = self.cfg, ctx["e"]
+        """One iteration ``h [B, pos, d] -> h' [B, pos, d]`` (pure; ``t`` is ignored).
+
+        inject e (``core.hook_inject``) -> local mixer (``core.hook_mix``) -> ``n_core``
+        weight-tied layers (``core.blocks.{l}.*``) -> ``core.hook_out`` -> damping.
+        """
+        cfg, e, mask = self.cfg, ctx["e"], ctx.get("mask")
         h_in = h
         a1 = b1 = None
         if cfg.residual_scale == "fprm":
@@ -214,20 +246,21 @@ class LoopedTransformer(Loop):
             h = h + self.core.conv(x).transpose(1, 2)
         elif cfg.mixer == "conv2d":
             B, P, d = h.shape
-            H, W = _grid_shape(P)
+            H, W = ctx.get("grid") or _grid_shape(P)
             x = h.transpose(1, 2).reshape(B, d, H, W)
             h = h + self.core.conv(x).reshape(B, d, P).transpose(1, 2)
         h = self.core.hook_mix(h)
         for blk in self.core.blocks:
-            h = blk(h, a1, b1)
+            h = blk(h, mask, a1, b1)
         h = self.core.hook_out(h)
         if cfg.damping != 1.0:
             h = cfg.damping * h + (1 - cfg.damping) * h_in
         return h
 
     def decode(self, h: Tensor, ctx: dict[str, Any]) -> Tensor:
+        """Coda layers, final RMSNorm (``hook_readout``), unembed -> ``[B, pos, n_classes]``."""
         for blk in self.coda.blocks:
-            h = blk(h)
+            h = blk(h, ctx.get("mask"))
         y = self.hook_readout(self.ln_final(h))
         return self.hook_logits(self.unembed(y))
 
@@ -247,7 +280,3 @@ class LoopedTransformer(Loop):
                 f"model {self.cfg.name!r} has no exit gate (halting={self.cfg.halting!r})"
             )
         return self.gate_proj(h).squeeze(-1)
-
-    @property
-    def n_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
