@@ -392,7 +392,7 @@ def fig_probes(ctx: PaperContext):
         f"{name}: held-out accuracy of a linear probe (ridge, one per iteration x position, fitted in one batched solve, "
         "split by sequence) for the running group element s_i; onset = first iteration with accuracy >= 0.9. "
         "A step-by-step wavefront has onset = position, ID (L = 16) and OOD (L = 32). "
-        "Right: cross-iteration transfer of the probes at position 8 (ID)."
+        "Right: cross-iteration transfer of L2-logistic probes at position 8 (ID)."
     )
     return (
         figures.probe_wavefront(df, on, transfer),
