@@ -153,8 +153,11 @@ class Sudoku4Task(Task):
         self.pool_size = int(pool_size)
         self.splits = ("train", "id", "ood")
 
+    def _pool(self) -> tuple:
+        return _pool(self.pool_size, 0)
+
     def _index(self, split: str) -> np.ndarray:
-        P, _, _, diff = _pool(self.pool_size, 0)
+        P, _, _, diff = self._pool()
         pattern = np.array([int(hashlib.sha256((p > 0).tobytes()).hexdigest(), 16) % 5 for p in P])
         easy = diff <= self.easy_rounds
         if split == "train":
@@ -164,15 +167,16 @@ class Sudoku4Task(Task):
         return np.flatnonzero(~easy)
 
     def _sample(self, n: int, split: str, rng: np.random.Generator) -> Batch:
-        P, S, R, diff = _pool(self.pool_size, 0)
+        P, S, R, diff = self._pool()
+        side = P.shape[1]
         idx = self._index(split)
         if len(idx) == 0:
             raise LoopscopeError(
-                f"sudoku4 split {split!r} is empty with easy_rounds={self.easy_rounds}"
+                f"{self.name} split {split!r} is empty with easy_rounds={self.easy_rounds}"
             )
         pick = idx[rng.integers(0, len(idx), size=n)]
         # relabel digits by a random permutation per example: same clue pattern, new surface form
-        perm = np.stack([np.concatenate([[0], rng.permutation(N) + 1]) for _ in range(n)])
+        perm = np.stack([np.concatenate([[0], rng.permutation(side) + 1]) for _ in range(n)])
         puz = np.take_along_axis(perm, P[pick].reshape(n, -1), axis=1)
         sol = np.take_along_axis(perm, S[pick].reshape(n, -1), axis=1)
         return Batch(
@@ -183,8 +187,8 @@ class Sudoku4Task(Task):
                 "round": torch.from_numpy(R[pick].reshape(n, -1)).long(),
             },
             meta={
-                "grid": (N, N),
-                "length": N,
+                "grid": (side, side),
+                "length": side,
                 "split": split,
                 "difficulty": torch.from_numpy(diff[pick]).long(),
             },
@@ -303,39 +307,3 @@ class Sudoku6Task(Sudoku4Task):
 
     def _pool(self) -> tuple:
         return _pool6(self.pool_size, 0)
-
-    def _index(self, split: str) -> np.ndarray:
-        P, _, _, diff = self._pool()
-        pattern = np.array([int(hashlib.sha256((p > 0).tobytes()).hexdigest(), 16) % 5 for p in P])
-        easy = diff <= self.easy_rounds
-        if split == "train":
-            return np.flatnonzero(easy & (pattern != 0))
-        if split == "id":
-            return np.flatnonzero(easy & (pattern == 0))
-        return np.flatnonzero(~easy)
-
-    def _sample(self, n: int, split: str, rng: np.random.Generator) -> Batch:
-        P, S, R, diff = self._pool()
-        idx = self._index(split)
-        if len(idx) == 0:
-            raise LoopscopeError(
-                f"sudoku6 split {split!r} is empty with easy_rounds={self.easy_rounds}"
-            )
-        pick = idx[rng.integers(0, len(idx), size=n)]
-        perm = np.stack([np.concatenate([[0], rng.permutation(6) + 1]) for _ in range(n)])
-        puz = np.take_along_axis(perm, P[pick].reshape(n, -1), axis=1)
-        sol = np.take_along_axis(perm, S[pick].reshape(n, -1), axis=1)
-        return Batch(
-            tokens=torch.from_numpy(puz).long(),
-            targets=torch.from_numpy(sol - 1).long(),
-            intermediates={
-                "given": torch.from_numpy((puz > 0).astype(np.int64)),
-                "round": torch.from_numpy(R[pick].reshape(n, -1)).long(),
-            },
-            meta={
-                "grid": (6, 6),
-                "length": 6,
-                "split": split,
-                "difficulty": torch.from_numpy(diff[pick]).long(),
-            },
-        )
