@@ -17,15 +17,20 @@ Methods (``method=``):
 - ``anderson``: Type-II (Walker–Ni) Anderson acceleration, memory ``m`` (5),
   γ = argmin ‖g_k − ΔG γ‖² + λ‖ΔG‖²_F ‖γ‖² with a *scale-free* (relative) Tikhonov term
   (``lam`` 1e-8) on column-normalised secant pairs, solved through a thin QR of ΔG whose oldest
-  columns are dropped while cond(R) > ``restart_cond`` (1e10); z ← z + g − (ΔZ + ΔG) γ. Safeguard: if the residual grows
-  more than 2× in one step, take a Picard step and clear the history.
+  columns are dropped while cond(R) > ``restart_cond`` (1e10); z ← z + βg − (ΔZ + βΔG) γ
+  (``beta`` 1). Safeguard (``safeguard`` True): if the residual grows more than 2× in one step,
+  take a Picard step and clear the history.
 - ``broyden``: limited-memory "good" Broyden on g(z) = f(z) − z with the inverse (Sherman–Morrison)
   update from H₀ = −I, memory ``memory`` (restart when full).
 - ``newton_krylov``: Newton on g with (J − I) s = −g solved by batched GMRES with jvps
-  (``gmres_tol``, ``max_krylov``) and step halving; converges to unstable fixed points too.
+  (``gmres_tol`` 1e-3, ``max_krylov`` 50) and step halving (``max_halvings`` 6); converges to
+  unstable fixed points too.
 - ``lm``: Levenberg–Marquardt on q = ½‖f(z) − z‖²: dense batched Jacobians for
-  n ≤ ``dense_max`` (1024), Gauss–Newton-CG with jvp/vjp above. Stops as ``stalled`` at a local
-  minimum of q with q > 0 (a slow point).
+  n ≤ ``dense_max`` (1024), Gauss–Newton-CG with jvp/vjp above (``cg_tol``, ``max_cg``);
+  damping μ·max diag((J − I)ᵀ(J − I)) starting at ``mu0`` (0.1), Nielsen's update.
+  Stops as ``stalled`` at a local minimum of q with q > 0 (a slow point): relative gradient
+  below ``grad_tol`` (1e-9), damping exploded, or q down by < 1 % over ``stall_window`` (10)
+  iterations.
 - ``adam_q``: Adam on q (gradient by one vjp), FixedPointFinder-compatible baseline with the
   plateau learning-rate decay; for side-by-side comparisons only.
 - ``auto``: Type-II Anderson with memory ``m = min(30, n)`` (all other settings as above).
@@ -81,7 +86,7 @@ _METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
     "anderson": ("m", "lam", "restart_cond", "safeguard", "beta"),
     "broyden": ("memory",),
     "newton_krylov": ("gmres_tol", "max_krylov", "max_halvings"),
-    "lm": ("mu0", "dense_max", "cg_tol", "max_cg", "grad_tol"),
+    "lm": ("mu0", "dense_max", "cg_tol", "max_cg", "grad_tol", "stall_window"),
     "adam_q": ("lr", "lr_factor", "lr_patience", "tol_dq", "betas"),
 }
 
@@ -526,7 +531,7 @@ def _newton_krylov(m: LoopMap, z: Tensor, tr: _Track, max_iter: int, o: dict) ->
 
 
 def _lm(m: LoopMap, z: Tensor, tr: _Track, max_iter: int, o: dict) -> None:
-    mu0 = float(o.get("mu0", 1e-3))
+    mu0 = float(o.get("mu0", 1e-1))
     dense_max = int(o.get("dense_max", 1024))
     cg_tol = float(o.get("cg_tol", 1e-8))
     max_cg = int(o.get("max_cg", 100))
@@ -541,11 +546,22 @@ def _lm(m: LoopMap, z: Tensor, tr: _Track, max_iter: int, o: dict) -> None:
     A = torch.zeros(B, n, n, dtype=z.dtype) if dense else None
     grad = torch.zeros_like(z)
     eye = torch.eye(n, dtype=z.dtype)
+    nu = torch.full((B,), 2.0, dtype=z.dtype)
+    pred = torch.ones(B, dtype=torch.float64)  # model decrease of q for the pending trial
+    window = int(o.get("stall_window", 10))
+    q_ref = torch.full((B,), math.inf, dtype=torch.float64)
+    ref_it = torch.zeros(B, dtype=torch.long)
 
     def step(k: Tensor) -> Tensor:
         if dense:
-            Ak = A[k] + (mu[k] * scale[k])[:, None, None] * eye
-            return -torch.linalg.solve(Ak, grad[k])
+            Ak = A[k]  # a gathered copy: the damping is added in place
+            Ak.diagonal(dim1=1, dim2=2).add_((mu[k] * scale[k])[:, None])
+            L, info = torch.linalg.cholesky_ex(Ak)  # SPD: Cholesky is ~2x cheaper than LU
+            s = -torch.cholesky_solve(grad[k][:, :, None], L)[:, :, 0]
+            bad = info != 0
+            if bool(bad.any()):
+                s[bad] = -torch.linalg.lstsq(Ak[bad], grad[k][bad][:, :, None]).solution[:, :, 0]
+            return s
         zc = za[k]
 
         def mv(v: Tensor, sub: Tensor) -> Tensor:
@@ -570,8 +586,15 @@ def _lm(m: LoopMap, z: Tensor, tr: _Track, max_iter: int, o: dict) -> None:
         qk = 0.5 * (gk * gk).sum(1).to(torch.float64)
         accept = qk < qa[k]  # qa starts at inf: the first iterate is always accepted
         ka, kr = k[accept], k[~accept]
-        mu[kr] *= 4.0
-        mu[ka] = mu0 if it == 0 else (mu[ka] / 3.0).clamp_min(1e-16)
+        # Nielsen's damping update from the gain ratio actual / predicted decrease of q
+        mu[kr] *= nu[kr]
+        nu[kr] *= 2.0
+        if it == 0:
+            mu[ka] = mu0
+        else:
+            gain = ((qa[ka] - qk[accept]) / pred[ka].clamp_min(1e-300)).to(z.dtype)
+            mu[ka] = (mu[ka] * torch.clamp(1 - (2 * gain - 1) ** 3, min=1 / 3)).clamp_min(1e-16)
+        nu[ka] = 2.0
         if ka.numel():
             za[ka], ga[ka], qa[ka] = zk[accept], gk[accept], qk[accept]
             if dense:
@@ -597,10 +620,22 @@ def _lm(m: LoopMap, z: Tensor, tr: _Track, max_iter: int, o: dict) -> None:
         # the method cannot decrease q any more (mu exploded): a local minimum or round-off
         dead = mu[k] > 1e12
         tr.finish(k[dead], "stalled", "LM damping exploded: q cannot be decreased")
+        # stagnation: q fell by < 1% over the last `window` iterations (a plateau of q: each
+        # further iteration costs a Jacobian for nothing)
+        due = (it - ref_it[k]) >= window
+        kd = k[due]
+        flat_q = qa[kd] > 0.99 * q_ref[kd]
+        tr.finish(kd[flat_q], "stalled", f"q decreased < 1% in {window} iterations (plateau)")
+        q_ref[kd], ref_it[kd] = qa[kd], it
         k = k[tr.active[k]]
         if k.numel() == 0:
             continue
-        z[k] = za[k] + step(k)
+        s = step(k)
+        # for s = -(A + mu D)^-1 grad: q(z) - model(z + s) = (mu D |s|^2 - grad.s) / 2
+        pred[k] = (0.5 * ((mu[k] * scale[k]) * (s * s).sum(1) - (grad[k] * s).sum(1))).to(
+            torch.float64
+        )
+        z[k] = za[k] + s
 
 
 def _adam_q(m: LoopMap, z: Tensor, tr: _Track, max_iter: int, o: dict) -> None:

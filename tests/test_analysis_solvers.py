@@ -9,6 +9,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scipy.sparse.linalg import LinearOperator, gmres
 
 from loopscope import FnLoop, unroll
@@ -280,3 +282,29 @@ def test_bad_input_is_rejected():
         solve(loop, None, h0=h0, stop_mode="relative")
     with pytest.raises(LoopscopeError, match="h0 has batch 1 but the inputs have batch 2"):
         solve(FnLoop(step=lambda h, x: h + x), torch.zeros(2, 3), h0=h0)
+
+
+@settings(max_examples=5, deadline=None)
+@given(
+    d=st.integers(2, 6),
+    B=st.integers(1, 3),
+    gain=st.floats(0.1, 0.9),
+    seed=st.integers(0, 2**16),
+)
+def test_status_is_honest_on_random_contractions(d, B, gain, seed):
+    """Property: 'converged' always means the recomputed r_rel of z_best is below tol, on any
+    state shape ([B, 2, d] here), and the counters add up."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(2 * d, 2 * d, generator=g, dtype=F64)
+    W *= gain / torch.linalg.matrix_norm(W, ord=2)
+    x = torch.randn(B, 2, d, generator=g, dtype=F64)
+    loop = FnLoop(step=lambda h, x: torch.tanh((h.reshape(len(h), -1) @ W.T).reshape(h.shape) + x))
+    h0 = torch.randn(B, 2, d, generator=g, dtype=F64)
+    for method in ("picard", "anderson", "broyden", "newton_krylov", "lm", "auto"):
+        r = solve(loop, x, h0=h0, method=method, tol=1e-11, max_iter=300)
+        assert r.z_best.shape == (B, 2, d)
+        assert r.status == ["converged"] * B, (method, r.reason)
+        fz = loop.step(r.z_best, x)
+        rel = (fz - r.z_best).flatten(1).norm(dim=1) / (fz.flatten(1).norm(dim=1) + 1e-9)
+        assert bool((rel < 1e-11).all())
+        assert bool((r.iterations >= 1).all()) and bool((r.nfe + r.n_vjp >= r.iterations).all())

@@ -1,0 +1,185 @@
+"""B2 (dynamics spec §12.4, §14): fixed-point census vs a FixedPointFinder-style Adam-on-q baseline.
+
+The baseline re-implements the FPF recipe as the spec describes it (FPF itself stays out of the
+repository): Adam(lr 1.0) on the mean over seeds of q = ½‖F(x) − x‖², ReduceLROnPlateau(factor
+0.95, patience 2), every seed runs equally long, stop when every q < tol_q (1e-12) or
+|Δq| < tol_dq·lr (1e-20), at most 5000 iterations, float32; uniqueness by the O(S²) pairwise loop
+at tol 1e-3 (2-norm) and **no q threshold on the returned set**.
+
+Ours: :func:`loopscope.analysis.find_fixed_points` (LM on q in float64, fixed / slow /
+non-converged classes, KD-tree de-duplication, spectra and decoding of every point included in
+the time). The baseline's time covers optimisation and uniqueness only (no Jacobians), which
+favours the baseline.
+
+Cases: the FPF test RNNs (n = 2, 3, 4; 3ⁿ grid seeds; ground truth 3 / 3 / 9 fixed points) and
+random tanh RNNs h ← tanh(W h), W = g·N(0, 1/d), g = 1.5, d = 64 (and 128 unless --quick), 256
+seeds = states visited by trajectories from N(0, 1) inits plus noise. Reported: wall time and
+its ratio (target ≥ 3×), iterations, unique points, q distribution, and **false fixed points**
+(a returned / labelled-fixed point with q > 1e-10: must be zero for ours).
+
+    python benchmarks/census.py [--quick] [--seeds 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import time
+
+import numpy as np
+import torch
+
+from loopscope import FnLoop
+from loopscope.analysis import find_fixed_points
+
+Q_FALSE = 1e-10
+
+
+def fpf_baseline(W: torch.Tensor, seeds: torch.Tensor, max_iters: int = 5000):
+    """FixedPointFinder recipe (float32), returns (unique points float64, iterations, seconds)."""
+    t0 = time.perf_counter()
+    W32 = W.float()
+    x = seeds.float().clone().requires_grad_(True)
+    opt = torch.optim.Adam([x], lr=1.0)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.95, patience=2)
+    q_prev = None
+    it = 0
+    for it in range(1, max_iters + 1):  # noqa: B007 - the count is reported
+        opt.zero_grad()
+        q = 0.5 * ((torch.tanh(x @ W32.T) - x) ** 2).sum(1)
+        loss = q.mean()
+        loss.backward()
+        opt.step()
+        sched.step(loss.item())
+        lr = opt.param_groups[0]["lr"]
+        if bool((q < 1e-12).all()):
+            break
+        if q_prev is not None and abs(q_prev - loss.item()) < 1e-20 * lr:
+            break
+        q_prev = loss.item()
+    pts = x.detach()
+    keep: list[int] = []
+    for i in range(len(pts)):  # FPF's O(S^2) uniqueness loop
+        if all(float((pts[i] - pts[j]).norm()) > 1e-3 for j in keep):
+            keep.append(i)
+    return pts[keep].double(), it, time.perf_counter() - t0
+
+
+def q64(W: torch.Tensor, h: torch.Tensor) -> np.ndarray:
+    return (0.5 * ((torch.tanh(h @ W.T) - h) ** 2).sum(1)).numpy()
+
+
+def fpf_test_rnn(n: int) -> torch.Tensor:
+    return torch.tensor(np.stack([-np.roll(np.linspace(-1, 1, n), -i) for i in range(n)]))
+
+
+def random_rnn(d: int, g: float = 1.5, S: int = 256, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    W = torch.tensor(g * rng.standard_normal((d, d)) / np.sqrt(d))
+    h = torch.tensor(rng.standard_normal((16, d)))
+    visited = []
+    for _ in range(100):
+        h = torch.tanh(h @ W.T)
+        visited.append(h)
+    V = torch.cat(visited)
+    pick = rng.integers(0, len(V), S)
+    noise = torch.tensor(rng.standard_normal((S, d))) * 0.1 * V.pow(2).mean().sqrt()
+    return W, V[pick] + noise
+
+
+def run_case(name: str, W: torch.Tensor, seeds: torch.Tensor, max_iter: int) -> dict:
+    loop = FnLoop(step=lambda h: torch.tanh(h @ W.T))
+    t0 = time.perf_counter()
+    c = find_fixed_points(loop, None, seeds, max_iter=max_iter)
+    t_ours = time.perf_counter() - t0
+    fixed = c.points[[k == "fixed" for k in c.kind]]
+    q_fixed = q64(W, fixed) if len(fixed) else np.zeros(0)
+    seed_q = q64(W, c.end_states[0])
+    base_pts, base_it, t_base = fpf_baseline(W, seeds)
+    q_base = q64(W, base_pts)
+    row = {
+        "case": name,
+        "seeds": len(seeds),
+        "ours_s": t_ours,
+        "fpf_s": t_base,
+        "ratio": t_base / t_ours,
+        "ours_iter": int(c.solve.iterations.max()),
+        "fpf_iter": base_it,
+        "ours_fixed": len(fixed),
+        "ours_slow": sum(k == "slow" for k in c.kind),
+        "ours_noncv_seeds": int((c.seed_class == "non-converged").sum()),
+        "fpf_unique": len(base_pts),
+        "ours_false": int((q_fixed > Q_FALSE).sum()),
+        "fpf_false": int((q_base > Q_FALSE).sum()),
+        "ours_q_max": float(q_fixed.max()) if len(q_fixed) else float("nan"),
+        "ours_seed_frac_q<1e-10": float((seed_q < Q_FALSE).mean()),
+        "fpf_q_max": float(q_base.max()),
+        "fpf_q_median": float(np.median(q_base)),
+        "fpf_frac_q<1e-10": float((q_base < Q_FALSE).mean()),
+        "ours_stable": int(np.sum(c.stable[[k == "fixed" for k in c.kind]])),
+    }
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="skip d = 128")
+    ap.add_argument("--seeds", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    # warm-up (torch.func / LAPACK first calls) so neither side pays it inside the timing
+    warm = fpf_test_rnn(2)
+    find_fixed_points(FnLoop(step=lambda h: torch.tanh(h @ warm.T)), None, torch.ones(2, 2))
+    fpf_baseline(warm, torch.ones(2, 2, dtype=torch.float64), max_iters=3)
+    rows = []
+    for n in (2, 3, 4):
+        grid = torch.tensor(
+            list(itertools.product([-1.0, 0.0, 1.0], repeat=n)), dtype=torch.float64
+        )
+        rows.append(run_case(f"FPF test RNN n={n}", fpf_test_rnn(n), grid, 100))
+    dims = (64,) if args.quick else (64, 128)
+    for d in dims:
+        W, seeds = random_rnn(d, S=args.seeds)
+        rows.append(run_case(f"random tanh RNN d={d} g=1.5", W, seeds, 100))
+    print("B2 fixed-point census: loopscope (LM, fp64) vs FPF-style Adam on q (fp32)\n")
+    cols = [
+        ("case", "{:28s}"),
+        ("ours_s", "{:8.3f}"),
+        ("fpf_s", "{:8.3f}"),
+        ("ratio", "{:6.1f}x"),
+        ("ours_iter", "{:5d}"),
+        ("fpf_iter", "{:5d}"),
+        ("ours_fixed", "{:5d}"),
+        ("ours_slow", "{:5d}"),
+        ("fpf_unique", "{:5d}"),
+        ("ours_false", "{:5d}"),
+        ("fpf_false", "{:5d}"),
+    ]
+    print(
+        f"{'case':28s} {'ours s':>8s} {'FPF s':>8s} {'speed':>7s} {'it':>5s} {'FPFit':>5s} "
+        f"{'fixed':>5s} {'slow':>5s} {'FPFuq':>5s} {'false':>5s} {'FPFfl':>5s}"
+    )
+    for r in rows:
+        print(" ".join(fmt.format(r[k]) for k, fmt in cols))
+    print(
+        "\nq distributions (ours: unique fixed points / all seeds' end points; FPF: returned set):"
+    )
+    for r in rows:
+        print(
+            f"  {r['case']:28s} ours q_max {r['ours_q_max']:.1e}, seeds with q<1e-10 "
+            f"{100 * r['ours_seed_frac_q<1e-10']:5.1f}% (non-converged seeds "
+            f"{r['ours_noncv_seeds']}), stable {r['ours_stable']} | FPF q_max {r['fpf_q_max']:.1e}, "
+            f"median {r['fpf_q_median']:.1e}, {100 * r['fpf_frac_q<1e-10']:5.1f}% < 1e-10"
+        )
+    worst = min(r["ratio"] for r in rows)
+    print(
+        f"\nspeed-up ours vs FPF-style: min {worst:.1f}x (target >= 3x); false fixed points: ours "
+        f"{sum(r['ours_false'] for r in rows)} (must be 0), FPF-style "
+        f"{sum(r['fpf_false'] for r in rows)}"
+    )
+
+
+if __name__ == "__main__":
+    main()
