@@ -1,7 +1,8 @@
-"""loopscope.circuits — per-iteration patching (batched), state transplant, attribution, unrolled
-circuit graphs, computation-graph memorization statistics and heuristic neurons.
+"""loopscope.circuits — per-iteration patching (batched), path patching across iterations, state
+transplant, attribution, unrolled circuit graphs, computation-graph memorization statistics and
+heuristic neurons.
 
->>> from loopscope.circuits import patch_sweep, state_transplant, attribution, circuit_graph
+>>> from loopscope.circuits import patch_sweep, path_patch, state_transplant, attribution, circuit_graph
 """
 
 from loopscope.circuits import heuristics, toys
@@ -34,11 +35,23 @@ from loopscope.circuits.corruptions import (
 from loopscope.circuits.graph import CircuitGraph, circuit_graph, jaccard_by_iteration
 from loopscope.circuits.metrics import AnswerMetric, logit_diff_metric
 from loopscope.circuits.patching import SweepFrame, patch_sweep, state_transplant
+from loopscope.circuits.path_patching import (
+    PathNode,
+    PathTraces,
+    path_patch,
+    path_patch_sweep,
+    path_traces,
+)
 
 __all__ = [
     "patch_sweep",
     "state_transplant",
     "SweepFrame",
+    "path_patch",
+    "path_patch_sweep",
+    "path_traces",
+    "PathNode",
+    "PathTraces",
     "attribution",
     "AttributionResult",
     "circuit_graph",
