@@ -8,6 +8,15 @@ at iteration t leaves iterations < t bit-identical. Output: a tidy frame, one ro
 example), one column per metric; ``recovery`` is the normalised metric
 (m_pt - m_corr) / (m_clean - m_corr).
 
+Long sweeps: ``checkpoint_dir=`` writes every finished forward chunk (``batch_size`` patch rows)
+atomically to that folder (safetensors + a JSON manifest fingerprinting the sweep: model weights,
+inputs, sites, iterations, positions, units, direction, seed, batch_size ...); re-running with the
+same folder after an interruption (even ``kill -9``) skips the finished chunks and returns a frame
+identical to an uninterrupted run. A folder holding a different sweep is refused, never mixed.
+Before running, the sweep estimates its memory (source captures of the clean and corrupted runs,
+reference states, one forward chunk) and refuses over ``max_bytes`` (default: half the free
+memory, as for captures) with the estimate and the way out.
+
 Directions (Heimersheim & Nanda): "denoise" = corrupted run + one clean activation (sufficiency),
 "noise" = clean run + one corrupted activation (necessity); they are not mirror images (AND/OR
 gates), so "both" is recommended.
@@ -28,6 +37,8 @@ Example:
 from __future__ import annotations
 
 import itertools
+import json
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -36,6 +47,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from loopscope.capture import available_memory_bytes
 from loopscope.circuits.corruptions import STRPairs, as_corruption
 from loopscope.circuits.engine import (
     Elements,
@@ -47,9 +59,16 @@ from loopscope.circuits.engine import (
     site_info,
 )
 from loopscope.circuits.metrics import AnswerMetric, kl_columns, normalised
-from loopscope.errors import LoopscopeError, check_positive_int, reject_unknown_kwargs
+from loopscope.errors import (
+    CaptureMemoryError,
+    CheckpointError,
+    LoopscopeError,
+    check_positive_int,
+    reject_unknown_kwargs,
+)
 from loopscope.interventions import Transplant
-from loopscope.loop import batch_size_of
+from loopscope.io import ChunkCheckpoint, fingerprint
+from loopscope.loop import batch_size_of, select_batch
 from loopscope.unroll import unroll
 
 __all__ = ["patch_sweep", "state_transplant", "SweepFrame", "resolve_metric"]
@@ -133,7 +152,14 @@ def _positions(positions: Any, n_pos: int, site: str) -> list[int]:
 
 
 def _base_runs(
-    loop: Any, clean: Any, corruption: Any, sites: list[str], n_iter: int, seed: int, read_at: int
+    loop: Any,
+    clean: Any,
+    corruption: Any,
+    sites: list[str],
+    n_iter: int,
+    seed: int,
+    read_at: int,
+    max_bytes: int | None = None,
 ) -> dict[str, Any]:
     """Clean and corrupted reference runs (captured sites, initial states, readouts)."""
     B = batch_size_of(clean)
@@ -153,8 +179,9 @@ def _base_runs(
     h0k = init_states(loop, corruption.inputs, seed)
     every = torch.arange(B)
     extra = corruption.interventions(every) if corruption.interventions is not None else []
-    tc = unroll(loop, clean, T, capture=sites, init=h0c)
-    tk = unroll(loop, corruption.inputs, T, capture=sites, init=h0k, interventions=extra)
+    cap = {"capture": sites, "max_bytes": max_bytes}
+    tc = unroll(loop, clean, T, init=h0c, **cap)
+    tk = unroll(loop, corruption.inputs, T, init=h0k, interventions=extra, **cap)
     return {
         "B": B,
         "h0_clean": h0c,
@@ -180,6 +207,7 @@ def run_jobs(
     read_at: int,
     batch_size: int,
     reuse_prefix: bool = True,
+    store: ChunkCheckpoint | None = None,
 ) -> dict[str, np.ndarray]:
     """Evaluate patch *jobs* ``(example, [(site, t, pos, unit), ...])``, one job per batch row.
 
@@ -187,6 +215,10 @@ def run_jobs(
     corrupted run. With ``reuse_prefix`` a job whose earliest element is at iteration s starts
     from the unpatched run's state h_s (iterations before a patch are identical to it), so rows
     are grouped by s and only iterate from s on. Returns metric columns (arrays of len(jobs)).
+
+    With ``store`` every forward chunk is saved as ``<direction>-<k>`` once finished, and chunks
+    already in the store are read back instead of recomputed (the chunking is a pure function of
+    the jobs and ``batch_size``, which the store's fingerprint pins).
     """
     if direction == "denoise":
         inputs, h0, src = corruption.inputs, base["h0_corrupt"], base["src_clean"]
@@ -206,7 +238,12 @@ def run_jobs(
     # one group per start (merging starts would recompute iterations the model cost is in)
     groups = [order[starts[order] == s] for s in np.unique(starts)]
     chunks = [g[c0 : c0 + batch_size] for g in groups for c0 in range(0, len(g), batch_size)]
-    for part in chunks:
+    for k, part in enumerate(chunks):
+        key = f"{direction}-{k:06d}"
+        if store is not None and store.has(key):
+            vals = _load_chunk(store, key, part)
+            _fill(cols, vals, part, len(jobs))
+            continue
         s = int(starts[part].min())
         ex = torch.as_tensor([jobs[j][0] for j in part], dtype=torch.long)
         els: dict[str, Elements] = {}
@@ -230,11 +267,43 @@ def run_jobs(
         lg = out[read_at]
         vals = _metric_columns(metric, lg, ex, base["lg_clean"], base["lg_corrupt"], direction)
         vals["diverged"] = out["diverged"].double()
-        for k, v in vals.items():
-            if k not in cols:
-                cols[k] = np.full(len(jobs), np.nan)
-            cols[k][part] = v.numpy()
+        if store is not None:
+            _save_chunk(store, key, part, vals)
+        _fill(cols, vals, part, len(jobs))
     return cols
+
+
+def _fill(cols: dict[str, np.ndarray], vals: dict[str, Tensor], part: np.ndarray, n: int) -> None:
+    for name, v in vals.items():
+        if name not in cols:
+            cols[name] = np.full(n, np.nan)
+        cols[name][part] = v.numpy()
+
+
+def _save_chunk(
+    store: ChunkCheckpoint, key: str, part: np.ndarray, vals: dict[str, Tensor]
+) -> None:
+    tensors = {"rows": torch.as_tensor(np.asarray(part, dtype=np.int64))}
+    tensors.update({f"col.{k}": v.double().contiguous() for k, v in vals.items()})
+    store.save(key, tensors, {"columns": json.dumps(list(vals))})
+
+
+def _load_chunk(store: ChunkCheckpoint, key: str, part: np.ndarray) -> dict[str, Tensor]:
+    tensors, meta = store.load(key)
+    path = store.file(key)
+    try:
+        names = json.loads(meta["columns"])
+        rows = tensors["rows"]
+        vals = {n: tensors[f"col.{n}"] for n in names}
+    except (KeyError, ValueError, TypeError):
+        raise CheckpointError(
+            f"{path} is not a patch-sweep chunk; delete it to recompute it"
+        ) from None
+    if not torch.equal(rows, torch.as_tensor(np.asarray(part, dtype=np.int64))):
+        raise CheckpointError(
+            f"{path} holds other rows than this sweep's chunk {key}; delete {store.dir} to start over"
+        )
+    return vals
 
 
 def patch_sweep(
@@ -253,6 +322,8 @@ def patch_sweep(
     seed: int = 0,
     measure_at: int | None = None,
     reuse_prefix: bool = True,
+    checkpoint_dir: str | os.PathLike | None = None,
+    max_bytes: int | None = None,
     **options: Any,
 ) -> SweepFrame:
     """Sweep single-site, single-iteration, single-position patches (see module docstring).
@@ -276,12 +347,27 @@ def patch_sweep(
         reuse_prefix: start a row patched at iteration t from the unpatched run's h_t instead
             of recomputing iterations < t (identical by construction; off for corruptions with
             interventions and for sites that fire in ``encode``).
+        checkpoint_dir: folder for a resumable sweep: each finished chunk of ``batch_size`` rows
+            is written there atomically (``chunk-<direction>-<k>.safetensors``, with a
+            ``manifest.json`` fingerprinting the model weights, inputs, corruption, sites,
+            iterations, positions, units, direction, seed, batch_size, n_iter, measure_at and the
+            metric's clean / corrupt values); re-running with the same folder skips finished
+            chunks and returns the same frame as an uninterrupted run, bit for bit. A folder
+            holding another sweep raises :class:`~loopscope.errors.CheckpointError`. The metric
+            and custom loops' Python code are fingerprinted by name only.
+        max_bytes: memory budget of the sweep (default: half the free memory of the state's
+            device, as for captures). The sweep's bytes (source captures of the clean and
+            corrupted runs, their states, one forward chunk) are estimated from a 1-example,
+            2-iteration probe run before anything big runs; over budget raises
+            :class:`~loopscope.errors.CaptureMemoryError` with the estimate and the way out.
 
     Returns:
         :class:`SweepFrame` with columns direction, site, iteration, position, unit, example,
         metric, clean, corrupt, recovery, diverged (the patched run blew up / went non-finite;
         its metric is read from the frozen state), and kl / kl_delta (plus logprob, prob, logprob_wrong,
-        accuracy, nl and Nikankin's effect_E for answer metrics).
+        accuracy, nl and Nikankin's effect_E for answer metrics). With ``checkpoint_dir``,
+        ``attrs["checkpoint"]`` counts the chunks: ``total``, ``resumed`` (read back) and
+        ``computed``.
     """
     reject_unknown_kwargs("patch_sweep", options)
     n_iter = check_positive_int("n_iter", n_iter)
@@ -300,7 +386,23 @@ def patch_sweep(
     for s in units:
         if s not in names:
             raise LoopscopeError(f"units names site {s!r}, which is not among the sites {names}")
-    base = _base_runs(loop, clean, corruption, names, n_iter, seed, read_at)
+    if max_bytes is not None:
+        max_bytes = check_positive_int("max_bytes", max_bytes)
+    dirs = ["denoise", "noise"] if direction == "both" else [direction]
+    budget = _check_sweep_memory(
+        loop, clean, names, max(n_iter, read_at), batch_size, seed, max_bytes
+    )
+    store = None
+    if checkpoint_dir is not None:
+        store = ChunkCheckpoint(
+            checkpoint_dir,
+            "patch_sweep",
+            _sweep_fingerprint(
+                loop, clean, corruption, metric, names, its, positions, units, direction,
+                seed, batch_size, n_iter, read_at, reuse_prefix,
+            ),
+        )  # fmt: skip
+    base = _base_runs(loop, clean, corruption, names, n_iter, seed, read_at, budget)
     base["clean_inputs"] = clean
     infos = {s: site_info(loop, base["src_clean"], s, units.get(s)) for s in names}
     keys: list[tuple[str, int, int, int, int]] = []
@@ -316,13 +418,15 @@ def patch_sweep(
             (s, t, p, u, b) for t, p, u, b in itertools.product(s_its, pos, uns, range(base["B"]))
         ]
     jobs = [(b, [(s, t, p, u)]) for s, t, p, u, b in keys]
-    dirs = ["denoise", "noise"] if direction == "both" else [direction]
     clean_m = _metric_columns(
         metric, base["lg_clean"], torch.arange(base["B"]), base["lg_clean"], base["lg_corrupt"]
     )["metric"].numpy()
     corr_m = _metric_columns(
         metric, base["lg_corrupt"], torch.arange(base["B"]), base["lg_clean"], base["lg_corrupt"]
     )["metric"].numpy()
+    if store is not None:  # the same metric on the same runs, or refuse to mix
+        store.check_values("metric_clean", clean_m)
+        store.check_values("metric_corrupt", corr_m)
     frames = []
     for d in dirs:
         cols = run_jobs(
@@ -337,6 +441,7 @@ def patch_sweep(
             read_at,
             batch_size,
             reuse_prefix,
+            store,
         )
         ex = np.array([k[4] for k in keys], dtype=np.int64)
         f = pd.DataFrame(
@@ -359,7 +464,112 @@ def patch_sweep(
         frames.append(f)
     out = SweepFrame(pd.concat(frames, ignore_index=True))
     out.attrs.update(_meta(loop, corruption, seed, n_iter, read_at))
+    if store is not None:
+        out.attrs["checkpoint"] = {
+            "dir": str(store.dir),
+            "total": store.resumed + store.computed,
+            "resumed": store.resumed,
+            "computed": store.computed,
+        }
     return out
+
+
+def _nbytes(n: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def _check_sweep_memory(
+    loop: Any,
+    clean: Any,
+    sites: list[str],
+    T: int,
+    batch_size: int,
+    seed: int,
+    max_bytes: int | None,
+) -> int | None:
+    """Estimate a sweep's bytes from a 1-example, 2-iteration probe run and refuse over budget.
+
+    Counts the source captures of the clean and corrupted runs (every firing of every site, per
+    example), both runs' states and readouts, and one forward chunk (``batch_size`` rows with
+    their states). Returns the budget (None: the default, half the free memory).
+    """
+    B = batch_size_of(clean)
+    if B is None:
+        return max_bytes  # _base_runs names the problem
+    one = select_batch(clean, torch.zeros(1, dtype=torch.long), B)
+    probe = unroll(loop, one, 2, capture=sites, seed=seed, max_bytes=2**62)
+    capture = 0  # bytes per example over T iterations
+    for s in sites:
+        if s not in probe.acts:
+            continue
+        acts = probe.acts[s]  # [F, 1, ...]
+        per_iter = sum(1 for lab in probe.labels[s] if lab[0] == 1)
+        once = max(acts.shape[0] - 2 * per_iter, 0)  # firings in encode
+        capture += acts[0].numel() * acts.element_size() * (once + T * per_iter)
+    state = probe.states[0].numel() * probe.states.element_size()
+    readout = probe.decode(0)
+    readout = readout.numel() * readout.element_size() if isinstance(readout, Tensor) else 0
+    sources = 2 * B * capture
+    refs = 2 * B * ((T + 1) * state + readout)
+    rows = batch_size * ((T + 1) * state + readout)
+    estimate = sources + refs + rows
+    device = probe.states.device
+    budget = max_bytes if max_bytes is not None else available_memory_bytes(device) // 2
+    if estimate > budget:
+        raise CaptureMemoryError(
+            f"patch sweep would need ~{_nbytes(estimate)} (source captures of {len(sites)} "
+            f"site(s): {_nbytes(sources)} for 2 runs x {B} examples x {T} iterations; states "
+            f"and readouts {_nbytes(refs)}; one forward of batch_size={batch_size} rows: {_nbytes(rows)}) "
+            f"but the budget is {_nbytes(budget)}; patch fewer sites, fewer examples or "
+            f"iterations, use a smaller batch_size, or raise max_bytes"
+        )
+    return max_bytes
+
+
+def _sweep_fingerprint(
+    loop: Any,
+    clean: Any,
+    corruption: Any,
+    metric: Any,
+    sites: list[str],
+    its: list[int] | None,
+    positions: Any,
+    units: dict[str, int],
+    direction: str,
+    seed: int,
+    batch_size: int,
+    n_iter: int,
+    read_at: int,
+    reuse_prefix: bool,
+) -> dict[str, Any]:
+    """What a resumed sweep must share with the checkpoint (JSON-able)."""
+    cfg = getattr(loop, "cfg", None)
+    return {
+        "model": f"{type(loop).__qualname__}:{getattr(cfg, 'name', '')}",
+        "model_params": fingerprint(loop) if isinstance(loop, torch.nn.Module) else None,
+        "clean_inputs": fingerprint(clean),
+        "corrupt_inputs": fingerprint(corruption.inputs),
+        "corruption": {
+            "kind": corruption.kind,
+            "flagged": bool(corruption.flagged),
+            "meta": fingerprint(corruption.meta),
+            "interventions": corruption.interventions is not None,
+        },
+        "metric": getattr(metric, "__qualname__", type(metric).__qualname__),
+        "sites": list(sites),
+        "iterations": "all" if its is None else list(its),
+        "positions": None if positions is None else [int(p) for p in positions],
+        "units": {k: int(v) for k, v in sorted(units.items())},
+        "direction": direction,
+        "seed": int(seed),
+        "batch_size": int(batch_size),
+        "n_iter": int(n_iter),
+        "measure_at": int(read_at),
+        "reuse_prefix": bool(reuse_prefix),
+    }
 
 
 def _meta(loop: Any, corruption: Any, seed: int, n_iter: int, read_at: int) -> dict[str, Any]:

@@ -442,12 +442,17 @@ def probe(
 ) -> None:
     """Fit linear probes for a task variable at every iteration and position (one batched solve each).
 
+    Each split is one unroll and one batched ridge solve over every (iteration, position) probe
+    (well under a second on the zoo models), so there is nothing worth checkpointing: the outputs
+    (probes.csv, onset.csv, probes.png) are written atomically at the end, so an interrupted run
+    leaves the previous complete files (or none), never half a file; rerun it to redo.
+
     Example: loopscope probe s3_fprm --target state --iterations all --split id,ood
     """
     import pandas as pd
 
     from loopscope import figures, unroll
-    from loopscope.io import atomic_write_text
+    from loopscope.io import atomic_savefig, atomic_write_text
     from loopscope.probes import onset, probe_trace
     from loopscope.report import set_style
 
@@ -482,7 +487,7 @@ def probe(
     atomic_write_text(out / "probes.csv", df.to_csv(index=False))
     atomic_write_text(out / "onset.csv", on.to_csv(index=False))
     set_style()
-    figures.probe_wavefront(df, on).savefig(out / "probes.png", dpi=120)
+    atomic_savefig(figures.probe_wavefront(df, on), out / "probes.png", dpi=120)
     typer.echo(on.to_string(index=False))
 
 
@@ -495,9 +500,23 @@ def patch(
     position: int = typer.Option(1, help="input position whose token the corruption changes"),
     n: int = typer.Option(4, min=1),
     seed: int = typer.Option(0),
-    out: Path = typer.Option(Path("patch_out"), help="output folder (tidy CSV + heatmap)"),
+    batch_size: int = typer.Option(256, "--batch-size", min=1, help="patches per forward"),
+    out: Path = typer.Option(
+        Path("patch_out"),
+        help="output folder (tidy CSV + heatmap; OUT/checkpoint: finished chunks)",
+    ),
+    resume: bool = typer.Option(
+        True,
+        "--resume/--no-resume",
+        help="reuse the finished chunks in OUT/checkpoint of an interrupted run with the same "
+        "settings (--no-resume deletes them first)",
+    ),
 ) -> None:
     """Per-iteration denoising sweep over (iteration x position) with single-token corruptions.
+
+    Resumable: every finished chunk of --batch-size patches is written atomically to
+    OUT/checkpoint, so a killed run continues where it stopped when rerun with the same
+    arguments (same rows, bit for bit); different settings on the same OUT are refused.
 
     Example: loopscope patch s3_fprm --iterations all --out s3_patch
     """
@@ -505,7 +524,8 @@ def patch(
 
     from loopscope import figures
     from loopscope.circuits import patch_sweep
-    from loopscope.io import atomic_write_text
+    from loopscope.errors import CheckpointError
+    from loopscope.io import ChunkCheckpoint, atomic_savefig, atomic_write_text
     from loopscope.report import set_style
 
     m, t = _model_and_task(model, task)
@@ -525,16 +545,33 @@ def patch(
         lp = lg.log_softmax(-1).gather(-1, ans[i].unsqueeze(-1))[..., 0]
         return (lp * (b.targets[i] != -100)).sum(-1)
 
-    df = patch_sweep(m, clean, corrupt, [site], its, metric, n_iter=T, seed=seed)
+    ck = out / "checkpoint"
+    if not resume:
+        ChunkCheckpoint.discard(ck)
+    try:
+        df = patch_sweep(
+            m, clean, corrupt, [site], its, metric, n_iter=T, seed=seed, batch_size=batch_size,
+            checkpoint_dir=ck,
+        )  # fmt: skip
+    except CheckpointError as e:
+        raise CheckpointError(f"{e} (or rerun with --no-resume)") from None
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "patching.csv", df.to_csv(index=False))
     set_style()
-    figures.heatmap(
+    fig = figures.heatmap(
         df, "iteration", "position", "recovery", f"{model}: denoising recovery ({site})", center=0
-    ).savefig(out / "patching.png", dpi=120)
+    )
+    atomic_savefig(fig, out / "patching.png", dpi=120)
+    info = df.attrs["checkpoint"]
     typer.echo(
         json.dumps(
-            {"rows": len(df), "out": str(out), "mean_recovery": float(df["recovery"].mean())}
+            {
+                "rows": len(df),
+                "out": str(out),
+                "mean_recovery": float(df["recovery"].mean()),
+                "chunks": info["total"],
+                "resumed": info["resumed"],
+            }
         )
     )
 
