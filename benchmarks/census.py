@@ -2,8 +2,8 @@
 
 The baseline re-implements the FPF recipe as the spec describes it (FPF itself stays out of the
 repository): Adam(lr 1.0) on the mean over seeds of q = ½‖F(x) − x‖², ReduceLROnPlateau(factor
-0.95, patience 2), every seed runs equally long, stop when every q < tol_q (1e-12) or
-|Δq| < tol_dq·lr (1e-20), at most 5000 iterations, float32; uniqueness by the O(S²) pairwise loop
+0.95, patience 2), every seed runs equally long, stop when every seed has q < tol_q (1e-12)
+or its own |Δq| < tol_dq·lr (1e-20), at most 5000 iterations, float32; uniqueness by the O(S²) pairwise loop
 at tol 1e-3 (2-norm) and **no q threshold on the returned set**.
 
 Ours: :func:`loopscope.analysis.find_fixed_points` (LM on q in float64, fixed / slow /
@@ -52,11 +52,14 @@ def fpf_baseline(W: torch.Tensor, seeds: torch.Tensor, max_iters: int = 5000):
         opt.step()
         sched.step(loss.item())
         lr = opt.param_groups[0]["lr"]
-        if bool((q < 1e-12).all()):
+        qd = q.detach()
+        # FPF's stop: every seed has q < tol_q or |dq| < tol_dq * lr (per seed, not the mean)
+        done = qd < 1e-12
+        if q_prev is not None:
+            done |= (qd - q_prev).abs() < 1e-20 * lr
+        if bool(done.all()):
             break
-        if q_prev is not None and abs(q_prev - loss.item()) < 1e-20 * lr:
-            break
-        q_prev = loss.item()
+        q_prev = qd
     pts = x.detach()
     keep: list[int] = []
     for i in range(len(pts)):  # FPF's O(S^2) uniqueness loop

@@ -62,3 +62,12 @@ def check_positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise LoopscopeError(f"{name} must be a positive integer, got {value!r}")
     return value
+
+
+def check_seed(value: Any, name: str = "seed") -> int:
+    """Validate ``value`` as a seed (an int >= 0, numpy ints accepted) and return it as int."""
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < 0:
+        raise LoopscopeError(f"{name} must be an integer >= 0, got {value!r}")
+    return int(value)

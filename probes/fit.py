@@ -28,7 +28,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from loopscope.errors import LoopscopeError, check_positive_int, reject_unknown_kwargs
+from loopscope.errors import LoopscopeError, check_positive_int, check_seed, reject_unknown_kwargs
 from loopscope.probes import solvers
 from loopscope.probes.splits import as_groups, make_folds
 
@@ -205,6 +205,7 @@ def _check_options(o: dict[str, Any]) -> None:
             raise LoopscopeError(f"{name} must be >= 0, got {o[name]!r}")
     for name in ("hidden", "epochs", "batch_size", "max_iter"):
         check_positive_int(name, o[name])
+    o["seed"] = check_seed(o["seed"])
     if o["probe"] == "lowrank":
         if o["rank"] is None:
             raise LoopscopeError("probe='lowrank' needs rank= (a positive integer)")

@@ -215,6 +215,10 @@ def test_bad_probe_inputs():
         fit_probes(X, y, dtype="float16")
     with pytest.raises(LoopscopeError, match="C must be > 0"):
         fit_probes(X, y, C=0)
+    for bad in ("a", -1, 1.5, True):
+        with pytest.raises(LoopscopeError, match="seed must be an integer >= 0"):
+            fit_probes(X, y, seed=bad)
+    assert fit_probes(X, y, seed=np.int64(3)).meta["seed"] == 3  # numpy ints are seeds
     with pytest.raises(LoopscopeError, match="folds must be an integer >= 2"):
         fit_probes(X, y, folds=1)
     with pytest.raises(LoopscopeError, match="groups must have shape"):
