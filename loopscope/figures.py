@@ -140,12 +140,21 @@ def halting_tradeoff(df: pd.DataFrame, gaps: pd.DataFrame | None = None) -> plt.
 
 
 def hierarchical_convergence(df: pd.DataFrame, pr: pd.DataFrame) -> plt.Figure:
-    """Residual of z_H and z_L across slow cycles; fast-loop residual within each cycle;
-    participation ratio of each state."""
+    """Residual of z_H and z_L across slow cycles (and, where ``df`` has ``loop == "fixed_point"``
+    rows, the distance of z_L from the fast loop's fixed point); fast-loop residual within each
+    cycle; participation ratio of each state."""
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
     slow = df[df["loop"] == "slow"]
-    for state, g in slow.groupby("state"):
-        axes[0].plot(g["iteration"], g["median"], marker="o", ms=3, label=state)
+    for (state, split), g in slow.groupby(["state", "split"]):  # one line per state and split
+        style = dict(ls=":" if split == "ood" else "-", color="C0" if state == "z_H" else "C1")
+        axes[0].plot(
+            g["iteration"], g["median"], marker="o", ms=3, label=f"{state} {split}", **style
+        )
+    fp = df[df["loop"] == "fixed_point"]  # optional: ‖z_L − z_L*‖ / ‖z_L*‖ at the end of a cycle
+    if len(fp):
+        axes[0].plot(
+            fp["iteration"], fp["median"], ls="--", color="k", label="z_L to fast fixed pt (id)"
+        )
     axes[0].set_yscale("log")
     axes[0].set_title("slow loop: relative change per H-cycle")
     axes[0].set_xlabel("H-cycle")
