@@ -10,7 +10,7 @@ fprm                FPRM: pre-norm + residual scaling, convex injection, NoPE + 
 fprm_rope_postnorm  baseline for fprm: post-norm, RoPE, add injection, zeros init
 ouro                no injection after step 0, embedding init, pre-norm, Ouro exit gate
 act                 post-norm + ACT Q-head (HRM/TRM-style halting), NoPE + conv1d
-maze_conv           bidirectional, conv2d 3x3 mixer, NoPE, pre-norm (grids)
+maze_conv           FPRM recipe on grids: bidirectional, conv2d 3x3 mixer, NoPE
 hrm                 hierarchical, two post-norm stacks, fixed inits, learned positions
 trm                 hierarchical, one shared post-norm net
 =================== ==========================================================================
@@ -86,12 +86,17 @@ PRESETS: dict[str, tuple[type, dict[str, Any]]] = {
             name="act",
         ),
     ),
+    # FPRM's bounded update (pre-norm, input-independent residual scaling, convex injection)
+    # on a grid: the first recipe (pre-norm + additive injection from zeros, whose state grows
+    # every step) never left the majority rate on 9x9 reachability
     "maze_conv": (
         LoopedConfig,
         dict(
             norm="pre",
-            injection="add",
-            init="zeros",
+            residual_scale="fprm",
+            injection="convex",
+            init="random",
+            init_std=6.0,
             positions="nope",
             mixer="conv2d",
             causal=False,
