@@ -173,6 +173,20 @@ class ProbeResult:
         return pd.DataFrame(rows)
 
 
+def _finite_rows(X: Tensor) -> Tensor:
+    """``[S, N]`` True where a row of ``X [S, N, d]`` is all finite.
+
+    A row sum is non-finite whenever an entry is (NaN / inf propagate), so one cheap reduction
+    settles almost every row; only rows whose sum is not finite (a bad entry, or finite values
+    that overflow when added) are checked entry by entry.
+    """
+    ok = torch.isfinite(X.sum(-1))
+    if not bool(ok.all()):
+        bad = ~ok
+        ok[bad] = torch.isfinite(X[bad]).all(-1)
+    return ok
+
+
 def _as_labels(y: Any, S: int, N: int) -> Tensor:
     y = torch.as_tensor(np.asarray(y.cpu() if isinstance(y, Tensor) else y))
     if y.is_floating_point():
@@ -248,7 +262,7 @@ def fit_probes(X: Any, y: Any, **options: Any) -> ProbeResult:
     if S == 0 or N == 0 or d == 0:
         raise LoopscopeError(f"X must be non-empty, got shape {tuple(X.shape)}")
     y = _as_labels(y, S, N)
-    finite = torch.isfinite(X).all(-1)  # [S, N]
+    finite = _finite_rows(X)  # [S, N]
     valid = (y != -100) & finite
     if o["mask"] is not None:
         m = torch.as_tensor(np.asarray(o["mask"]))
@@ -277,9 +291,14 @@ def fit_probes(X: Any, y: Any, **options: Any) -> ProbeResult:
         split=o["split"],
         seed=o["seed"],
     )
-    X0 = X.double()  # no copy when X is already float64
+    # the closed-form ridge with dtype="float32" reads the data in float32 end to end (no float64
+    # copy of X); the iterative probes keep float64 data and cast per pass (see solvers)
+    data_dtype = torch.float64
+    if o["probe"] == "ridge" and _DTYPES[str(o["dtype"]).replace("torch.", "")] == torch.float32:
+        data_dtype = torch.float32
+    X0 = X.to(data_dtype)  # no copy when X already has that dtype
     if not bool(finite.all()):
-        X0 = torch.where(finite.unsqueeze(-1), X0, torch.zeros((), dtype=torch.float64))
+        X0 = torch.where(finite.unsqueeze(-1), X0, torch.zeros((), dtype=data_dtype))
     Fn = len(folds)
     out = {k: torch.full((Fn, S), float("nan"), dtype=torch.float64) for k in ("tr", "te")}
     n_tr = torch.zeros(Fn, S, dtype=torch.long)
@@ -291,22 +310,29 @@ def fit_probes(X: Any, y: Any, **options: Any) -> ProbeResult:
         w = valid[:, tr].double()
         # full-array passes dominate at probe sizes: standardise the training rows in place
         # and score every row through weights with the standardisation folded in
+        gen = torch.Generator().manual_seed(int(o["seed"]) * 1000 + f)
+        Ztr = X0[:, tr]  # an index tensor: always a copy, so the in-place passes are safe
         if o["standardize"]:
-            Ztr = X0[:, tr]
             mean = solvers._wmean(Ztr, w)
-            Ztr = Ztr - mean
-            std = solvers._wmean(Ztr * Ztr, w).sqrt()
-            std = torch.where(std > 1e-12 * (1 + mean.abs()), std, torch.ones_like(std))
-            Ztr /= std
+            Ztr -= mean
+            mean = mean.double()
+            if o["probe"] == "ridge":
+                # the closed form never needs the scaled copy: std comes from the centred Gram
+                p, std = solvers.ridge_centred(Ztr, yi[:, tr], w, K, mean, alpha=float(o["alpha"]))
+            else:
+                std = solvers.standard_deviation(Ztr, w, mean)
+                Ztr /= std
+                p = _solve(o, Ztr, yi[:, tr], w, K, gen)
         else:
-            Ztr = X0[:, tr]
             mean = torch.zeros(S, 1, d, dtype=torch.float64)
             std = torch.ones(S, 1, d, dtype=torch.float64)
-        gen = torch.Generator().manual_seed(int(o["seed"]) * 1000 + f)
-        p = _solve(o, Ztr, yi[:, tr], w, K, gen)
+            p = _solve(o, Ztr, yi[:, tr], w, K, gen)
         del Ztr
         raw = solvers.fold_standardisation(o["probe"], p, mean, std)
-        pred = solvers.scores(o["probe"], raw, X0).argmax(-1)  # [S, N] class indices
+        raw_x = (
+            raw if data_dtype == torch.float64 else {k: v.to(data_dtype) for k, v in raw.items()}
+        )
+        pred = solvers.scores(o["probe"], raw_x, X0).argmax(-1)  # [S, N] class indices
         ok = (pred == yi).double()
         for key, idx in (("tr", tr), ("te", te)):
             v = valid[:, idx]

@@ -40,6 +40,47 @@ def _wmean(x: Tensor, w: Tensor) -> Tensor:
     return (w.unsqueeze(1).to(x.dtype) @ x) / w.sum(1).clamp_min(1e-30)[:, None, None].to(x.dtype)
 
 
+def _std_floor(std: Tensor, mean: Tensor) -> Tensor:
+    """Constant features (std at round-off level) are left unscaled."""
+    return torch.where(std > 1e-12 * (1 + mean.abs()), std, torch.ones_like(std))
+
+
+def standard_deviation(Zc: Tensor, w: Tensor, mean: Tensor) -> Tensor:
+    """Weighted std ``[S, 1, d]`` of centred rows ``Zc [S, n, d]`` (1 where a feature is constant)."""
+    return _std_floor(_wmean(Zc * Zc, w).sqrt(), mean)
+
+
+def ridge_centred(
+    Zc: Tensor, y: Tensor, w: Tensor, K: int, mean: Tensor, *, alpha: float = 1.0
+) -> tuple[dict[str, Tensor], Tensor]:
+    """:func:`ridge` on standardised data, from the centred rows ``Zc`` without scaling them.
+
+    With ``D = diag(std)`` the standardised Gram is ``D^-1 (Zc^T W Zc) D^-1`` and its right-hand
+    side ``D^-1 Zc^T W Y``; the std itself is the root of the centred Gram's diagonal over n.
+    Returns ``(params on the standardised scale, std [S, 1, d])`` — the same optimum as
+    standardising ``Zc`` and calling :func:`ridge` (the intercept is the label mean).
+    """
+    # the passes over the rows run in Zc's dtype (float32 halves them), the solve in float64
+    w = w.double()
+    wz = w.to(Zc.dtype)
+    Y = F.one_hot(y, K).to(Zc.dtype) * 2 - 1  # [S, n, K]
+    n = w.sum(1).clamp_min(1e-30)[:, None]  # [S, 1]
+    Zw = Zc if bool((w == 1).all()) else Zc * wz.unsqueeze(-1)
+    G = (Zw.transpose(1, 2) @ Zc).double()  # [S, d, d] centred Gram
+    std = _std_floor((G.diagonal(dim1=1, dim2=2) / n).clamp_min(0).sqrt().unsqueeze(1), mean)
+    inv = 1.0 / std  # [S, 1, d]
+    d = Zc.shape[-1]
+    A = G * inv.transpose(1, 2) * inv + alpha * torch.eye(d, dtype=torch.float64)
+    # centred rows: Y's mean drops out of the right-hand side
+    rhs = (Zw.transpose(1, 2) @ Y).double() * inv.transpose(1, 2)
+    L, info = torch.linalg.cholesky_ex(A)
+    if bool((info == 0).all()):
+        W = torch.cholesky_solve(rhs, L)
+    else:  # alpha = 0 on rank-deficient data: least-norm solution
+        W = torch.linalg.lstsq(A, rhs, driver="gelsd").solution
+    return {"W": W, "b": _wmean(Y.double(), w).squeeze(1)}, std
+
+
 def ridge(Z: Tensor, y: Tensor, w: Tensor, K: int, *, alpha: float = 1.0) -> dict[str, Tensor]:
     """Closed-form one-vs-rest ridge for all sites in one batched solve (float64).
 

@@ -58,6 +58,11 @@ def test_batched_ridge_equals_per_site_sklearn_ridge():
         ref_acc = (ref.predict(Zte).argmax(1) == y.numpy()[te]).mean()
         assert abs(ref_acc - float(res.test_acc[0, s])) < 1e-6
     assert int(np.argmax(res.accuracy)) == 2
+    # float32 passes over the data (the solve stays float64): same probe to float32 precision
+    res32 = fit_probes(X.float(), y, probe="ridge", alpha=2.0, seed=3, dtype="float32")
+    assert (res32.params[0]["W"] - res.params[0]["W"]).abs().max() < 1e-4
+    assert (res32.mean[0] - res.mean[0]).abs().max() < 1e-5
+    assert np.abs(res32.accuracy - res.accuracy).max() <= 0.01
 
 
 @pytest.mark.parametrize("classes", [2, 3])
@@ -170,12 +175,15 @@ def test_nonfinite_rows_are_dropped_per_site_and_counted():
     X = X.clone()
     X[1, :20] = float("nan")  # site 1: 20 diverged samples
     X[2, 5] = float("inf")
+    X[0, 7, :2] = 1e308  # finite, but the row sum overflows: must not count as non-finite
+    X[2, 9, 3] = -float("inf")
+    X[2, 9, 4] = float("inf")  # inf - inf: the sum is NaN, the row is non-finite
     res = fit_probes(X, y, probe="logistic", seed=0)
-    assert res.meta["n_nonfinite"] == [0, 20, 1]
+    assert res.meta["n_nonfinite"] == [0, 20, 2]
     assert not np.isnan(res.accuracy).any()
     n_used = res.n_train[0] + res.n_test[0]
-    assert n_used.tolist() == [300, 280, 299]
-    assert res.to_frame()["n_nonfinite"].tolist() == [0, 20, 1]
+    assert n_used.tolist() == [300, 280, 298]
+    assert res.to_frame()["n_nonfinite"].tolist() == [0, 20, 2]
 
 
 def test_directions_are_raw_coordinate_unit_vectors():
