@@ -307,6 +307,132 @@ def verdict(
         typer.echo(df[["evidence", "split", "value", "reading", "supports"]].to_string(index=False))
 
 
+# dense eigen-solve up to this state dimension, ARPACK above (as fig_spectra)
+_DYN_DENSE_MAX = 2400
+
+
+def _causal_cap(m: Any, tokens: Any, state: Any) -> int | None:
+    """Positions to keep for the dense eigen-solve of a causal model whose state ``[B, pos, d]``
+    is too large for it (ARPACK is unreliable on those block-triangular, strongly non-normal
+    Jacobians), or None (no cap: small enough, not causal, or not prefix-closed on this state)."""
+    import torch
+
+    if not getattr(getattr(m, "cfg", None), "causal", False) or state.dim() != 3:
+        return None
+    if state[0].numel() <= _DYN_DENSE_MAX or tokens.dim() != 2:
+        return None
+    P = max(1, _DYN_DENSE_MAX // state.shape[2])
+    if tokens.shape[1] != state.shape[1] or P >= state.shape[1]:
+        return None
+    try:  # the prefix's step must be the step's prefix, checked on this very state
+        with torch.no_grad():
+            full = m.step(state, m.encode(tokens), None)[:, :P]
+            pre = m.step(state[:, :P].contiguous(), m.encode(tokens[:, :P]), None)
+    except (LoopscopeError, RuntimeError, ValueError):
+        return None
+    tol = 1e-4 * float(full.abs().max().clamp_min(1.0))
+    return P if (full - pre).abs().max().item() <= tol else None
+
+
+def _stability_dynamics(m: Any, b: Any, tr: Any, n_dyn: int, seed: int) -> dict[str, Any]:
+    """The --dynamics columns of ``stability`` on the first ``n_dyn`` samples of batch ``b``
+    and its trace ``tr``: rho at the end state, lambda1 from the middle of the trajectory,
+    correct-basin fraction from init draws. A measurement that fails is NaN with a note."""
+    import numpy as np
+    import torch
+
+    from loopscope.analysis import basins, lyapunov, spectrum
+    from loopscope.analysis.attractors import InitSeeds
+
+    nan = float("nan")
+    k = min(n_dyn, tr.batch_size)
+    out: dict[str, Any] = {
+        "n_dyn": k,
+        "rho_median": nan,
+        "rho_max": nan,
+        "rho_method": "",
+        "lambda1_median": nan,
+        "correct_basin_fraction": nan,
+        "basin_diverged_fraction": nan,
+    }
+    notes: list[str] = []
+    end = tr.final[:k]
+    ok = torch.isfinite(end.reshape(k, -1)).all(1)
+    if tr.diverged_at is not None:
+        ok &= tr.diverged_at[:k] < 0
+    keep = ok.nonzero().flatten()
+    if len(keep) < k:
+        notes.append(f"{k - len(keep)}/{k} diverged samples excluded")
+    if len(keep) == 0:
+        out["dyn_note"] = "; ".join(notes)
+        return out
+    tokens, targets = b.tokens[keep], b.targets[keep]
+
+    def attempt(what: str, fn: Any) -> Any:
+        try:
+            return fn()
+        except (LoopscopeError, RuntimeError, ValueError) as e:
+            msg = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+            notes.append(f"{what} failed: {msg}")
+            return None
+
+    tok_rho, end_rho = tokens, end[keep]
+    P = _causal_cap(m, tok_rho, end_rho)
+    if P is not None:
+        notes.append(
+            f"rho on the first {P} of {end_rho.shape[1]} positions (causal: the prefix block's "
+            "eigenvalues are a subset of the full Jacobian's, so a lower bound)"
+        )
+        tok_rho, end_rho = tok_rho[:, :P], end_rho[:, :P]
+    sp = attempt(
+        "rho",
+        lambda: spectrum(
+            m, tok_rho, end_rho, k=6, sigma=False, dense_max=_DYN_DENSE_MAX, seed=seed
+        ),
+    )
+    if sp is not None:
+        rho = np.asarray(sp.rho, dtype=float)
+        out.update(rho_median=float(np.median(rho)), rho_max=float(rho.max()), rho_method=sp.method)
+    mid = tr.states[tr.n_iter // 2][keep]
+    ly = attempt(
+        "lambda1",
+        lambda: lyapunov(
+            m,
+            tokens,
+            h0=mid,
+            n_steps=40,
+            k=1,
+            warmup=10,
+            bootstrap=0,
+            seed=seed,
+            two_trajectory=False,
+        ),
+    )
+    if ly is not None:
+        lam = ly.exponents[:, 0].astype(float)
+        if np.isnan(lam).any():
+            notes.append(f"lambda1: {int(np.isnan(lam).sum())} diverged in the measurement")
+        if not np.isnan(lam).all():
+            out["lambda1_median"] = float(np.nanmedian(lam))
+    bs = attempt(
+        "basins",
+        lambda: basins(
+            m, tokens, seeds=InitSeeds(n=16), n_iter=tr.n_iter, targets=targets, seed=seed
+        ),
+    )
+    if bs is not None:
+        s = bs.seeds
+        out["correct_basin_fraction"] = float(
+            s.groupby("sample")["correct"].mean().astype(float).mean()
+        )
+        out["basin_diverged_fraction"] = float(s["diverged"].mean())
+        ss = bs.seed_states
+        if ss.shape[0] > 1 and bool((ss == ss[:1]).all()):
+            notes.append("deterministic init: the 16 init draws are identical")
+    out["dyn_note"] = "; ".join(notes)
+    return out
+
+
 @app.command()
 def stability(
     model: str = typer.Argument(..., help="zoo name or checkpoint directory"),
@@ -316,8 +442,22 @@ def stability(
     iter_factor: float = typer.Option(3.0, help="iterations = factor x length"),
     seed: int = typer.Option(0),
     out: Path = typer.Option(Path("stability_out"), help="output folder (CSV + JSON + figure)"),
+    dynamics: bool = typer.Option(
+        True,
+        "--dynamics/--no-dynamics",
+        help="also measure rho of the Jacobian at the end state, the largest Lyapunov exponent "
+        "and the correct-basin fraction on the first --n-dyn samples (slower)",
+    ),
+    n_dyn: int = typer.Option(4, "--n-dyn", min=1, help="samples for the --dynamics columns"),
 ) -> None:
     """Stability table per split: accuracy, converged / cycle / diverged fractions, T_conv, residual.
+
+    With --dynamics (default), each row also has, on the first --n-dyn samples: rho_median /
+    rho_max (spectral radius of the step's Jacobian at the end state; dense up to n = 2400, ARPACK
+    above; causal models above it: dense on a prefix, a lower bound, noted), lambda1_median (largest Lyapunov exponent, QR method, 40 steps from the middle of the
+    trajectory, nats per iteration), correct_basin_fraction (share of 16 draws of the model's
+    init that end on the correct answer after the same iterations) and dyn_note (caps, excluded
+    diverged samples, anything that could not be measured: NaN there, never a crash).
 
     Example: loopscope stability s3_fprm --split id,ood --out s3_stability
     """
@@ -356,6 +496,8 @@ def stability(
                 **{f"class_{k}": v for k, v in counts.items()},
             }
         )
+        if dynamics:
+            rows[-1].update(_stability_dynamics(m, b, tr, n_dyn, seed))
         f = mt.to_frame()[["iteration", "sample", "rel_residual"]].assign(split=sp)
         curves.append(f)
     table = pd.DataFrame(rows)

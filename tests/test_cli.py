@@ -103,12 +103,87 @@ def test_unknown_split_is_exit_2(capsys, tmp_path):
 
 def test_stability_writes_table(capsys, tmp_path):
     code, out, _ = run(
-        ["stability", "addition_conv", "--split", "id", "--n", "8", "--out", str(tmp_path)], capsys
+        [
+            "stability",
+            "addition_conv",
+            "--split",
+            "id",
+            "--n",
+            "8",
+            "--no-dynamics",
+            "--out",
+            str(tmp_path),
+        ],
+        capsys,
     )
     import pandas as pd
 
     df = pd.read_csv(tmp_path / "stability.csv")
     assert code == 0 and df["seq_acc"].item() == 1.0 and (tmp_path / "residual_curves.png").exists()
+    # --no-dynamics keeps the cheap table exactly as it was (no dynamics columns)
+    assert not {"rho_median", "lambda1_median", "correct_basin_fraction", "dyn_note"} & set(df)
+
+
+def test_stability_dynamics_columns_are_measured(tmp_path):
+    import numpy as np
+    import pandas as pd
+    from typer.testing import CliRunner
+
+    from loopscope import unroll
+    from loopscope.analysis import spectrum
+    from loopscope.cli import _model_and_task, app
+
+    res = CliRunner().invoke(
+        app,
+        [
+            "stability",
+            "s3_fprm",
+            "--split",
+            "id",
+            "--n",
+            "4",
+            "--n-dyn",
+            "2",
+            "--out",
+            str(tmp_path),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    row = pd.read_csv(tmp_path / "stability.csv").iloc[0]
+    for c in ("rho_median", "rho_max", "lambda1_median", "correct_basin_fraction", "dyn_note"):
+        assert c in row.index
+    assert np.isfinite(row["rho_median"]) and 0 < row["rho_median"] <= row["rho_max"]
+    assert np.isfinite(row["lambda1_median"])
+    assert 0.0 <= row["correct_basin_fraction"] <= 1.0
+    assert row["n_dyn"] == 2 and row["rho_method"] == "dense"
+    # the column is the spectral radius of the step's Jacobian at the same end state
+    m, t = _model_and_task("s3_fprm", None)
+    b = t.sample(4, "id", seed=0)
+    tr = unroll(m, b.tokens, int(row["n_iter"]), seed=0)
+    rho = spectrum(m, b.tokens[:2], tr.final[:2], k=6, sigma=False).rho
+    assert row["rho_median"] == pytest.approx(float(np.median(rho)), rel=1e-9)
+    assert row["rho_max"] == pytest.approx(max(rho), rel=1e-9)
+
+
+def test_stability_dynamics_excludes_diverged_samples():
+    import math
+
+    import torch
+
+    from loopscope import unroll
+    from loopscope.cli import _model_and_task, _stability_dynamics
+
+    m, t = _model_and_task("s3_fprm", None)
+    b = t.sample(2, "id", seed=0)
+    tr = unroll(m, b.tokens, 10, seed=0, decode=True)
+    tr.diverged_at = torch.tensor([3, -1])  # as unroll marks a blown-up sample
+    row = _stability_dynamics(m, b, tr, n_dyn=2, seed=0)
+    assert "1/2 diverged samples excluded" in row["dyn_note"]
+    assert math.isfinite(row["rho_median"]) and row["rho_median"] == row["rho_max"]
+    tr.diverged_at = torch.tensor([3, 4])
+    row = _stability_dynamics(m, b, tr, n_dyn=2, seed=0)
+    assert math.isnan(row["rho_median"]) and math.isnan(row["correct_basin_fraction"])
+    assert "2/2 diverged" in row["dyn_note"]
 
 
 def test_probe_cli_writes_onsets(capsys, tmp_path):
