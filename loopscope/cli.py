@@ -334,10 +334,13 @@ def _causal_cap(m: Any, tokens: Any, state: Any) -> int | None:
     return P if (full - pre).abs().max().item() <= tol else None
 
 
-def _stability_dynamics(m: Any, b: Any, tr: Any, n_dyn: int, seed: int) -> dict[str, Any]:
+def _stability_dynamics(
+    m: Any, b: Any, tr: Any, n_dyn: int, seed: int, eig_rows: list | None = None
+) -> dict[str, Any]:
     """The --dynamics columns of ``stability`` on the first ``n_dyn`` samples of batch ``b``
     and its trace ``tr``: rho at the end state, lambda1 from the middle of the trajectory,
-    correct-basin fraction from init draws. A measurement that fails is NaN with a note."""
+    correct-basin fraction from init draws. A measurement that fails is NaN with a note.
+    The leading eigenvalues are appended to ``eig_rows`` (sample, real, imag) when given."""
     import numpy as np
     import torch
 
@@ -393,6 +396,12 @@ def _stability_dynamics(m: Any, b: Any, tr: Any, n_dyn: int, seed: int) -> dict[
     if sp is not None:
         rho = np.asarray(sp.rho, dtype=float)
         out.update(rho_median=float(np.median(rho)), rho_max=float(rho.max()), rho_method=sp.method)
+        if eig_rows is not None:
+            for i, lams in enumerate(sp.eigenvalues):
+                eig_rows.extend(
+                    {"sample": int(keep[i]), "real": float(z.real), "imag": float(z.imag)}
+                    for z in np.asarray(lams)
+                )
     mid = tr.states[tr.n_iter // 2][keep]
     ly = attempt(
         "lambda1",
@@ -461,14 +470,15 @@ def stability(
 
     Example: loopscope stability s3_fprm --split id,ood --out s3_stability
     """
+    import numpy as np
     import pandas as pd
 
     from loopscope import unroll
     from loopscope.analysis import classify, metrics
-    from loopscope.io import atomic_write_text
+    from loopscope.io import atomic_savefig, atomic_write_text
 
     m, t = _model_and_task(model, task)
-    rows, curves = [], []
+    rows, curves, per_sample, eigs = [], [], [], []
     for sp in _splits(split, t):
         b = t.sample(n, sp, seed=seed)
         L = b.length
@@ -477,7 +487,12 @@ def stability(
         summ = mt.summary()
         cls = classify(tr, p_max=4)
         mask = b.targets != -100
-        ok = ((tr.logits[-1].argmax(-1) == b.targets) | ~mask).all(1).float().mean().item()
+        correct = ((tr.logits[-1].argmax(-1) == b.targets) | ~mask).all(1)
+        ok = correct.float().mean().item()
+        # the residual at t needs h_{t+1}: the last one measured is at T - 1
+        mf = mt.to_frame()
+        final_res = mf.loc[mf["iteration"] == tr.n_iter - 1, ["sample", "rel_residual"]]
+        per_sample.append(final_res.assign(split=sp, correct=correct.numpy()[final_res["sample"]]))
         counts = (
             cls["class"]
             .astype(str)
@@ -497,7 +512,9 @@ def stability(
             }
         )
         if dynamics:
-            rows[-1].update(_stability_dynamics(m, b, tr, n_dyn, seed))
+            er: list = []
+            rows[-1].update(_stability_dynamics(m, b, tr, n_dyn, seed, er))
+            eigs.extend({"model": model, "split": sp, **r} for r in er)
         f = mt.to_frame()[["iteration", "sample", "rel_residual"]].assign(split=sp)
         curves.append(f)
     table = pd.DataFrame(rows)
@@ -515,7 +532,19 @@ def stability(
     ).reset_index()
     agg["model"], agg["median_p2"], agg["accuracy"] = model, float("nan"), float("nan")
     fig = figures.convergence_curves(agg.dropna(subset=["median"]))
-    fig.savefig(out / "residual_curves.png", dpi=120)
+    atomic_savefig(fig, out / "residual_curves.png", dpi=120)
+    # accuracy vs residual: is a settled loop a correct one?
+    ps = pd.concat(per_sample, ignore_index=True).assign(model=model)
+    atomic_write_text(out / "per_sample.csv", ps.to_csv(index=False))
+    ps["log10 final relative residual"] = np.log10(ps["rel_residual"].clip(lower=1e-16))
+    fig = figures.scatter_xy(
+        ps, "log10 final relative residual", "correct", "split", f"{model}: correct vs residual"
+    )
+    atomic_savefig(fig, out / "accuracy_vs_residual.png", dpi=120)
+    if eigs:
+        ev = pd.DataFrame(eigs)
+        atomic_write_text(out / "eigenvalues.csv", ev.to_csv(index=False))
+        atomic_savefig(figures.eigen_scatter(ev), out / "eigenvalues.png", dpi=120)
     typer.echo(table.to_string(index=False))
 
 
