@@ -274,7 +274,11 @@ def test_layer_metrics_residuals_and_js():
 traj = st.integers(min_value=3, max_value=12).flatmap(
     lambda T: st.integers(min_value=1, max_value=4).flatmap(
         lambda n: st.lists(
-            st.floats(-5, 5, allow_nan=False, allow_infinity=False),
+            # values below 1e-100 become 0: norms of ~1e-162 states underflow to subnormals,
+            # where ratios lose their precision (a float64 limit, not a metric bug)
+            st.floats(-5, 5, allow_nan=False, allow_infinity=False).map(
+                lambda x: 0.0 if abs(x) < 1e-100 else x
+            ),
             min_size=(T + 1) * n,
             max_size=(T + 1) * n,
         ).map(lambda xs: torch.tensor(xs, dtype=torch.float64).reshape(T + 1, 1, n))
