@@ -171,7 +171,9 @@ def test_sudoku6_valid_unique_and_split_by_difficulty():
     easy = t.sample(6, "train", seed=0)
     hard = t.sample(6, "ood", seed=0)
     for b in (easy, hard):
-        for p, s in zip(b.tokens.view(-1, 6, 6).numpy(), (b.targets + 1).view(-1, 6, 6).numpy(), strict=True):
+        for p, s in zip(
+            b.tokens.view(-1, 6, 6).numpy(), (b.targets + 1).view(-1, 6, 6).numpy(), strict=True
+        ):
             assert all(sorted(s[r, c] for r, c in u) == [1, 2, 3, 4, 5, 6] for u in UNITS6)
             assert ((p == 0) | (p == s)).all()
             assert count_solutions6(p) == 1
