@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 from scipy import stats
 
-from loopscope.analysis.attractors import path_independence, wilson_ci
+from loopscope.analysis.attractors import GaussianSeeds, basins, path_independence, wilson_ci
 from loopscope.analysis.convergence import metrics
 from loopscope.errors import LoopscopeError, reject_unknown_kwargs
 from loopscope.unroll import unroll
@@ -118,16 +118,26 @@ def confident_wrong(trace: Any, targets: torch.Tensor, tol: float = 1e-3) -> dic
     }
 
 
-_OPTIONS = ("n", "seed", "iter_factor", "splits", "tol", "extra")
+_OPTIONS = ("n", "seed", "iter_factor", "splits", "tol", "extra", "n_basin")
 
 
 def verdict(model: Any, task: Any, **options: Any) -> Verdict:
     """Evidence vector for one model on one task (see module docstring).
 
+    Rows computed here, per split: sequence accuracy (Wilson CI), confident-wrong fraction,
+    T_conv and answer-settling step vs the task's depth (Spearman, where the task gives a
+    per-token depth), path independence (AA of the readout from the model's init vs noise), the
+    correct-basin fraction (share of ``n_basin`` Gaussian inits per sample, at the entry scale of
+    the model's init, whose decoded answer is right; bootstrap CI over samples), and the ID − OOD
+    gap; for tasks with a training set of operand pairs (multiplication), correctness vs subgraph
+    frequency: the logistic slope of digit correctness on log1p(df) with one dummy per digit, on
+    train and held-out ID pairs. Probe onset, IIA, heuristic neurons and inductive-bias scores
+    come from :mod:`loopscope.probes` / :mod:`loopscope.circuits` through ``extra``.
+
     Options: ``n`` examples per split (128), ``seed`` (0), ``iter_factor`` (iterations = factor x
     length, 4: well past the training range, to see where the loop settles), ``splits``
-    (("id", "ood")), ``tol`` (residual tolerance, 1e-3), ``extra`` (a list of extra evidence rows,
-    e.g. probe onset or patching results from :mod:`loopscope.probes` / :mod:`loopscope.circuits`).
+    (("id", "ood")), ``tol`` (residual tolerance, 1e-3), ``n_basin`` (Gaussian inits per sample
+    for the correct-basin fraction, 8; 0 skips it), ``extra`` (a list of extra evidence rows).
     """
     reject_unknown_kwargs("verdict", options, _OPTIONS)
     n = int(options.get("n", 128))
@@ -135,6 +145,9 @@ def verdict(model: Any, task: Any, **options: Any) -> Verdict:
     factor = float(options.get("iter_factor", 4.0))
     tol = float(options.get("tol", 1e-3))
     splits = tuple(options.get("splits", ("id", "ood")))
+    n_basin = options.get("n_basin", 8)
+    if isinstance(n_basin, bool) or not isinstance(n_basin, int) or n_basin < 0:
+        raise LoopscopeError(f"n_basin must be an integer >= 0, got {n_basin!r}")
     for sp in splits:
         if sp not in task.splits:
             raise LoopscopeError(f"task {task.name!r} has no split {sp!r}")
@@ -248,6 +261,11 @@ def verdict(model: Any, task: Any, **options: Any) -> Verdict:
                 supports="algorithm" if np.nanmean(aa) > 0.99 else "memorized/heuristic",
             )
         )
+        if n_basin:
+            rows.append(_basin_row(model, batch, T, n_basin, seed, sp))
+    mem = _memorization_row(model, task, n, seed, factor)
+    if mem is not None:
+        rows.append(mem)
     if "id" in acc and "ood" in acc:
         gap = acc["id"] - acc["ood"]
         rows.append(
@@ -272,4 +290,90 @@ def verdict(model: Any, task: Any, **options: Any) -> Verdict:
             "task": task.name,
             "seed": seed,
         },
+    )
+
+
+def _init_std(model: Any, tokens: torch.Tensor, seed: int) -> float:
+    """Entry std of the model's own init (the scale of "random" initial states), else 1."""
+    with torch.no_grad():
+        h0 = model.init_state(model.encode(tokens), torch.Generator().manual_seed(seed))
+    std = float(h0.double().std()) if h0.numel() > 1 else 0.0
+    return std if std > 0 and np.isfinite(std) else 1.0
+
+
+def _basin_row(model: Any, batch: Any, T: int, n_basin: int, seed: int, split: str) -> dict:
+    """Correct-basin fraction: Gaussian inits at the init's entry scale, same budget."""
+    res = basins(
+        model,
+        batch.tokens,
+        seeds=GaussianSeeds(n=n_basin, std=_init_std(model, batch.tokens, seed)),
+        n_iter=T,
+        targets=batch.targets,
+        seed=seed,
+    )
+    per_sample = res.seeds.groupby("sample")["correct"].mean().astype(float).to_numpy()
+    frac = float(per_sample.mean())
+    lo, hi = _bootstrap_mean(per_sample, seed)
+    if frac >= 0.9:
+        supports = "algorithm"
+    elif frac < 0.5 and split != "id":
+        supports = "memorized/heuristic"
+    else:
+        supports = "neutral"
+    return dict(
+        evidence="correct-basin fraction (noise inits)",
+        split=split,
+        value=frac,
+        ci_low=lo,
+        ci_high=hi,
+        n=len(per_sample),
+        reading=f"the correct answer attracts {frac:.0%} of random inits in {T} iterations",
+        supports=supports,
+    )
+
+
+def _memorization_row(model: Any, task: Any, n: int, seed: int, factor: float) -> dict | None:
+    """Correctness vs subgraph frequency for tasks with a training set of operand pairs.
+
+    Digit k of x·y is determined by (x mod 10^(k+1), y mod 10^(k+1)); df = training pairs that
+    share them (:func:`loopscope.circuits.digit_df`). Train pairs and held-out ID pairs are pooled
+    so that df varies within a digit (held-out pairs have df = 0 for the upper digits); the digit
+    is a categorical control (accuracy need not be monotone in the digit position).
+    """
+    pairs = getattr(task, "pairs", None)
+    nd_in = getattr(task, "nd", None)
+    if not isinstance(pairs, dict) or "train" not in pairs or "id" not in pairs or nd_in is None:
+        return None
+    from loopscope.circuits import digit_df, logistic_slope
+
+    tx, ty = pairs["train"] // 10**nd_in, pairs["train"] % 10**nd_in
+    nd = 2 * nd_in
+    ok_all, df_all = [], []
+    for sp in ("train", "id"):
+        batch = task.sample(n, sp, seed=seed)
+        if "x" not in batch.meta or "y" not in batch.meta:
+            return None
+        tr = unroll(model, batch.tokens, _iters(batch, factor), seed=seed, decode=True)
+        pred = tr.logits[-1].argmax(-1)[:, -nd:]
+        ok_all.append((pred == batch.targets[:, -nd:]).numpy())
+        x, y = batch.meta["x"].numpy(), batch.meta["y"].numpy()
+        df_all.append(digit_df(x, y, nd, tx, ty))
+    ok, dfm = np.concatenate(ok_all), np.concatenate(df_all)
+    fit = logistic_slope(ok.ravel(), dfm.ravel(), None, op=np.tile(np.arange(nd), len(ok)))
+    explained = bool(fit["ci_low"] > 0)  # False for NaN (every digit right, or every one wrong)
+    if np.isnan(fit["slope"]):
+        reading = f"every digit {'right' if ok.all() else 'wrong'}: df cannot explain correctness"
+    elif explained:
+        reading = "correct where training covered the computation (df explains correctness)"
+    else:
+        reading = "no detectable df effect within a digit"
+    return dict(
+        evidence="correctness vs subgraph frequency (slope on log1p df | digit)",
+        split="train+id",
+        value=fit["slope"],
+        ci_low=fit["ci_low"],
+        ci_high=fit["ci_high"],
+        n=int(ok.size),
+        reading=reading,
+        supports="memorized/heuristic" if explained else "neutral",
     )

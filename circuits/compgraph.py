@@ -411,19 +411,26 @@ def relative_ig_table(
 def logistic_slope(
     correct: np.ndarray,
     df: np.ndarray,
-    depth: np.ndarray,
+    depth: np.ndarray | None,
     op: Sequence[Any] | None = None,
     l2: float = 1e-6,
 ) -> dict[str, float]:
     """Logistic regression correct ~ 1 + log1p(df) + depth (+ one dummy per op but the first) by
     maximum likelihood (L-BFGS, a negligible ``l2`` for separable data); slope on log1p(df) with
-    a 95 % Wald CI from the observed information."""
+    a 95 % Wald CI from the observed information.
+
+    ``depth`` enters linearly; pass ``depth=None`` and the control as ``op`` when its effect need
+    not be monotone (e.g. the digit position of a product, whose accuracy can be high at both
+    ends): a linear term would then leave the contrast to df, and a df that differs between the
+    positions would pick up a spurious slope. ``depth_coef`` is NaN when ``depth`` is None.
+
+    Example:
+        >>> fit = logistic_slope(correct, df, None, op=digit)  # doctest: +SKIP
+    """
     yv = np.asarray(correct, dtype=float).ravel()
-    cols = [
-        np.ones_like(yv),
-        np.log1p(np.asarray(df, dtype=float).ravel()),
-        np.asarray(depth, dtype=float).ravel(),
-    ]
+    cols = [np.ones_like(yv), np.log1p(np.asarray(df, dtype=float).ravel())]
+    if depth is not None:
+        cols.append(np.asarray(depth, dtype=float).ravel())
     if op is not None:
         ops = np.asarray(op).ravel()
         for level in sorted(set(ops.tolist()), key=str)[1:]:
@@ -456,7 +463,7 @@ def logistic_slope(
         "ci_high": float(w[1] + 1.96 * se),
         "se": se,
         "intercept": float(w[0]),
-        "depth_coef": float(w[2]),
+        "depth_coef": float(w[2]) if depth is not None else float("nan"),
         "n": len(yv),
     }
 

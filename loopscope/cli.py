@@ -286,6 +286,9 @@ def verdict(
     task: str = typer.Option(None, help="task (default: the zoo card's)"),
     n: int = typer.Option(128, min=2, help="examples per split"),
     seed: int = typer.Option(0),
+    n_basin: int = typer.Option(
+        8, min=0, help="Gaussian inits per sample for the correct-basin fraction (0 skips it)"
+    ),
     out: Path = typer.Option(None, help="write the evidence table here (CSV)"),
     as_json: bool = typer.Option(False, "--json", help="print JSON records"),
 ) -> None:
@@ -296,7 +299,7 @@ def verdict(
     from loopscope.analysis import verdict as run_verdict
 
     m, t = _model_and_task(model, task)
-    df = run_verdict(m, t, n=n, seed=seed).to_frame()
+    df = run_verdict(m, t, n=n, seed=seed, n_basin=n_basin).to_frame()
     if out is not None:
         from loopscope.io import atomic_write_text
 

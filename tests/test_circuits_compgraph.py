@@ -205,6 +205,28 @@ def test_logistic_slope_matches_unpenalised_sklearn_and_covers_truth():
     assert np.isnan(flat["slope"])
 
 
+def test_logistic_slope_categorical_control_removes_a_position_confound():
+    # accuracy depends on the digit position only (high at both ends), never on df; df is large
+    # only at digit 0 (as for a product's units digit). A linear digit term leaves the digit-0
+    # contrast to df (a spurious slope); one dummy per digit (depth=None, op=digit) does not.
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(0)
+    n = 1000
+    digit = np.tile(np.arange(4), n)
+    df = np.where(digit == 0, rng.integers(60, 100, 4 * n), rng.integers(0, 2, 4 * n))
+    p_digit = np.array([0.99, 0.35, 0.6, 0.95])
+    y = rng.random(4 * n) < p_digit[digit]
+    fit = logistic_slope(y, df, None, op=digit)
+    assert abs(fit["slope"]) < 3 * fit["se"]  # no df effect (true slope 0)
+    assert np.isnan(fit["depth_coef"])
+    X = np.stack([np.log1p(df)] + [digit == k for k in (1, 2, 3)], 1).astype(float)
+    sk = LogisticRegression(C=np.inf, tol=1e-10, max_iter=10000).fit(X, y)
+    assert fit["slope"] == pytest.approx(sk.coef_[0, 0], abs=1e-4)
+    linear = logistic_slope(y, df, digit)
+    assert linear["ci_low"] > 1.0  # the confound the categorical control removes
+
+
 def test_digit_df_vs_brute_force():
     rng = np.random.default_rng(1)
     tx, ty = rng.integers(10, 100, 300), rng.integers(10, 100, 300)

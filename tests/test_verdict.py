@@ -1,8 +1,10 @@
 """analysis.verdict on hand-built loops with known character: a step-by-step parallel-carry loop
-(algorithmic) vs a lookup that ignores the loop (answers at once, fixed after step 1)."""
+(algorithmic) vs a lookup that ignores the loop (answers at once, fixed after step 1), and a
+multiplication memorizer whose correctness is set by whether it saw the pair in training."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 import loopscope as ls
@@ -49,6 +51,11 @@ def test_algorithmic_loop_reads_algorithmic():
     # the parallel carry settles each digit exactly when its carry chain has arrived
     settle = v[v.evidence == "answer settling step vs depth (Spearman)"]["value"]
     assert (settle > 0.9).all() and len(settle) == 2
+    # the carry register is a shift: any init is flushed out, the correct answer is the only basin
+    basin = v[v.evidence == "correct-basin fraction (noise inits)"]
+    assert len(basin) == 2 and (basin["value"] == 1.0).all()
+    assert (basin["supports"] == "algorithm").all()
+    assert not v.evidence.str.startswith("correctness vs subgraph").any()  # no training pairs
 
 
 def test_lookup_loop_reads_memorized_and_confidently_wrong():
@@ -57,7 +64,62 @@ def test_lookup_loop_reads_memorized_and_confidently_wrong():
     acc = v[v.evidence == "sequence accuracy"].set_index("split")["value"]
     assert acc["ood"] < 0.7
     assert v[v.evidence == "ID - OOD accuracy gap"]["supports"].item() == "memorized/heuristic"
+    # the lookup ignores the state, so every init ends on the same (often wrong) answer
+    basin = v[v.evidence == "correct-basin fraction (noise inits)"].set_index("split")
+    assert basin.loc["ood", "value"] == acc["ood"]
+    expected = "memorized/heuristic" if acc["ood"] < 0.5 else "neutral"
+    assert basin.loc["ood", "supports"] == expected
     batch = task.sample(64, "ood", seed=0)
     tr = ls.unroll(CarryLoop(lookup=True), batch.tokens, 40, decode=True)
     cw = confident_wrong(tr, batch.targets)
     assert cw["n_wrong"] > 0 and cw["settled_given_wrong"] == 1.0  # wrong AND converged
+
+
+class MultMemorizer(ls.Loop):
+    """Answers x*y digit by digit; digit k is right with probability 0.9 on training pairs and
+    0.3 on held-out ones (a fixed hash of (x, y, k)), so df explains correctness by design."""
+
+    def __init__(self, task, exact: bool = False) -> None:
+        super().__init__()
+        self.exact = exact
+        self.nd = task.nd
+        self.train = set(task.pairs["train"].tolist())
+        self.setup()
+
+    def encode(self, tokens):
+        nd = self.nd
+        w = 10 ** torch.arange(nd)
+        x = (tokens[:, :nd] * w).sum(1)
+        y = (tokens[:, nd + 1 : 2 * nd + 1] * w).sum(1)
+        return {"x": x, "y": y, "L": tokens.shape[1]}
+
+    def init_state(self, ctx, generator=None):
+        return torch.zeros(len(ctx["x"]), ctx["L"], 10, dtype=torch.float64)
+
+    def step(self, h, ctx, t=None):
+        nd2 = 2 * self.nd
+        digits = torch.zeros(len(ctx["x"]), ctx["L"], dtype=torch.long)
+        for i, (x, y) in enumerate(zip(ctx["x"].tolist(), ctx["y"].tolist(), strict=True)):
+            seen = (x * 10**self.nd + y) in self.train
+            for k in range(nd2):
+                d = (x * y // 10**k) % 10
+                u = ((x * 7919 + y * 104729 + k * 1299709) % 1000) / 1000
+                ok = self.exact or u < (0.9 if seen else 0.3)
+                digits[i, ctx["L"] - nd2 + k] = d if ok else (d + 1) % 10
+        return torch.nn.functional.one_hot(digits, 10).double() * 10
+
+    def decode(self, h, ctx):
+        return h
+
+
+def test_memorizer_reads_df_explained_and_exact_multiplier_does_not():
+    task = tasks.get("multiplication")
+    v = verdict(MultMemorizer(task), task, n=128, splits=("id",), n_basin=0).to_frame()
+    mem = v[v.evidence.str.startswith("correctness vs subgraph frequency")]
+    assert len(mem) == 1 and mem["split"].item() == "train+id"
+    assert mem["ci_low"].item() > 0.5 and mem["supports"].item() == "memorized/heuristic"
+    assert not (v.evidence == "correct-basin fraction (noise inits)").any()  # n_basin=0
+    exact = verdict(MultMemorizer(task, exact=True), task, n=32, splits=("id",), n_basin=0)
+    row = exact.to_frame().query("evidence.str.startswith('correctness vs subgraph')")
+    assert np.isnan(row["value"].item()) and row["supports"].item() == "neutral"
+    assert "every digit right" in row["reading"].item()
