@@ -74,10 +74,11 @@ def _spearman_row(
     yes: str,
     no: str,
     threshold: float = 0.3,
-) -> None:
-    """Append a Spearman(depth, value) evidence row when there is enough variation to rank."""
+) -> bool:
+    """Append a Spearman(depth, value) evidence row when there is enough variation to rank;
+    returns whether it did."""
     if keep.sum() <= 10 or np.std(depth[keep]) == 0 or np.std(value[keep]) == 0:
-        return
+        return False
     rho, _ = stats.spearmanr(depth[keep], value[keep])
     rows.append(
         dict(
@@ -91,6 +92,7 @@ def _spearman_row(
             supports="algorithm" if rho > threshold else "memorized/heuristic",
         )
     )
+    return True
 
 
 def confident_wrong(trace: Any, targets: torch.Tensor, tol: float = 1e-3) -> dict[str, float]:
@@ -118,7 +120,7 @@ def confident_wrong(trace: Any, targets: torch.Tensor, tol: float = 1e-3) -> dic
     }
 
 
-_OPTIONS = ("n", "seed", "iter_factor", "splits", "tol", "extra", "n_basin")
+_OPTIONS = ("n", "seed", "iter_factor", "splits", "tol", "extra", "n_basin", "n_probe")
 
 
 def verdict(model: Any, task: Any, **options: Any) -> Verdict:
@@ -129,15 +131,19 @@ def verdict(model: Any, task: Any, **options: Any) -> Verdict:
     per-token depth), path independence (AA of the readout from the model's init vs noise), the
     correct-basin fraction (share of ``n_basin`` Gaussian inits per sample, at the entry scale of
     the model's init, whose decoded answer is right; bootstrap CI over samples), and the ID − OOD
-    gap; for tasks with a training set of operand pairs (multiplication), correctness vs subgraph
+    gap; probe onset vs depth where the task's depth is a function of the position (state
+    tracking: depth = position): a ridge probe per (iteration, position) on ``n_probe`` sequences
+    for the target, onset = first iteration with held-out accuracy >= 0.9, Spearman with depth;
+    for tasks with a training set of operand pairs (multiplication), correctness vs subgraph
     frequency: the logistic slope of digit correctness on log1p(df) with one dummy per digit, on
-    train and held-out ID pairs. Probe onset, IIA, heuristic neurons and inductive-bias scores
-    come from :mod:`loopscope.probes` / :mod:`loopscope.circuits` through ``extra``.
+    train and held-out ID pairs. IIA, heuristic neurons and inductive-bias scores come from
+    :mod:`loopscope.probes` / :mod:`loopscope.circuits` through ``extra``.
 
     Options: ``n`` examples per split (128), ``seed`` (0), ``iter_factor`` (iterations = factor x
     length, 4: well past the training range, to see where the loop settles), ``splits``
     (("id", "ood")), ``tol`` (residual tolerance, 1e-3), ``n_basin`` (Gaussian inits per sample
-    for the correct-basin fraction, 8; 0 skips it), ``extra`` (a list of extra evidence rows).
+    for the correct-basin fraction, 8; 0 skips it), ``n_probe`` (sequences for the probe onset,
+    128; 0 skips it), ``extra`` (a list of extra evidence rows).
     """
     reject_unknown_kwargs("verdict", options, _OPTIONS)
     n = int(options.get("n", 128))
@@ -146,8 +152,10 @@ def verdict(model: Any, task: Any, **options: Any) -> Verdict:
     tol = float(options.get("tol", 1e-3))
     splits = tuple(options.get("splits", ("id", "ood")))
     n_basin = options.get("n_basin", 8)
-    if isinstance(n_basin, bool) or not isinstance(n_basin, int) or n_basin < 0:
-        raise LoopscopeError(f"n_basin must be an integer >= 0, got {n_basin!r}")
+    n_probe = options.get("n_probe", 128)
+    for name, v in (("n_basin", n_basin), ("n_probe", n_probe)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise LoopscopeError(f"{name} must be an integer >= 0, got {v!r}")
     for sp in splits:
         if sp not in task.splits:
             raise LoopscopeError(f"task {task.name!r} has no split {sp!r}")
@@ -239,6 +247,8 @@ def verdict(model: Any, task: Any, **options: Any) -> Verdict:
                 "correct answers appear later for deeper tokens (step-by-step)",
                 "answers appear regardless of depth (lookup-like)",
             )
+            if n_probe:
+                _probe_onset_row(rows, model, task, sp, T, n_probe, seed)
         # path independence: same budget from the model's init and from noise inits
         pi = path_independence(model, batch.tokens, inits=("default", "noise"), n_iter=T, seed=seed)
         aa = (
@@ -377,3 +387,56 @@ def _memorization_row(model: Any, task: Any, n: int, seed: int, factor: float) -
         reading=reading,
         supports="memorized/heuristic" if explained else "neutral",
     )
+
+
+def _probe_onset_row(
+    rows: list, model: Any, task: Any, split: str, T: int, n_probe: int, seed: int
+) -> None:
+    """Probe onset vs depth, when depth is a function of the position (else nothing to rank)."""
+    from loopscope.probes import onset, probe_trace
+
+    batch = task.sample(n_probe, split, seed=seed)
+    depth = batch.meta.get("depth")
+    mask = batch.targets != -100
+    if not isinstance(depth, torch.Tensor) or depth.shape != batch.targets.shape:
+        return
+    positions = [p for p in range(depth.shape[1]) if bool(mask[:, p].any())]
+    same = [bool((depth[mask[:, p], p] == depth[mask[:, p], p][0]).all()) for p in positions]
+    if not positions or not all(same):
+        return  # depth varies across sequences at a position: a per-position onset cannot rank it
+    tr = unroll(model, batch.tokens, T, seed=seed)
+    try:
+        _, df = probe_trace(tr, batch.targets, pooled=False, positions=positions, seed=seed)
+    except LoopscopeError:
+        return  # no position with enough labelled sequences of 2+ classes
+    on = onset(df, threshold=0.9)
+    dpos = {p: float(depth[mask[:, p], p][0]) for p in positions}
+    d = on["position"].map(dpos).to_numpy(dtype=float)
+    t_on = on["onset"].to_numpy(dtype=float)
+    ok = t_on >= 0
+    never = f"; {int((~ok).sum())} of {len(t_on)} positions never reach 0.9"
+    if _spearman_row(
+        rows,
+        "probe onset vs depth (Spearman)",
+        split,
+        d,
+        t_on,
+        ok,
+        "the state becomes linearly decodable depth by depth (a wavefront)",
+        "decodable regardless of depth",
+    ):
+        rows[-1]["reading"] += never
+    elif ok.sum() > 10 and np.std(d[ok]) > 0:  # one onset for every depth: nothing is sequential
+        rows.append(
+            dict(
+                evidence="probe onset vs depth (Spearman)",
+                split=split,
+                value=float("nan"),
+                ci_low=np.nan,
+                ci_high=np.nan,
+                n=int(ok.sum()),
+                reading=f"decodable at iteration {int(t_on[ok][0])} at every depth (no wavefront)"
+                + never,
+                supports="memorized/heuristic",
+            )
+        )

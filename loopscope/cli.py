@@ -289,6 +289,9 @@ def verdict(
     n_basin: int = typer.Option(
         8, min=0, help="Gaussian inits per sample for the correct-basin fraction (0 skips it)"
     ),
+    n_probe: int = typer.Option(
+        128, min=0, help="sequences for the probe onset vs depth (0 skips it)"
+    ),
     out: Path = typer.Option(None, help="write the evidence table here (CSV)"),
     as_json: bool = typer.Option(False, "--json", help="print JSON records"),
 ) -> None:
@@ -299,7 +302,7 @@ def verdict(
     from loopscope.analysis import verdict as run_verdict
 
     m, t = _model_and_task(model, task)
-    df = run_verdict(m, t, n=n, seed=seed, n_basin=n_basin).to_frame()
+    df = run_verdict(m, t, n=n, seed=seed, n_basin=n_basin, n_probe=n_probe).to_frame()
     if out is not None:
         from loopscope.io import atomic_write_text
 

@@ -559,7 +559,8 @@ def fig_verdict(ctx: PaperContext):
         "Confident-wrong = the loop settled (residual < 1e-3) on a wrong answer. Correct-basin fraction = "
         "share of 8 Gaussian inits per sample (entry scale of the model's init, same budget) that end on "
         "the right answer. Correctness vs subgraph frequency = logistic slope on log1p(df) with one dummy "
-        "per digit (multiplication only)."
+        "per digit (multiplication only). Probe onset = first iteration a ridge probe per position decodes the "
+        "target at >= 0.9 held-out accuracy, ranked against depth where depth is a function of the position."
     )
     return figures.verdict_table(df), df, "Verdict: algorithm vs memorization evidence", cap
 

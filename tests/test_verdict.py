@@ -123,3 +123,51 @@ def test_memorizer_reads_df_explained_and_exact_multiplier_does_not():
     row = exact.to_frame().query("evidence.str.startswith('correctness vs subgraph')")
     assert np.isnan(row["value"].item()) and row["supports"].item() == "neutral"
     assert "every digit right" in row["reading"].item()
+
+
+class Z5Wavefront(ls.Loop):
+    """Running sum mod 5 by a shift register: s_{t+1}[i] = s_t[i-1] + g_i, so s_t[i] is the
+    running sum exactly from iteration t = i on (depth = position); ``lookup`` writes every
+    running sum at iteration 1 (no wavefront)."""
+
+    def __init__(self, lookup: bool = False) -> None:
+        super().__init__()
+        self.lookup = lookup
+        self.setup()
+
+    def encode(self, tokens):
+        g = tokens.clone()
+        g[:, 0] = 0  # BOS acts as the identity
+        return {"g": g}
+
+    def init_state(self, ctx, generator=None):
+        return torch.zeros(*ctx["g"].shape, 5, dtype=torch.float64)
+
+    def step(self, h, ctx, t=None):
+        g = ctx["g"]
+        if self.lookup:
+            new = g.cumsum(1) % 5
+        else:
+            prev = torch.cat([torch.zeros_like(g[:, :1]), h.argmax(-1)[:, :-1]], dim=1)
+            new = (prev + g) % 5
+            new[:, 0] = 0
+        return torch.nn.functional.one_hot(new, 5).double()
+
+    def decode(self, h, ctx):
+        return h * 10
+
+
+def test_probe_onset_reads_the_wavefront_and_its_absence():
+    task = tasks.get("z5")
+    v = verdict(Z5Wavefront(), task, n=16, splits=("ood",), n_basin=0, n_probe=96).to_frame()
+    row = v[v.evidence == "probe onset vs depth (Spearman)"]
+    assert len(row) == 1 and row["value"].item() == 1.0  # onset at position i is iteration i
+    assert row["supports"].item() == "algorithm"
+    assert "0 of 32 positions never reach" in row["reading"].item()
+    lk = verdict(Z5Wavefront(lookup=True), task, n=16, splits=("ood",), n_basin=0, n_probe=96)
+    row = lk.to_frame().query("evidence == 'probe onset vs depth (Spearman)'")
+    assert np.isnan(row["value"].item()) and row["supports"].item() == "memorized/heuristic"
+    assert "decodable at iteration 1 at every depth" in row["reading"].item()
+    # carry depth varies across sequences at a position: no per-position onset row
+    carry = verdict(CarryLoop(), tasks.get("addition"), n=16, n_basin=0).to_frame()
+    assert not (carry.evidence == "probe onset vs depth (Spearman)").any()
