@@ -134,9 +134,11 @@ def verdict(model: Any, task: Any, **options: Any) -> Verdict:
     gap; probe onset vs depth where the task's depth is a function of the position (state
     tracking: depth = position): a ridge probe per (iteration, position) on ``n_probe`` sequences
     for the target, onset = first iteration with held-out accuracy >= 0.9, Spearman with depth;
+    on state-tracking tasks the inductive bias (R-IB / D-IB, normalised; 50 white-noise datasets,
+    a logistic head) of the end state at the last position against the true group element;
     for tasks with a training set of operand pairs (multiplication), correctness vs subgraph
     frequency: the logistic slope of digit correctness on log1p(df) with one dummy per digit, on
-    train and held-out ID pairs. IIA, heuristic neurons and inductive-bias scores come from
+    train and held-out ID pairs. IIA and heuristic neurons come from
     :mod:`loopscope.probes` / :mod:`loopscope.circuits` through ``extra``.
 
     Options: ``n`` examples per split (128), ``seed`` (0), ``iter_factor`` (iterations = factor x
@@ -247,8 +249,6 @@ def verdict(model: Any, task: Any, **options: Any) -> Verdict:
                 "correct answers appear later for deeper tokens (step-by-step)",
                 "answers appear regardless of depth (lookup-like)",
             )
-            if n_probe:
-                _probe_onset_row(rows, model, task, sp, T, n_probe, seed)
         # path independence: same budget from the model's init and from noise inits
         pi = path_independence(model, batch.tokens, inits=("default", "noise"), n_iter=T, seed=seed)
         aa = (
@@ -273,6 +273,8 @@ def verdict(model: Any, task: Any, **options: Any) -> Verdict:
         )
         if n_basin:
             rows.append(_basin_row(model, batch, T, n_basin, seed, sp))
+        if n_probe:
+            _state_rows(rows, model, task, sp, T, n_probe, seed)
     mem = _memorization_row(model, task, n, seed, factor)
     if mem is not None:
         rows.append(mem)
@@ -389,22 +391,93 @@ def _memorization_row(model: Any, task: Any, n: int, seed: int, factor: float) -
     )
 
 
-def _probe_onset_row(
+def _state_rows(
     rows: list, model: Any, task: Any, split: str, T: int, n_probe: int, seed: int
 ) -> None:
-    """Probe onset vs depth, when depth is a function of the position (else nothing to rank)."""
-    from loopscope.probes import onset, probe_trace
+    """Rows read off the latent state of ``n_probe`` sequences (one unroll): probe onset vs
+    depth, and the inductive bias of the end state on state-tracking tasks."""
+    from loopscope.tasks.groups import GroupTask
 
     batch = task.sample(n_probe, split, seed=seed)
     depth = batch.meta.get("depth")
     mask = batch.targets != -100
-    if not isinstance(depth, torch.Tensor) or depth.shape != batch.targets.shape:
+    positions = [p for p in range(batch.targets.shape[1]) if bool(mask[:, p].any())]
+    onset_ok = (
+        isinstance(depth, torch.Tensor)
+        and depth.shape == batch.targets.shape
+        and bool(positions)
+        # depth must be a function of the position, else a per-position onset cannot rank it
+        and all(bool((depth[mask[:, p], p] == depth[mask[:, p], p][0]).all()) for p in positions)
+    )
+    ib_ok = isinstance(task, GroupTask) and bool(mask[:, -1].all()) and n_probe >= 32
+    if not (onset_ok or ib_ok):
         return
-    positions = [p for p in range(depth.shape[1]) if bool(mask[:, p].any())]
-    same = [bool((depth[mask[:, p], p] == depth[mask[:, p], p][0]).all()) for p in positions]
-    if not positions or not all(same):
-        return  # depth varies across sequences at a position: a per-position onset cannot rank it
     tr = unroll(model, batch.tokens, T, seed=seed)
+    if onset_ok:
+        _probe_onset_row(rows, tr, batch, depth, mask, positions, split, seed)
+    if ib_ok:
+        _inductive_bias_row(rows, tr, batch, split, seed)
+
+
+def _inductive_bias_row(rows: list, tr: Any, batch: Any, split: str, seed: int) -> None:
+    """R-IB / D-IB (Vafa et al.) of a linear head on the end state at the last position, against
+    the true group element there: does the representation extrapolate white-noise labels by
+    state?"""
+    from loopscope.probes import inductive_bias_probe
+
+    X = tr.states[-1][:, -1].reshape(len(batch.tokens), -1)
+    states = batch.targets[:, -1]
+    if not bool(torch.isfinite(X).all()) or states.unique().numel() < 2:
+        return
+    n_pool = len(X) - max(2, round(0.5 * len(X)))
+    res = inductive_bias_probe(
+        X.double(), states, n_datasets=50, n_train=min(100, n_pool), seed=seed
+    )
+    readings = {
+        "R": (
+            "inputs with the same state get the same extrapolation",
+            "inputs with the same state are not grouped together",
+        ),
+        "D": (
+            "inputs with different states are told apart",
+            "inputs with different states are merged",
+        ),
+    }
+    for kind, (yes, no) in readings.items():
+        v, se = res.value(f"{kind}_norm"), res.stderr(f"{kind}_norm")
+        if v > 0.8:
+            supports, reading = "algorithm", yes
+        elif v < 0.5:
+            supports, reading = "memorized/heuristic", no
+        else:
+            supports, reading = "neutral", f"partly: {yes}"
+        rows.append(
+            dict(
+                evidence=f"inductive bias {kind}-IB (normalised) at the end state",
+                split=split,
+                value=v,
+                ci_low=v - 1.96 * se,
+                ci_high=v + 1.96 * se,
+                n=int(res.meta["n_datasets"]),
+                reading=reading,
+                supports=supports,
+            )
+        )
+
+
+def _probe_onset_row(
+    rows: list,
+    tr: Any,
+    batch: Any,
+    depth: torch.Tensor,
+    mask: torch.Tensor,
+    positions: list[int],
+    split: str,
+    seed: int,
+) -> None:
+    """Probe onset vs depth, when depth is a function of the position."""
+    from loopscope.probes import onset, probe_trace
+
     try:
         _, df = probe_trace(tr, batch.targets, pooled=False, positions=positions, seed=seed)
     except LoopscopeError:

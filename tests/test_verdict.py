@@ -128,11 +128,11 @@ def test_memorizer_reads_df_explained_and_exact_multiplier_does_not():
 class Z5Wavefront(ls.Loop):
     """Running sum mod 5 by a shift register: s_{t+1}[i] = s_t[i-1] + g_i, so s_t[i] is the
     running sum exactly from iteration t = i on (depth = position); ``lookup`` writes every
-    running sum at iteration 1 (no wavefront)."""
+    running sum at iteration 1 (no wavefront); ``surface`` holds only the current token."""
 
-    def __init__(self, lookup: bool = False) -> None:
+    def __init__(self, lookup: bool = False, surface: bool = False) -> None:
         super().__init__()
-        self.lookup = lookup
+        self.lookup, self.surface = lookup, surface
         self.setup()
 
     def encode(self, tokens):
@@ -145,6 +145,8 @@ class Z5Wavefront(ls.Loop):
 
     def step(self, h, ctx, t=None):
         g = ctx["g"]
+        if self.surface:  # holds only the current token: blind to the running state
+            return torch.nn.functional.one_hot(g, 5).double()
         if self.lookup:
             new = g.cumsum(1) % 5
         else:
@@ -171,3 +173,25 @@ def test_probe_onset_reads_the_wavefront_and_its_absence():
     # carry depth varies across sequences at a position: no per-position onset row
     carry = verdict(CarryLoop(), tasks.get("addition"), n=16, n_basin=0).to_frame()
     assert not (carry.evidence == "probe onset vs depth (Spearman)").any()
+
+
+def test_inductive_bias_rows_separate_state_from_surface_representations():
+    task = tasks.get("z5")
+    kw = dict(n=16, splits=("ood",), n_basin=0, n_probe=96)
+
+    def ib(loop):
+        v = verdict(loop, task, **kw).to_frame()
+        return v[v.evidence.str.startswith("inductive bias")].set_index("evidence")
+
+    good = ib(Z5Wavefront())
+    # the end state is the one-hot running sum: a linear head extrapolates exactly by state
+    assert len(good) == 2 and (good["value"] > 0.95).all()
+    assert (good["supports"] == "algorithm").all()
+    # holding only the last token: same-state inputs are split and different states merged
+    bad = ib(Z5Wavefront(surface=True))
+    d = bad.loc["inductive bias D-IB (normalised) at the end state"]
+    assert d["value"] < 0.5 and d["supports"] == "memorized/heuristic"
+    assert bad.loc["inductive bias R-IB (normalised) at the end state", "value"] < 0.9
+    # not a state-tracking task: no inductive-bias rows
+    carry = verdict(CarryLoop(), tasks.get("addition"), n=16, n_basin=0).to_frame()
+    assert not carry.evidence.str.startswith("inductive bias").any()
