@@ -144,8 +144,9 @@ def verdict(model: Any, task: Any, **options: Any) -> Verdict:
     Options: ``n`` examples per split (128), ``seed`` (0), ``iter_factor`` (iterations = factor x
     length, 4: well past the training range, to see where the loop settles), ``splits``
     (("id", "ood")), ``tol`` (residual tolerance, 1e-3), ``n_basin`` (Gaussian inits per sample
-    for the correct-basin fraction, 8; 0 skips it), ``n_probe`` (sequences for the probe onset,
-    128; 0 skips it), ``extra`` (a list of extra evidence rows).
+    for the correct-basin fraction, 8; 0 skips it), ``n_probe`` (sequences for the probe onset
+    and the inductive bias, 128; 0 skips both, the inductive bias needs >= 32), ``extra`` (a list
+    of extra evidence rows).
     """
     reject_unknown_kwargs("verdict", options, _OPTIONS)
     n = int(options.get("n", 128))
@@ -309,7 +310,9 @@ def _init_std(model: Any, tokens: torch.Tensor, seed: int) -> float:
     """Entry std of the model's own init (the scale of "random" initial states), else 1."""
     with torch.no_grad():
         h0 = model.init_state(model.encode(tokens), torch.Generator().manual_seed(seed))
-    std = float(h0.double().std()) if h0.numel() > 1 else 0.0
+    if not isinstance(h0, torch.Tensor) or h0.numel() < 2:
+        return 1.0
+    std = float(h0.double().std())
     return std if std > 0 and np.isfinite(std) else 1.0
 
 
