@@ -22,3 +22,13 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of small batched ops (restored afterwards); modules opt in
+    with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

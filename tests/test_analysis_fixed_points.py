@@ -17,13 +17,8 @@ from loopscope.errors import LoopscopeError
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # small batched ops: one thread is much faster than two contended ones
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# small batched ops: one thread is much faster than two contended ones
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def fpf_rnn(n: int) -> tuple[FnLoop, torch.Tensor]:

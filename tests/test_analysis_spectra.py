@@ -15,14 +15,8 @@ from loopscope.analysis import LoopMap, spectrum
 from loopscope.analysis.spectra import power_iteration_rho
 from loopscope.errors import LoopscopeError
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # small batched ops: one thread is much faster than two contended ones
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# small batched ops: one thread is much faster than two contended ones
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def nonnormal(case: str, n: int = 256, seed: int = 0):

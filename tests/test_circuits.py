@@ -27,14 +27,8 @@ from loopscope.circuits import (
 )
 from loopscope.errors import LoopscopeError
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # the CI box is shared: one BLAS thread is faster than two contended ones
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# the CI box is shared: one BLAS thread is faster than two contended ones
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def gate_table(kind, clean, corrupt):

@@ -16,13 +16,7 @@ import loopscope as ls
 from loopscope.circuits import attribution, circuit_graph, patch_sweep, toys
 from loopscope.errors import LoopscopeError
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_golden28_atp_saturates_on_tanh():

@@ -26,13 +26,7 @@ from loopscope.circuits.heuristics import (
 )
 from loopscope.errors import LoopscopeError
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def golden29():

@@ -34,12 +34,7 @@ Z, POST = "blocks.0.attn.hook_z", "blocks.0.mlp.hook_post"
 FREEZE = [Z, POST]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny(B=2, P=4, seed=1):

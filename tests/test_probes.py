@@ -12,14 +12,8 @@ from sklearn.linear_model import LogisticRegression, Ridge
 from loopscope.errors import LoopscopeError
 from loopscope.probes import LinearProbe, fit_probes, make_folds
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # the CI box is shared: one BLAS thread is faster than two contended ones
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# the CI box is shared: one BLAS thread is faster than two contended ones
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _data(S=6, N=500, d=8, seed=0, classes=2):

@@ -11,13 +11,7 @@ import torch
 from loopscope.errors import LoopscopeError
 from loopscope.probes import control_task, fit_probes, selectivity, type_keys
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_control_task_one_label_per_type_with_empirical_marginals():

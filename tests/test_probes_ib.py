@@ -13,13 +13,7 @@ import torch
 from loopscope.errors import LoopscopeError
 from loopscope.probes import inductive_bias, inductive_bias_probe, white_noise
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _golden23(seed=0):

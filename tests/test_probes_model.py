@@ -24,12 +24,7 @@ HOOKS = ["core.blocks.0.hook_resid_post", "core.blocks.1.mlp.hook_post"]
 B, P, T = 96, 5, 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -25,13 +25,7 @@ from loopscope.probes import (
     transfer_matrix,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 T, B, P, D = 6, 160, 4, 5

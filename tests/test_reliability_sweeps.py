@@ -32,13 +32,8 @@ from loopscope.io import ChunkCheckpoint
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # the box is shared, and the killed subprocess runs with one thread too (same floats)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# the box is shared, and the killed subprocess runs with one thread too (same floats)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- patch sweep: kill -9 and resume -----------------------------------------------------------
