@@ -10,6 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from toy_pairs import lp0, tiny_pair
 
 import loopscope as ls
 from loopscope import tasks
@@ -66,21 +67,8 @@ def test_golden27_single_differing_component():
     assert (t[("C", "denoise")], t[("C", "noise")]) == (1.0, 0.0)
 
 
-def _tiny_pair(B=2, P=4, seed=1):
-    model = toys.TinyLoopedTransformer(vocab_size=8, n_ctx=8, d_model=16, n_heads=2, d_mlp=24)
-    g = torch.Generator().manual_seed(seed)
-    clean = torch.randint(0, 8, (B, P), generator=g)
-    corrupt = clean.clone()
-    corrupt[:, 1] = (corrupt[:, 1] + 3) % 8
-    return model, clean, corrupt
-
-
-def _lp0(lg, i):
-    return lg[:, -1].log_softmax(-1)[:, 0]
-
-
 def test_batched_sweep_equals_one_forward_per_patch_exactly():
-    model, clean, corrupt = _tiny_pair()
+    model, clean, corrupt = tiny_pair()
     T = 3
     sites = ["hook_state", "blocks.0.attn.hook_z"]
     fast = patch_sweep(
@@ -89,7 +77,7 @@ def test_batched_sweep_equals_one_forward_per_patch_exactly():
         corrupt,
         sites,
         "all",
-        _lp0,
+        lp0,
         n_iter=T,
         direction="both",
         units={"blocks.0.attn.hook_z": 2},
@@ -119,7 +107,7 @@ def test_batched_sweep_equals_one_forward_per_patch_exactly():
             T,
             interventions=[ls.Patch(r.site, r.iteration, value=value)],
         )
-        assert _lp0(one.decode(), torch.tensor([0])).item() == r.metric  # bit for bit
+        assert lp0(one.decode(), torch.tensor([0])).item() == r.metric  # bit for bit
     # an unpatched reference equals the base columns, and recovery is the normalised metric
     assert np.allclose(
         fast["recovery"], (fast["metric"] - fast["corrupt"]) / (fast["clean"] - fast["corrupt"])
@@ -143,19 +131,19 @@ def _one_patch(model, inputs, r, src, T, read_at=None):
 
 
 def test_measure_at_reads_out_later():
-    model, clean, corrupt = _tiny_pair(B=2)
-    df = patch_sweep(model, clean, corrupt, ["hook_state"], [1], _lp0, n_iter=2, measure_at=5)
+    model, clean, corrupt = tiny_pair(B=2)
+    df = patch_sweep(model, clean, corrupt, ["hook_state"], [1], lp0, n_iter=2, measure_at=5)
     src = ls.unroll(model, clean, 5, capture=["hook_state"])["hook_state"][1]
     for r in df.itertuples():
         assert (
-            _lp0(_one_patch(model, corrupt, r, src, 2, read_at=5), torch.tensor([0])).item()
+            lp0(_one_patch(model, corrupt, r, src, 2, read_at=5), torch.tensor([0])).item()
             == r.metric
         )
     assert df.attrs["measured_at"] == 5
 
 
 def test_answer_metric_columns_match_a_direct_computation():
-    model, clean, corrupt = _tiny_pair(B=3)
+    model, clean, corrupt = tiny_pair(B=3)
     ans, wrong = torch.tensor([0, 1, 2]), torch.tensor([3, 4, 5])
     metric = logit_diff_metric(ans, wrong, position=-1)
     df = patch_sweep(model, clean, corrupt, ["hook_state"], [0, 2], metric, n_iter=3)
@@ -290,10 +278,10 @@ def test_resample_and_ablation_corruptions():
     with pytest.raises(LoopscopeError, match="partner"):
         resample(x, answers=torch.zeros(5))
 
-    model, clean, _ = _tiny_pair(B=3)
+    model, clean, _ = tiny_pair(B=3)
     z = zero_ablation(clean, ["blocks.0.hook_mlp_out"])
     df = patch_sweep(
-        model, clean, z, ["blocks.0.hook_mlp_out"], [0], _lp0, n_iter=2, direction="noise"
+        model, clean, z, ["blocks.0.hook_mlp_out"], [0], lp0, n_iter=2, direction="noise"
     )
     # noising with the zero source = zeroing one position of mlp_out at iteration 0
     r = df.iloc[5]
@@ -309,7 +297,7 @@ def test_resample_and_ablation_corruptions():
         2,
         interventions=[ls.Patch("blocks.0.hook_mlp_out", 0, value=zero_one)],
     )
-    assert _lp0(one.decode(), torch.tensor([0])).item() == r.metric
+    assert lp0(one.decode(), torch.tensor([0])).item() == r.metric
     m = mean_ablation(model, clean, ["blocks.0.hook_mlp_out"], 2)
     tr = ls.unroll(
         model,
@@ -325,12 +313,12 @@ def test_resample_and_ablation_corruptions():
 
 
 def test_gaussian_noise_needs_replication_flag():
-    model, clean, _ = _tiny_pair(B=2)
+    model, clean, _ = tiny_pair(B=2)
     with pytest.raises(LoopscopeError, match="replication"):
         gaussian_noise(model, clean)
     c = gaussian_noise(model, clean, positions=[1], replication=True, seed=0)
     assert c.flagged and c.meta["nu"] > 0
-    df = patch_sweep(model, clean, c, ["hook_state"], [0], _lp0, n_iter=2)
+    df = patch_sweep(model, clean, c, ["hook_state"], [0], lp0, n_iter=2)
     assert df.attrs["flagged"] and df.attrs["corruption"] == "gaussian"
     tr = ls.unroll(
         model, clean, 1, capture=["hook_embed"], interventions=c.interventions(torch.arange(2))
@@ -366,11 +354,11 @@ def test_bad_inputs():
         el = Elements()
         el.add(0, 0, pos=0)
         row_patch("hook_A", el, torch.tensor([0]), src, site_info(gate, src, "hook_A"))
-    model, clean, corrupt = _tiny_pair()
+    model, clean, corrupt = tiny_pair()
     with pytest.raises(LoopscopeError, match="position 9 out of range"):
-        patch_sweep(model, clean, corrupt, ["hook_state"], [0], _lp0, n_iter=1, positions=[9])
+        patch_sweep(model, clean, corrupt, ["hook_state"], [0], lp0, n_iter=1, positions=[9])
     assert math.isfinite(
-        patch_sweep(model, clean, corrupt, ["hook_state"], [0], _lp0, n_iter=1, positions=[-1])[
+        patch_sweep(model, clean, corrupt, ["hook_state"], [0], lp0, n_iter=1, positions=[-1])[
             "metric"
         ].iloc[0]
     )
@@ -390,9 +378,9 @@ def test_prefix_reuse_on_a_looped_transformer_with_random_init_and_encode_hooks(
     corrupt = clean.clone()
     corrupt[:, 1] = (corrupt[:, 1] + 1) % 7
     sites = ["core.blocks.0.hook_resid_pre", "hook_embed"]  # hook_embed fires in encode
-    fast = patch_sweep(model, clean, corrupt, sites, "all", _lp0, n_iter=4, seed=3, batch_size=9)
+    fast = patch_sweep(model, clean, corrupt, sites, "all", lp0, n_iter=4, seed=3, batch_size=9)
     slow = patch_sweep(
-        model, clean, corrupt, sites, "all", _lp0, n_iter=4, seed=3, reuse_prefix=False
+        model, clean, corrupt, sites, "all", lp0, n_iter=4, seed=3, reuse_prefix=False
     )
     assert len(fast) == (4 + 1) * 5 * 2 and set(fast[fast.site == "hook_embed"].iteration) == {0}
     # equal up to float64 rounding of batched vs single-row BLAS matmuls
@@ -414,7 +402,7 @@ def test_prefix_reuse_on_a_looped_transformer_with_random_init_and_encode_hooks(
             init=h0[r.example : r.example + 1],
             interventions=[ls.Patch(r.site, r.iteration, value=value)],
         )
-        assert _lp0(one.decode(), torch.tensor([0])).item() == pytest.approx(
+        assert lp0(one.decode(), torch.tensor([0])).item() == pytest.approx(
             r.metric, rel=1e-12, abs=1e-12
         )
 

@@ -10,6 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from toy_pairs import lp0, tiny_pair
 from transformer_lens.hook_points import HookPoint
 
 import loopscope as ls
@@ -86,24 +87,11 @@ def test_integrated_gradients_is_the_left_riemann_sum_and_converges():
     assert res.meta["method"] == "ig" and res.meta["ig_steps"] == m
 
 
-def _tiny(B=2, P=4):
-    model = toys.TinyLoopedTransformer(vocab_size=8, n_ctx=8, d_model=16, n_heads=2, d_mlp=24)
-    g = torch.Generator().manual_seed(3)
-    clean = torch.randint(0, 8, (B, P), generator=g)
-    corrupt = clean.clone()
-    corrupt[:, 1] = (corrupt[:, 1] + 3) % 8
-    return model, clean, corrupt
-
-
-def _lp0(lg, i):
-    return lg[:, -1].log_softmax(-1)[:, 0]
-
-
 def test_per_firing_gradients_match_central_differences():
-    model, clean, corrupt = _tiny()
+    model, clean, corrupt = tiny_pair(seed=3)
     T = 3
     site = "blocks.0.hook_mlp_out"
-    res = attribution(model, clean, corrupt, [site], _lp0, n_iter=T, top_k=0, validate=0)
+    res = attribution(model, clean, corrupt, [site], lp0, n_iter=T, top_k=0, validate=0)
     c = ls.unroll(model, clean, T, capture=[site])[site]
     k = ls.unroll(model, corrupt, T, capture=[site])[site]
     pe = res.per_example
@@ -120,7 +108,7 @@ def test_per_firing_gradients_match_central_differences():
                 tr = ls.unroll(
                     model, clean[b : b + 1], T, interventions=[ls.Patch(site, t, value=value)]
                 )
-                return _lp0(tr.decode(), torch.tensor([0])).item()
+                return lp0(tr.decode(), torch.tensor([0])).item()
 
             h = 1e-5
             fd = (m_at(h) - m_at(-h)) / (2 * h)
@@ -129,14 +117,14 @@ def test_per_firing_gradients_match_central_differences():
 
 
 def test_exact_recheck_equals_noising_sweep_and_agreement_report():
-    model, clean, corrupt = _tiny()
+    model, clean, corrupt = tiny_pair(seed=3)
     sites = ["hook_state", "blocks.0.attn.hook_z"]
     units = {"blocks.0.attn.hook_z": 2}
     res = attribution(
-        model, clean, corrupt, sites, _lp0, n_iter=3, units=units, top_k=5, validate="all"
+        model, clean, corrupt, sites, lp0, n_iter=3, units=units, top_k=5, validate="all"
     )
     sw = patch_sweep(
-        model, clean, corrupt, sites, "all", _lp0, n_iter=3, units=units, direction="noise"
+        model, clean, corrupt, sites, "all", lp0, n_iter=3, units=units, direction="noise"
     )
     sw = sw.assign(effect=sw["metric"] - sw["clean"])
     merged = res.per_example.merge(sw, on=["site", "iteration", "position", "unit", "example"])
@@ -147,7 +135,7 @@ def test_exact_recheck_equals_noising_sweep_and_agreement_report():
     assert a["spearman"] > 0.5  # AtP ranks a smooth tiny model's nodes well
     assert res.nodes["top_k"].sum() == 5 and set(res.to_frame().columns) >= {"agreement_spearman"}
     part = attribution(
-        model, clean, corrupt, sites, _lp0, n_iter=3, units=units, top_k=4, validate=3, seed=1
+        model, clean, corrupt, sites, lp0, n_iter=3, units=units, top_k=4, validate=3, seed=1
     )
     assert part.nodes["checked"].sum() == 7 and part.nodes[part.nodes.top_k]["checked"].all()
 

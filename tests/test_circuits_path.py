@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from toy_pairs import lp0, tiny_pair
 from transformer_lens.hook_points import HookPoint
 
 import loopscope as ls
@@ -37,32 +38,19 @@ FREEZE = [Z, POST]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _tiny(B=2, P=4, seed=1):
-    model = toys.TinyLoopedTransformer(vocab_size=8, n_ctx=8, d_model=16, n_heads=2, d_mlp=24)
-    g = torch.Generator().manual_seed(seed)
-    clean = torch.randint(0, 8, (B, P), generator=g)
-    corrupt = clean.clone()
-    corrupt[:, 1] = (corrupt[:, 1] + 3) % 8
-    return model, clean, corrupt
-
-
-def _lp0(lg, i):
-    return lg[:, -1].log_softmax(-1)[:, 0]
-
-
 # -- 1. nothing frozen = activation patching ------------------------------------------------------
 
 
 def test_nothing_frozen_readout_path_is_patch_sweep_exactly():
-    model, clean, corrupt = _tiny()
+    model, clean, corrupt = tiny_pair()
     T, units = 3, {Z: 2}
     ps = patch_sweep(
-        model, clean, corrupt, ["hook_state", Z], "all", _lp0, n_iter=T, direction="both",
+        model, clean, corrupt, ["hook_state", Z], "all", lp0, n_iter=T, direction="both",
         units=units, batch_size=7,
     )  # fmt: skip
     pp = path_patch_sweep(
         model, clean, corrupt, [("hook_state", "all", "all"), (Z, "all", "all", "all")],
-        "readout", _lp0, n_iter=T, freeze=[], direction="both", units=units, batch_size=7,
+        "readout", lp0, n_iter=T, freeze=[], direction="both", units=units, batch_size=7,
     )  # fmt: skip
     assert len(pp) == len(ps) == 2 * (3 * 4 * 2 + 3 * 4 * 2 * 2)
     assert (pp["receiver"] == "readout").all() and (pp["receiver_iteration"] == T).all()
@@ -74,7 +62,7 @@ def test_nothing_frozen_readout_path_is_patch_sweep_exactly():
     # with nothing frozen every route from a sender at t < 2 crosses the state h_2: the path to
     # the receiver h_2 (then the whole model) is the total effect again
     via = path_patch_sweep(
-        model, clean, corrupt, [("hook_state", [0, 1], "all")], [("hook_state", 2)], _lp0,
+        model, clean, corrupt, [("hook_state", [0, 1], "all")], [("hook_state", 2)], lp0,
         n_iter=T, freeze=[],
     )  # fmt: skip
     ref = ps[(ps.direction == "denoise") & (ps.site == "hook_state") & (ps.iteration < 2)]
@@ -156,7 +144,7 @@ def _same(a, b):
 
 
 def test_passes_leave_earlier_iterations_bit_identical_and_receivers_change_only_there():
-    model, clean, corrupt = _tiny(B=3)
+    model, clean, corrupt = tiny_pair(B=3)
     T, ts, tr_ = 4, 1, 2
     # receiver at the sender's position: with attention frozen, the state route cannot move
     # information to another position
@@ -236,7 +224,7 @@ def _reference(model, x_base, base, src, node, rset, freeze, T, b):
     sites = sorted({r.site for r in rset})
     p1 = ls.unroll(model, x, T, interventions=ivs, capture=sites)
     if not rset:
-        return _lp0(p1.decode(), torch.tensor([b])).item()
+        return lp0(p1.decode(), torch.tensor([b])).item()
     ivs2 = []
     for r in rset:
 
@@ -246,18 +234,18 @@ def _reference(model, x_base, base, src, node, rset, freeze, T, b):
             return out
 
         ivs2.append(ls.Patch(r.site, r.iteration, value=rcv))
-    return _lp0(ls.unroll(model, x, T, interventions=ivs2).decode(), torch.tensor([b])).item()
+    return lp0(ls.unroll(model, x, T, interventions=ivs2).decode(), torch.tensor([b])).item()
 
 
 def test_batched_rows_equal_one_path_per_forward_and_a_reference():
-    model, clean, corrupt = _tiny(B=2)
+    model, clean, corrupt = tiny_pair(B=2)
     T = 4
     senders = [(Z, [0, 1], [1, 3], "all"), ("hook_state", 1, 2), (POST, 0)]
     sets = ["readout", [(POST, 2, 3)], [(Z, 3, None, 1), ("hook_state", 3)], [(POST, 1)]]
     kw = dict(n_iter=T, freeze=FREEZE, units={Z: 2}, direction="both")
-    fast = path_patch_sweep(model, clean, corrupt, senders, sets, _lp0, batch_size=5, **kw)
+    fast = path_patch_sweep(model, clean, corrupt, senders, sets, lp0, batch_size=5, **kw)
     slow = path_patch_sweep(
-        model, clean, corrupt, senders, sets, _lp0, batch_size=1, reuse_prefix=False, **kw
+        model, clean, corrupt, senders, sets, lp0, batch_size=1, reuse_prefix=False, **kw
     )
     # 2 directions x 10 senders (8 z heads / positions, one state position, one mlp) x 4 sets x 2
     assert len(fast) == 2 * 10 * 4 * 2
@@ -290,11 +278,11 @@ def test_batched_rows_equal_one_path_per_forward_and_a_reference():
 
 
 def test_bad_inputs_raise_one_line_loopscope_errors():
-    model, clean, corrupt = _tiny()
+    model, clean, corrupt = tiny_pair()
     kw = dict(n_iter=3, freeze=FREEZE)
 
     def pp(sender, receivers="readout", **extra):
-        return path_patch(model, clean, corrupt, sender, receivers, _lp0, **{**kw, **extra})
+        return path_patch(model, clean, corrupt, sender, receivers, lp0, **{**kw, **extra})
 
     cases = [
         (lambda: pp(("blocks.0.attn.hook_zz", 1)), r"unknown hook name .*did you mean.*hook_z"),
