@@ -1,7 +1,9 @@
 """Fixed-point census (successor of FixedPointFinder) and IFT input sensitivity.
 
-:func:`find_fixed_points` runs a solver (Levenberg–Marquardt on q = ½‖f(h) − h‖² by default, in
-float64) from many seeds **per input sample**, then
+:func:`find_fixed_points` runs a solver in float64 from many seeds **per input sample** — by
+default the ``capture`` solver (:mod:`~loopscope.analysis.capture`: Adam warm start, chord-Newton
+capture by points already found, Levenberg–Marquardt on q = ½‖f(h) − h‖² for representatives and
+the rest) for 32 ≤ n ≤ 1024 and ≥ 32 seeds, per-seed LM otherwise — then
 
 1. classifies every seed's end point, never merging classes:
    ``fixed`` (r_rel < ``q_tol_rel``), ``slow`` (r_rel ∈ [q_tol_rel, slow_tol_rel]: the solver
@@ -53,6 +55,7 @@ from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 from torch import Tensor
 
+from loopscope.analysis.capture import CAPTURE_OPTIONS, capture_solve
 from loopscope.analysis.loopmap import LoopMap
 from loopscope.analysis.solvers import SolveResult, batched_gmres, solve_map
 from loopscope.analysis.spectra import spectrum_map
@@ -281,7 +284,7 @@ def find_fixed_points(
     loop: Any,
     inputs: Any,
     seeds: Tensor | int,
-    method: str = "lm",
+    method: str = "auto",
     q_tol_rel: float = 1e-10,
     slow_tol_rel: float = 1e-3,
     unique_tol: float | None = None,
@@ -293,15 +296,20 @@ def find_fixed_points(
         loop: a :class:`loopscope.Loop`; analysed in float64 on a copy.
         inputs: inputs for ``loop.encode`` (``None`` for autonomous maps); B input samples.
         seeds: ``[S, *state]`` shared seeds, ``[B, S, *state]`` per-sample seeds, or an int S.
-        method: solver (``lm`` default; ``newton_krylov``, ``adam_q``, ``anderson``, … — any
-            :func:`~loopscope.analysis.solve` method). Seeds are solved to r_rel < 1e-3·q_tol_rel.
+        method: ``auto`` (default: ``capture`` for 32 ≤ n ≤ 1024 state numbers and at least
+            32 seeds per input, ``lm`` otherwise),
+            ``capture`` (warm start, chord-Newton capture by known points, LM for the rest: see
+            :mod:`~loopscope.analysis.capture`) or any :func:`~loopscope.analysis.solve` method
+            run per seed (``lm``, ``newton_krylov``, ``adam_q``, ``anderson``, …). Seeds are
+            solved to r_rel < 1e-3·q_tol_rel.
         q_tol_rel: r_rel below which an end point is a fixed point (1e-10 in float64).
         slow_tol_rel: upper r_rel of a slow point (1e-3).
         unique_tol: clustering radius (default 1e-3·(1 + max‖h‖) per sample and kind).
         **options: ``max_iter`` (100), ``seed`` (0), ``noise`` (0.5, for int seeds),
             ``traj_steps`` (50), ``spectra`` (True), ``k`` / ``spectrum_method`` (passed to the
             spectrum), ``decode`` (True), ``sensitivity`` (False; needs ``wrt`` unless the context
-            is one tensor), ``wrt``, ``t``, ``solver_options`` (dict for the solver), ``chunk``
+            is one tensor), ``wrt``, ``t``, ``solver_options`` (dict for the solver; with
+            ``capture`` its own options go to it and the rest to the LM sub-solves), ``chunk``
             (seeds per solver call; default bounds the dense-Jacobian memory to ~256 MB),
             ``state_shape`` (needed to tell ``[B, S, *state]`` seeds from ``[S, *state]`` when
             the loop has no ``init_state``; without it seeds are read as ``[S, *state]``).
@@ -388,20 +396,39 @@ def find_fixed_points(
     # one virtual sample per (input sample, seed): the context is replicated by select()
     owner = torch.arange(B).repeat_interleave(S)
     chunk = int(options.get("chunk", max(1, 2**25 // max(1, n * n))))
-    results = []
-    for s0 in range(0, B * S, chunk):
-        sub = owner[s0 : s0 + chunk]
-        mc = _sub_map(m0, sub, state_shape, t)
-        results.append(
-            solve_map(
-                mc,
-                Z.reshape(B * S, n)[s0 : s0 + chunk],
-                method,
-                1e-3 * q_tol_rel,
-                max_iter,
-                **solver_options,
-            )
+    if method == "auto":
+        # capture pays once the O(n³) LM iteration dominates and seeds outnumber the points
+        # they end at; tiny states or few seeds are cheaper (and keep every seed's own LM basin)
+        # with LM per seed
+        method = "capture" if 32 <= n <= CAPTURE_OPTIONS["dense_max"] and S >= 32 else "lm"
+    if method == "capture":
+        cap_opts = {k: v for k, v in solver_options.items() if k in CAPTURE_OPTIONS}
+        lm_opts = {k: v for k, v in solver_options.items() if k not in CAPTURE_OPTIONS}
+        res = capture_solve(
+            _sub_map(m0, owner, state_shape, t),
+            Z.reshape(B * S, n).clone(),
+            owner,
+            1e-3 * q_tol_rel,
+            max_iter,
+            lm_options=lm_opts,
+            **cap_opts,
         )
+        results = [res]
+    else:
+        results = []
+        for s0 in range(0, B * S, chunk):
+            sub = owner[s0 : s0 + chunk]
+            mc = _sub_map(m0, sub, state_shape, t)
+            results.append(
+                solve_map(
+                    mc,
+                    Z.reshape(B * S, n)[s0 : s0 + chunk],
+                    method,
+                    1e-3 * q_tol_rel,
+                    max_iter,
+                    **solver_options,
+                )
+            )
     res = _concat(results)
     ends = res.z_best.reshape(B * S, n)
     r_rel = res.r_rel.numpy().reshape(B, S)
@@ -481,7 +508,7 @@ def find_fixed_points(
         end_states=ends.reshape(B, S, *state_shape),
         solve=res,
         meta={
-            "method": method,
+            "method": method,  # auto resolved
             "q_tol_rel": q_tol_rel,
             "slow_tol_rel": slow_tol_rel,
             "unique_tol": unique_tol,

@@ -1,0 +1,364 @@
+"""Census solver: Adam warm start, chord-Newton capture by known fixed points, LM for the rest.
+
+A census solves the *same* map from hundreds of seeds, and most seeds end at a handful of points.
+Solving each seed with its own dense Levenberg–Marquardt pays an n-column Jacobian, a Gram matrix
+and a Cholesky factorisation (O(n³)) at every iteration of every seed; the FixedPointFinder recipe
+pays O(n²) per iteration but thousands of iterations and stops at slow points. ``capture`` spends
+the O(n³) work once per *point* instead of once per seed-iteration:
+
+1. **Warm start.** Adam on q = ½‖f(z) − z‖² (one forward and one vjp per iteration, O(n²)) for
+   ``adam_iters`` iterations from every active seed, with a step ``lr`` × the RMS of that input
+   sample's seeds, carries the seeds into the neighbourhoods of critical points of q.
+2. **Capture.** Every fixed point found so far for the same input sample keeps the LU factors of
+   J(h*) − I. A seed is iterated with the chord-Newton step z ← z − (J(h*) − I)⁻¹ (f(z) − z) of its
+   ``n_try`` nearest known points, one at a time (``chord_steps`` steps, O(n²) each, all seeds
+   that share a point in one triangular solve). A seed is *captured* only if its own iterate
+   reaches r_rel < tol: the end point is that seed's own, verified fixed point (often the point
+   that captured it, sometimes another one), never a copy of a representative.
+3. **Representatives.** ``k_rep`` uncaptured seeds per input sample, spread out by farthest-point
+   sampling, are solved by the dense LM of :mod:`~loopscope.analysis.solvers`; their fixed points
+   join the library (and are tried on the remaining seeds at once).
+
+After ``rounds`` rounds every still-uncaptured seed is solved by LM from its warm-started state,
+so slow points and non-converged seeds get exactly the LM's stalling tests and labels.
+
+Measured on random tanh RNNs (``benchmarks/census.py``): the LM work drops from every seed to a
+few dozen, and more seeds end at verified fixed points than with LM alone, because the warm start
+leaves fewer seeds in LM's slow-point traps.
+
+Example:
+    >>> import torch
+    >>> from loopscope import FnLoop
+    >>> from loopscope.analysis.loopmap import LoopMap
+    >>> loop = FnLoop(step=lambda h: torch.tanh(2 * h))
+    >>> m = LoopMap(loop, None, state_shape=(1,), batch_size=5)
+    >>> z0 = torch.linspace(-1, 1, 5, dtype=torch.float64)[:, None]
+    >>> res = capture_solve(m, z0, torch.zeros(5, dtype=torch.long), tol=1e-13)
+    >>> res.status
+    ['converged', 'converged', 'converged', 'converged', 'converged']
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from loopscope.analysis.loopmap import LoopMap
+from loopscope.analysis.solvers import SolveResult, _kappa, solve_map
+from loopscope.errors import LoopscopeError
+
+__all__ = ["capture_solve", "CAPTURE_OPTIONS"]
+
+CAPTURE_OPTIONS: dict[str, Any] = {
+    "adam_iters": 70,
+    "lr": 0.05,
+    "rounds": 2,
+    "k_rep": 16,
+    "n_try": 3,
+    "chord_steps": 30,
+    "dense_max": 1024,
+}
+
+
+def _farthest(X: Tensor, k: int) -> Tensor:
+    """Indices of ``k`` rows of ``X [m, n]`` by farthest-point sampling from row 0 (deterministic)."""
+    sel = [0]
+    d = (X - X[0]).norm(dim=1)
+    for _ in range(1, min(k, len(X))):
+        i = int(d.argmax())
+        if float(d[i]) == 0.0:
+            break  # the rest coincide with a chosen row
+        sel.append(i)
+        d = torch.minimum(d, (X - X[i]).norm(dim=1))
+    return torch.as_tensor(sel, dtype=torch.long)
+
+
+def _restrict(m: LoopMap, idx: Tensor) -> LoopMap:
+    """A LoopMap over samples ``idx`` of ``m`` (the context rows selected, same dtype)."""
+    ctx = m.loop.select(m.ctx, idx) if m._has_batch_ctx else m.ctx
+    return LoopMap(
+        m.loop, ctx=ctx, dtype=m.dtype, t=m.t, state_shape=m.state_shape, batch_size=len(idx)
+    )
+
+
+class _Book:
+    """Per-seed best iterate, residual traces and provenance across the three phases."""
+
+    def __init__(self, z0: Tensor) -> None:
+        S = z0.shape[0]
+        inf = torch.full((S,), math.inf, dtype=torch.float64)
+        self.z_best, self.z_last = z0.clone(), z0.clone()
+        self.rel_best, self.abs_best, self.rel_last = inf.clone(), inf.clone(), inf.clone()
+        self.best_at = torch.zeros(S, dtype=torch.long)
+        self.n_rec = torch.zeros(S, dtype=torch.long)
+        self.extra = {k: torch.zeros(S, dtype=torch.long) for k in ("nfe", "n_jvp", "n_vjp")}
+        self.status = ["max_iter"] * S
+        self.reason = ["iteration budget exhausted"] * S
+        self.log: list[tuple[Tensor, Tensor, Tensor]] = []
+
+    def record(self, idx: Tensor, z: Tensor, fz: Tensor) -> tuple[Tensor, Tensor]:
+        """Score iterates ``z`` of seeds ``idx``; returns their (r_rel, r_abs)."""
+        r_abs = (fz - z).norm(dim=1).to(torch.float64)
+        r_rel = r_abs / (fz.norm(dim=1).to(torch.float64) + 1e-9)
+        finite = torch.isfinite(r_rel) & torch.isfinite(z).all(1)
+        r_abs = torch.where(finite, r_abs, math.inf)
+        r_rel = torch.where(finite, r_rel, math.inf)
+        self._merge(idx, z, r_rel, r_abs, self.n_rec[idx])
+        self.log.append((idx.clone(), r_abs.clone(), r_rel.clone()))
+        self.z_last[idx], self.rel_last[idx] = z, r_rel
+        self.n_rec[idx] += 1
+        return r_rel, r_abs
+
+    def _merge(self, idx: Tensor, z: Tensor, r_rel: Tensor, r_abs: Tensor, at: Tensor) -> None:
+        better = r_rel < self.rel_best[idx]
+        bi = idx[better]
+        self.z_best[bi], self.rel_best[bi], self.abs_best[bi] = (
+            z[better],
+            r_rel[better],
+            r_abs[better],
+        )
+        self.best_at[bi] = at[better]
+
+    def absorb(self, idx: Tensor, res: SolveResult) -> None:
+        """Append an LM sub-solve of seeds ``idx`` (its traces, counters, best, status)."""
+        n = res.z_best.shape[0]
+        zb, zl = res.z_best.reshape(n, -1), res.z_last.reshape(n, -1)
+        self._merge(idx, zb, res.r_rel, res.r_abs, self.n_rec[idx] + res.iterations - 1)
+        for j, b in enumerate(idx.tolist()):
+            self.log.append(
+                (
+                    torch.full((len(res.residuals[j]),), b, dtype=torch.long),
+                    torch.as_tensor(res.residuals_abs[j], dtype=torch.float64),
+                    torch.as_tensor(res.residuals[j], dtype=torch.float64),
+                )
+            )
+            self.status[b], self.reason[b] = res.status[j], f"LM: {res.reason[j]}"
+        self.z_last[idx], self.rel_last[idx] = zl, res.r_rel_last
+        self.n_rec[idx] += res.iterations
+        self.extra["nfe"][idx] += res.nfe
+        self.extra["n_jvp"][idx] += res.n_jvp
+        self.extra["n_vjp"][idx] += res.n_vjp
+
+    def traces(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        S = len(self.status)
+        rel: list[list[float]] = [[] for _ in range(S)]
+        ab: list[list[float]] = [[] for _ in range(S)]
+        for idx, a, r in self.log:
+            for b, av, rv in zip(idx.tolist(), a.tolist(), r.tolist(), strict=True):
+                rel[b].append(rv)
+                ab[b].append(av)
+        return [np.asarray(r) for r in rel], [np.asarray(a) for a in ab]
+
+
+def capture_solve(
+    m: LoopMap,
+    z0: Tensor,
+    owner: Tensor,
+    tol: float,
+    max_iter: int = 100,
+    lm_options: dict[str, Any] | None = None,
+    **options: Any,
+) -> SolveResult:
+    """Solve ``f(z) = z`` from seeds ``z0 [S, n]`` of a census (see the module docstring).
+
+    Args:
+        m: LoopMap over the S seeds (sample i is seed i; its context that of input ``owner[i]``).
+        z0: ``[S, n]`` seeds in the analysis dtype.
+        owner: ``[S]`` long, the input sample of each seed: only seeds of the same input share
+            fixed points (the map differs between inputs).
+        tol: r_rel below which a seed has converged.
+        max_iter: the LM iteration budget per seed (warm-start and chord steps come on top).
+        lm_options: options for the LM sub-solves (``mu0``, ``stall_window``, ...).
+        **options: ``adam_iters`` (70), ``lr`` (0.05, relative to the RMS of the input's seeds),
+            ``rounds`` (2), ``k_rep`` (16), ``n_try`` (3), ``chord_steps`` (30), ``dense_max``
+            (1024; larger states cannot keep n × n factors per point and raise).
+
+    Returns:
+        :class:`~loopscope.analysis.solvers.SolveResult` over the S seeds; ``status`` is
+        ``converged`` for captured seeds (``reason`` names the seed whose point captured it) and
+        the LM's status for the others; ``iterations`` counts every evaluated iterate.
+    """
+    o = {**CAPTURE_OPTIONS, **options}
+    unknown = set(options) - set(CAPTURE_OPTIONS)
+    if unknown:
+        raise LoopscopeError(
+            f"capture got unknown option(s) {sorted(unknown)}; allowed: {sorted(CAPTURE_OPTIONS)}"
+        )
+    S, n = z0.shape
+    if n > int(o["dense_max"]):
+        raise LoopscopeError(
+            f"capture keeps an {n}x{n} LU factor per fixed point; states above dense_max="
+            f"{o['dense_max']} need method='lm' (Gauss-Newton-CG)"
+        )
+    t0 = time.perf_counter()
+    m.reset_counts()
+    lm_options = dict(lm_options or {})
+    owner = torch.as_tensor(owner, dtype=torch.long)
+    z = z0.detach().clone()
+    book = _Book(z)
+    done = torch.zeros(S, dtype=torch.bool)
+    # per input sample: [(point, LU, pivots, seed that found it)]
+    library: dict[int, list[tuple[Tensor, Tensor, Tensor, int]]] = {}
+    eye = torch.eye(n, dtype=z.dtype)
+    owners = owner.unique().tolist()
+    # the warm-start step is relative to each input's state scale
+    lr = torch.empty(S, dtype=z.dtype)
+    finite = torch.isfinite(z).all(1)
+    for b in owners:
+        sel = owner == b
+        ok = z[sel & finite]  # a NaN / inf seed must not poison its neighbours' step size
+        rms = float(ok.pow(2).mean().sqrt()) if len(ok) else 1.0
+        lr[sel] = float(o["lr"]) * max(rms, 1e-12)
+    mom, vel = torch.zeros_like(z), torch.zeros_like(z)
+    steps = torch.zeros(S, dtype=torch.long)
+    b1, b2 = 0.9, 0.999
+
+    def warm_start(idx: Tensor) -> None:
+        # local contiguous copies: gathers / scatters per iteration cost more than the step
+        zi, mi, vi, ti, lri = z[idx], mom[idx], vel[idx], steps[idx], lr[idx, None]
+        best_z, best_r = zi.clone(), torch.full((len(idx),), math.inf, dtype=torch.float64)
+        for _ in range(int(o["adam_iters"])):
+            fz, grad = m.q_grad(zi, idx)
+            r_abs = (fz - zi).norm(dim=1).to(torch.float64)
+            r_rel = r_abs / (fz.norm(dim=1).to(torch.float64) + 1e-9)
+            book.log.append((idx, r_abs, r_rel))
+            better = r_rel < best_r  # NaN never compares smaller: a blown-up seed keeps its best
+            best_z[better], best_r[better] = zi[better], r_rel[better]
+            grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
+            ti += 1
+            mi.mul_(b1).add_(grad, alpha=1 - b1)
+            vi.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+            bc1 = (1 - b1 ** ti.to(z.dtype))[:, None]
+            bc2 = (1 - b2 ** ti.to(z.dtype))[:, None]
+            zi = zi - lri * (mi / bc1) / ((vi / bc2).sqrt() + 1e-12)
+        book.n_rec[idx] += int(o["adam_iters"])
+        fz = m.f(best_z, idx)
+        book.record(idx, best_z, fz)
+        z[idx], mom[idx], vel[idx], steps[idx] = zi, mi, vi, ti
+
+    def chord(idx: Tensor) -> None:
+        """Try to capture seeds ``idx`` with their input's nearest known points; points the
+        chord lands on that the library lacks join it, and the rest is tried again."""
+        while True:
+            for b in owners:
+                lib = library.get(b)
+                sb = idx[(owner[idx] == b) & ~done[idx]]
+                if not lib or sb.numel() == 0:
+                    continue
+                P = torch.stack([p for p, *_ in lib])
+                order = torch.cdist(z[sb], P).argsort(dim=1)
+                for rank in range(min(int(o["n_try"]), len(lib))):
+                    for j, (_, LU, piv, src) in enumerate(lib):
+                        sel = sb[(order[:, rank] == j) & ~done[sb]]
+                        if sel.numel():
+                            _chord_run(sel, LU, piv, src)
+            if not add_points(idx[done[idx]]):
+                return
+
+    def add_points(cand: Tensor) -> int:
+        """Add the converged end points of seeds ``cand`` that the library lacks (1e-6 relative);
+        one Jacobian and LU factorisation per new point. Returns how many were added."""
+        new: list[int] = []
+        for s in cand[book.rel_best[cand] < tol].tolist():
+            p, lib = book.z_best[s], library.get(int(owner[s]), [])
+            pts = [q for q, *_ in lib] + [book.z_best[t] for t in new if owner[t] == owner[s]]
+            if all(float((p - q).norm()) > 1e-6 * (1 + float(q.norm())) for q in pts):
+                new.append(s)
+        if not new:
+            return 0
+        found = torch.as_tensor(new, dtype=torch.long)
+        J = _restrict(m, found).jacobian(book.z_best[found]) - eye
+        book.extra["n_jvp"][found] += n
+        added = 0
+        for i, s in enumerate(new):
+            LU, piv, info = torch.linalg.lu_factor_ex(J[i])
+            if int(info) == 0:  # a singular J − I (a bifurcation point) cannot drive chords
+                library.setdefault(int(owner[s]), []).append((book.z_best[s], LU, piv, s))
+                added += 1
+        return added
+
+    def _chord_run(sel: Tensor, LU: Tensor, piv: Tensor, src: int) -> None:
+        zz = z[sel].clone()
+        fz = m.f(zz, sel)
+        r_rel, r_abs = book.record(sel, zz, fz)
+        live = torch.isfinite(r_abs) & (r_rel >= tol)
+        r0 = r_abs.clone()
+        for _ in range(int(o["chord_steps"])):
+            if not bool(live.any()):
+                break
+            k = live.nonzero().flatten()
+            step = torch.linalg.lu_solve(LU, piv, (zz[k] - fz[k]).T).T  # (J* − I) s = −g
+            zz[k] = zz[k] + step
+            fz[k] = m.f(zz[k], sel[k])
+            rr, ra = book.record(sel[k], zz[k], fz[k])
+            r_rel[k], r_abs[k] = rr, ra
+            # the chord iteration is not monotone, but one that blows up will not come back
+            live[k] = torch.isfinite(ra) & (rr >= tol) & (ra < 1e3 * r0[k])
+        got = r_rel < tol
+        for b in sel[got].tolist():
+            book.status[b] = "converged"
+            book.reason[b] = f"chord-Newton capture with the Jacobian of the point from seed {src}"
+        done[sel[got]] = True
+
+    def lm(idx: Tensor, chunk: int) -> None:
+        for s0 in range(0, idx.numel(), chunk):
+            k = idx[s0 : s0 + chunk]
+            res = solve_map(_restrict(m, k), z[k].clone(), "lm", tol, max_iter, **lm_options)
+            book.absorb(k, res)
+            done[k] = True
+
+    chunk = max(1, 2**25 // max(1, n * n))
+    for _ in range(int(o["rounds"])):
+        active = (~done).nonzero().flatten()
+        if active.numel() == 0:
+            break
+        warm_start(active)
+        chord(active)
+        reps = []
+        for b in owners:
+            # non-finite seeds are left to the final LM, which labels them diverged
+            sb = ((owner == b) & ~done & torch.isfinite(z).all(1)).nonzero().flatten()
+            if sb.numel():
+                reps.append(sb[_farthest(z[sb], int(o["k_rep"]))])
+        if not reps:
+            break
+        rep = torch.cat(reps)
+        lm(rep, chunk)
+        if add_points(rep):
+            chord((~done).nonzero().flatten())
+    rest = (~done).nonzero().flatten()
+    if rest.numel():
+        lm(rest, chunk)
+
+    rel, ab = book.traces()
+    return SolveResult(
+        z_last=m.unflatten(book.z_last),
+        z_best=m.unflatten(book.z_best),
+        nfe=m.nfe + book.extra["nfe"],
+        n_jvp=m.n_jvp + book.extra["n_jvp"],
+        n_vjp=m.n_vjp + book.extra["n_vjp"],
+        iterations=book.n_rec.clone(),
+        status=list(book.status),
+        reason=list(book.reason),
+        r_rel=book.rel_best.clone(),
+        r_abs=book.abs_best.clone(),
+        r_rel_last=book.rel_last.clone(),
+        kappa=torch.tensor([_kappa(a) for a in ab], dtype=torch.float64),
+        best_is_last=book.best_at == (book.n_rec - 1),
+        residuals=rel,
+        residuals_abs=ab,
+        method="capture",
+        tol=float(tol),
+        wall_time=time.perf_counter() - t0,
+        meta={
+            "resolved": "capture",
+            "options": o,
+            "lm_options": lm_options,
+            "library": {b: [src for *_, src in lib] for b, lib in library.items()},
+        },
+    )
