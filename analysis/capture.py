@@ -15,12 +15,17 @@ the O(n³) work once per *point* instead of once per seed-iteration:
    that share a point in one triangular solve). A seed is *captured* only if its own iterate
    reaches r_rel < tol: the end point is that seed's own, verified fixed point (often the point
    that captured it, sometimes another one), never a copy of a representative.
-3. **Representatives.** ``k_rep`` uncaptured seeds per input sample, spread out by farthest-point
-   sampling, are solved by the dense LM of :mod:`~loopscope.analysis.solvers`; their fixed points
-   join the library (and are tried on the remaining seeds at once).
+3. **Representatives.** In every round but the last, ``k_rep`` uncaptured seeds per input
+   sample, spread out by farthest-point sampling, are solved by the dense LM of
+   :mod:`~loopscope.analysis.solvers`; their fixed points join the library and are tried on the
+   remaining seeds at once. All representatives of a round are solved *before* they capture
+   anything: capture is loose (a chord may drag a seed to a point it was not heading for), so
+   discovering points in small batches lets early points steal the seeds of later ones (a
+   9-point test map: 4 of 9 found with batches of 4, 7 with 8 representatives, 9 with 16).
 
-After ``rounds`` rounds every still-uncaptured seed is solved by LM from its warm-started state,
-so slow points and non-converged seeds get exactly the LM's stalling tests and labels.
+After the last round's warm start and capture, every still-uncaptured seed is solved by LM from
+its warm-started state, so slow points and non-converged seeds get exactly the LM's stalling
+tests and labels.
 
 Measured on random tanh RNNs (``benchmarks/census.py``): the LM work drops from every seed to a
 few dozen, and more seeds end at verified fixed points than with LM alone, because the warm start
@@ -241,12 +246,15 @@ def capture_solve(
         book.record(idx, best_z, fz)
         z[idx], mom[idx], vel[idx], steps[idx] = zi, mi, vi, ti
 
-    def chord(idx: Tensor) -> None:
-        """Try to capture seeds ``idx`` with their input's nearest known points; points the
-        chord lands on that the library lacks join it, and the rest is tried again."""
+    def chord(idx: Tensor, first: dict[int, int] | None = None) -> None:
+        """Try to capture seeds ``idx`` with their input's nearest known points, from library
+        entry ``first[b]`` on (the older ones already failed from these positions); points the
+        chord lands on that the library lacks join it and are tried on the rest."""
+        first = dict(first or {})
         while True:
+            was_done = done.clone()
             for b in owners:
-                lib = library.get(b)
+                lib = library.get(b, [])[first.get(b, 0) :]
                 sb = idx[(owner[idx] == b) & ~done[idx]]
                 if not lib or sb.numel() == 0:
                     continue
@@ -257,7 +265,8 @@ def capture_solve(
                         sel = sb[(order[:, rank] == j) & ~done[sb]]
                         if sel.numel():
                             _chord_run(sel, LU, piv, src)
-            if not add_points(idx[done[idx]]):
+            first = {b: len(library.get(b, [])) for b in owners}
+            if not add_points(idx[done[idx] & ~was_done[idx]]):
                 return
 
     def add_points(cand: Tensor) -> int:
@@ -313,12 +322,14 @@ def capture_solve(
             done[k] = True
 
     chunk = max(1, 2**25 // max(1, n * n))
-    for _ in range(int(o["rounds"])):
+    for r in range(int(o["rounds"])):
         active = (~done).nonzero().flatten()
         if active.numel() == 0:
             break
         warm_start(active)
         chord(active)
+        if r == int(o["rounds"]) - 1:
+            break  # the final LM below solves every seed still uncaptured, representatives too
         reps = []
         for b in owners:
             # non-finite seeds are left to the final LM, which labels them diverged
@@ -329,8 +340,9 @@ def capture_solve(
             break
         rep = torch.cat(reps)
         lm(rep, chunk)
+        sizes = {b: len(library.get(b, [])) for b in owners}
         if add_points(rep):
-            chord((~done).nonzero().flatten())
+            chord((~done).nonzero().flatten(), sizes)
     rest = (~done).nonzero().flatten()
     if rest.numel():
         lm(rest, chunk)
