@@ -55,7 +55,7 @@ from torch import Tensor
 
 from loopscope.analysis.loopmap import LoopMap
 from loopscope.analysis.solvers import SolveResult, _kappa, solve_map
-from loopscope.errors import LoopscopeError
+from loopscope.errors import LoopscopeError, check_positive_int
 
 __all__ = ["capture_solve", "CAPTURE_OPTIONS"]
 
@@ -194,6 +194,10 @@ def capture_solve(
         raise LoopscopeError(
             f"capture got unknown option(s) {sorted(unknown)}; allowed: {sorted(CAPTURE_OPTIONS)}"
         )
+    for name in ("adam_iters", "rounds", "k_rep", "n_try", "chord_steps", "dense_max"):
+        check_positive_int(name, o[name])
+    if isinstance(o["lr"], bool) or not isinstance(o["lr"], (int, float)) or not o["lr"] > 0:
+        raise LoopscopeError(f"lr must be a positive number, got {o['lr']!r}")
     S, n = z0.shape
     if n > int(o["dense_max"]):
         raise LoopscopeError(

@@ -57,7 +57,7 @@ from torch import Tensor
 
 from loopscope.analysis.capture import CAPTURE_OPTIONS, capture_solve
 from loopscope.analysis.loopmap import LoopMap
-from loopscope.analysis.solvers import SolveResult, batched_gmres, solve_map
+from loopscope.analysis.solvers import METHODS, SolveResult, batched_gmres, solve_map
 from loopscope.analysis.spectra import spectrum_map
 from loopscope.errors import LoopscopeError, check_positive_int, reject_unknown_kwargs
 from loopscope.loop import batch_size_of
@@ -318,6 +318,10 @@ def find_fixed_points(
         :class:`FixedPointCensus`.
     """
     reject_unknown_kwargs("find_fixed_points", options, _OPTIONS)
+    if method not in (*METHODS, "capture"):
+        raise LoopscopeError(
+            f"unknown solver method {method!r}; choose one of capture, {', '.join(METHODS)}"
+        )
     for name, v in (("q_tol_rel", q_tol_rel), ("slow_tol_rel", slow_tol_rel)):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
             raise LoopscopeError(f"{name} must be a positive number, got {v!r}")

@@ -657,15 +657,14 @@ def _adam_q(m: LoopMap, z: Tensor, tr: _Track, max_iter: int, o: dict) -> None:
         if idx.numel() == 0:
             return
         zi = z[idx]
-        # one vjp gives f(z) and J^T g: grad q = (J - I)^T g
-        fz = m.f(zi, idx)
+        # one forward and one pullback give f(z) and grad q = (J - I)^T (f(z) - z)
+        fz, gq = m.q_grad(zi, idx)
         g = fz - zi
-        _, jtg = m.vjp(zi, g, idx)
         keep = tr.record(idx, zi, fz)
         k = idx[keep]
         if k.numel() == 0:
             continue
-        grad = (jtg - g)[keep]
+        grad = gq[keep]
         q = 0.5 * (g * g).sum(1).to(torch.float64)[keep]
         small_dq = (qprev[k] - q).abs() < tol_dq * lr[k]
         tr.finish(k[small_dq], "stalled", "|dq| < tol_dq * lr (FixedPointFinder stop)")
