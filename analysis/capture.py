@@ -8,7 +8,9 @@ the O(n³) work once per *point* instead of once per seed-iteration:
 
 1. **Warm start.** Adam on q = ½‖f(z) − z‖² (one forward and one vjp per iteration, O(n²)) for
    ``adam_iters`` iterations from every active seed, with a step ``lr`` × the RMS of that input
-   sample's seeds, carries the seeds into the neighbourhoods of critical points of q.
+   sample's seeds, carries the seeds into the neighbourhoods of critical points of q; a seed
+   whose r_rel drops below ``settle`` stops there (a contractive map settles every seed within
+   a few steps, and Adam's fixed step would only circle the point).
 2. **Capture.** Every fixed point found so far for the same input sample keeps the LU factors of
    J(h*) − I. A seed is iterated with the chord-Newton step z ← z − (J(h*) − I)⁻¹ (f(z) − z) of its
    ``n_try`` nearest known points, one at a time (``chord_steps`` steps, O(n²) each, all seeds
@@ -67,6 +69,7 @@ CAPTURE_OPTIONS: dict[str, Any] = {
     "n_try": 3,
     "chord_steps": 30,
     "dense_max": 1024,
+    "settle": 1e-2,
 }
 
 
@@ -180,8 +183,9 @@ def capture_solve(
         max_iter: the LM iteration budget per seed (warm-start and chord steps come on top).
         lm_options: options for the LM sub-solves (``mu0``, ``stall_window``, ...).
         **options: ``adam_iters`` (70), ``lr`` (0.05, relative to the RMS of the input's seeds),
-            ``rounds`` (2), ``k_rep`` (16), ``n_try`` (3), ``chord_steps`` (30), ``dense_max``
-            (1024; larger states cannot keep n × n factors per point and raise).
+            ``rounds`` (2), ``k_rep`` (16), ``n_try`` (3), ``chord_steps`` (30), ``settle``
+            (1e-2), ``dense_max`` (1024; larger states cannot keep n × n factors per point and
+            raise).
 
     Returns:
         :class:`~loopscope.analysis.solvers.SolveResult` over the S seeds; ``status`` is
@@ -196,8 +200,10 @@ def capture_solve(
         )
     for name in ("adam_iters", "rounds", "k_rep", "n_try", "chord_steps", "dense_max"):
         check_positive_int(name, o[name])
-    if isinstance(o["lr"], bool) or not isinstance(o["lr"], (int, float)) or not o["lr"] > 0:
-        raise LoopscopeError(f"lr must be a positive number, got {o['lr']!r}")
+    for name in ("lr", "settle"):
+        v = o[name]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+            raise LoopscopeError(f"{name} must be a positive number, got {v!r}")
     S, n = z0.shape
     if n > int(o["dense_max"]):
         raise LoopscopeError(
@@ -231,21 +237,29 @@ def capture_solve(
         # local contiguous copies: gathers / scatters per iteration cost more than the step
         zi, mi, vi, ti, lri = z[idx], mom[idx], vel[idx], steps[idx], lr[idx, None]
         best_z, best_r = zi.clone(), torch.full((len(idx),), math.inf, dtype=torch.float64)
+        count = torch.zeros(len(idx), dtype=torch.long)
+        k = torch.arange(len(idx))
         for _ in range(int(o["adam_iters"])):
-            fz, grad = m.q_grad(zi, idx)
-            r_abs = (fz - zi).norm(dim=1).to(torch.float64)
+            fz, grad = m.q_grad(zi[k], idx[k])
+            r_abs = (fz - zi[k]).norm(dim=1).to(torch.float64)
             r_rel = r_abs / (fz.norm(dim=1).to(torch.float64) + 1e-9)
-            book.log.append((idx, r_abs, r_rel))
-            better = r_rel < best_r  # NaN never compares smaller: a blown-up seed keeps its best
-            best_z[better], best_r[better] = zi[better], r_rel[better]
+            book.log.append((idx[k], r_abs, r_rel))
+            count[k] += 1
+            better = r_rel < best_r[k]  # NaN never compares smaller: a blown-up seed keeps its best
+            best_z[k[better]], best_r[k[better]] = zi[k][better], r_rel[better]
             grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
-            ti += 1
-            mi.mul_(b1).add_(grad, alpha=1 - b1)
-            vi.mul_(b2).addcmul_(grad, grad, value=1 - b2)
-            bc1 = (1 - b1 ** ti.to(z.dtype))[:, None]
-            bc2 = (1 - b2 ** ti.to(z.dtype))[:, None]
-            zi = zi - lri * (mi / bc1) / ((vi / bc2).sqrt() + 1e-12)
-        book.n_rec[idx] += int(o["adam_iters"])
+            ti[k] += 1
+            mi[k] = b1 * mi[k] + (1 - b1) * grad
+            vi[k] = b2 * vi[k] + (1 - b2) * grad * grad
+            bc1 = (1 - b1 ** ti[k].to(z.dtype))[:, None]
+            bc2 = (1 - b2 ** ti[k].to(z.dtype))[:, None]
+            zi[k] = zi[k] - lri[k] * (mi[k] / bc1) / ((vi[k] / bc2).sqrt() + 1e-12)
+            # a seed already near a fixed point is left for the chord
+            k = k[~(r_rel < float(o["settle"]))]
+            if k.numel() == 0:
+                break
+        book.n_rec[idx] += count
+        zi = torch.where((best_r < float(o["settle"]))[:, None], best_z, zi)
         fz = m.f(best_z, idx)
         book.record(idx, best_z, fz)
         z[idx], mom[idx], vel[idx], steps[idx] = zi, mi, vi, ti

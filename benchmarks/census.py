@@ -10,38 +10,48 @@ Ours: :func:`loopscope.analysis.find_fixed_points` with its default ``method="au
 fixed / slow / non-converged classes, KD-tree de-duplication, spectra and decoding of every point
 included in the time): per-seed Levenberg–Marquardt for the tiny FPF test RNNs, the ``capture``
 solver (Adam warm start, chord-Newton capture by known points, LM for representatives and the
-rest; :mod:`loopscope.analysis.capture`) for d ≥ 32. The per-seed LM row of every case is printed
-as well (``--lm``), for what the capture solver buys. The baseline's time covers optimisation and uniqueness only (no Jacobians), which
-favours the baseline.
+rest; :mod:`loopscope.analysis.capture`) for n ≥ 32. With ``--lm`` the per-seed LM rows are
+printed as well, for what the capture solver buys. The baseline's time covers optimisation and
+uniqueness only (no Jacobians), which favours the baseline.
 
-Cases: the FPF test RNNs (n = 2, 3, 4; 3ⁿ grid seeds; ground truth 3 / 3 / 9 fixed points) and
+Cases: the FPF test RNNs (n = 2, 3, 4; 3ⁿ grid seeds; ground truth 3 / 3 / 9 fixed points),
 random tanh RNNs h ← tanh(W h), W = g·N(0, 1/d), g = 1.5, d = 64 (and 128 unless --quick), 256
-seeds = states visited by trajectories from N(0, 1) inits plus noise. Reported: wall time and
-its ratio (target ≥ 3×), iterations, unique points, q distribution, and **false fixed points**
-(a returned / labelled-fixed point with q > 1e-10: must be zero for ours).
+seeds = states visited by trajectories from N(0, 1) inits plus noise, and a tiny looped
+transformer (a random post-norm block of :mod:`loopscope.models`, 4 tokens × d 16, n = 64, one
+input, seeds made the same way). Reported: wall time and its ratio (target ≥ 3×), iterations,
+unique points, q distribution, and **false fixed points** (a returned / labelled-fixed point with
+q > 1e-10: must be zero for ours).
 
-    python benchmarks/census.py [--quick] [--seeds 256]
+    python benchmarks/census.py [--quick] [--lm] [--seeds 256]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import itertools
 import time
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from loopscope import FnLoop
 from loopscope.analysis import find_fixed_points
+from loopscope.models import build
+from loopscope.models.config import LoopedConfig
+
+F64 = torch.float64
 
 Q_FALSE = 1e-10
 
 
-def fpf_baseline(W: torch.Tensor, seeds: torch.Tensor, max_iters: int = 5000):
-    """FixedPointFinder recipe (float32), returns (unique points float64, iterations, seconds)."""
+def fpf_baseline(f32: Callable[[Tensor], Tensor], seeds: Tensor, max_iters: int = 5000):
+    """FixedPointFinder recipe (float32) on the flat map ``f32 [S, n] -> [S, n]``; returns
+    (unique points float64, iterations, seconds)."""
     t0 = time.perf_counter()
-    W32 = W.float()
     x = seeds.float().clone().requires_grad_(True)
     opt = torch.optim.Adam([x], lr=1.0)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.95, patience=2)
@@ -49,7 +59,7 @@ def fpf_baseline(W: torch.Tensor, seeds: torch.Tensor, max_iters: int = 5000):
     it = 0
     for it in range(1, max_iters + 1):  # noqa: B007 - the count is reported
         opt.zero_grad()
-        q = 0.5 * ((torch.tanh(x @ W32.T) - x) ** 2).sum(1)
+        q = 0.5 * ((f32(x) - x) ** 2).sum(1)
         loss = q.mean()
         loss.backward()
         opt.step()
@@ -71,8 +81,53 @@ def fpf_baseline(W: torch.Tensor, seeds: torch.Tensor, max_iters: int = 5000):
     return pts[keep].double(), it, time.perf_counter() - t0
 
 
-def q64(W: torch.Tensor, h: torch.Tensor) -> np.ndarray:
-    return (0.5 * ((torch.tanh(h @ W.T) - h) ** 2).sum(1)).numpy()
+def q64(f64: Callable[[Tensor], Tensor], h: Tensor) -> np.ndarray:
+    with torch.no_grad():
+        return (0.5 * ((f64(h) - h) ** 2).sum(1)).numpy()
+
+
+def rnn_maps(W: Tensor) -> tuple[FnLoop, Callable, Callable]:
+    W32 = W.float()
+    return (
+        FnLoop(step=lambda h: torch.tanh(h @ W.T)),
+        lambda z: torch.tanh(z @ W32.T),
+        lambda z: torch.tanh(z @ W.T),
+    )
+
+
+def rnn_case(name: str, W: Tensor, seeds: Tensor, method: str = "auto") -> dict:
+    loop, f32, f64 = rnn_maps(W)
+    return run_case(name, loop, None, seeds, f32, f64, 100, method)
+
+
+def tiny_looped_transformer(S: int = 256, seed: int = 0):
+    """A random post-norm looped transformer block (d 16, 2 heads, 4 tokens: n = 64) on one
+    input; seeds = states visited by naive iteration from N(0, 1) inits plus 0.1·RMS noise."""
+    torch.manual_seed(seed)
+    loop = build(LoopedConfig(d_model=16, n_heads=2, d_mlp=32, vocab_size=8, n_classes=8)).eval()
+    x = torch.tensor([[1, 5, 2, 7]])
+    loop64 = copy.deepcopy(loop).double()
+    with torch.no_grad():
+        ctx32, ctx64 = loop.encode(x), loop64.encode(x)
+        c16 = loop.select(ctx32, torch.zeros(16, dtype=torch.long))
+        h, visited = torch.randn(16, 4, 16), []
+        for _ in range(100):
+            h = loop.step(h, c16, None)
+            visited.append(h)
+    V = torch.cat(visited).double()
+    g = torch.Generator().manual_seed(seed)
+    pick = torch.randint(0, len(V), (S,), generator=g)
+    seeds = V[pick] + 0.1 * V.pow(2).mean().sqrt() * torch.randn(S, 4, 16, generator=g, dtype=F64)
+    sel32 = loop.select(ctx32, torch.zeros(S, dtype=torch.long))
+
+    def f32(z: Tensor) -> Tensor:
+        return loop.step(z.reshape(-1, 4, 16), sel32, None).reshape(len(z), -1)
+
+    def f64(z: Tensor) -> Tensor:
+        c = loop64.select(ctx64, torch.zeros(len(z), dtype=torch.long))
+        return loop64.step(z.reshape(-1, 4, 16), c, None).reshape(len(z), -1)
+
+    return loop, x, seeds, f32, f64
 
 
 def fpf_test_rnn(n: int) -> torch.Tensor:
@@ -94,17 +149,25 @@ def random_rnn(d: int, g: float = 1.5, S: int = 256, seed: int = 0):
 
 
 def run_case(
-    name: str, W: torch.Tensor, seeds: torch.Tensor, max_iter: int, method: str = "auto"
+    name: str,
+    loop: Any,
+    inputs: Any,
+    seeds: Tensor,
+    f32: Callable[[Tensor], Tensor],
+    f64: Callable[[Tensor], Tensor],
+    max_iter: int,
+    method: str = "auto",
 ) -> dict:
-    loop = FnLoop(step=lambda h: torch.tanh(h @ W.T))
     t0 = time.perf_counter()
-    c = find_fixed_points(loop, None, seeds, max_iter=max_iter, method=method)
+    c = find_fixed_points(loop, inputs, seeds, max_iter=max_iter, method=method)
     t_ours = time.perf_counter() - t0
-    fixed = c.points[[k == "fixed" for k in c.kind]]
-    q_fixed = q64(W, fixed) if len(fixed) else np.zeros(0)
-    seed_q = q64(W, c.end_states[0])
-    base_pts, base_it, t_base = fpf_baseline(W, seeds)
-    q_base = q64(W, base_pts)
+    flat = seeds.reshape(len(seeds), -1)
+    is_fixed = [k == "fixed" for k in c.kind]
+    fixed = c.points[is_fixed].reshape(-1, flat.shape[1])
+    q_fixed = q64(f64, fixed) if len(fixed) else np.zeros(0)
+    seed_q = q64(f64, c.end_states[0].reshape(len(seeds), -1))
+    base_pts, base_it, t_base = fpf_baseline(f32, flat)
+    q_base = q64(f64, base_pts)
     row = {
         "case": f"{name} [{c.solve.method}]",
         "seeds": len(seeds),
@@ -124,7 +187,7 @@ def run_case(
         "fpf_q_max": float(q_base.max()),
         "fpf_q_median": float(np.median(q_base)),
         "fpf_frac_q<1e-10": float((q_base < Q_FALSE).mean()),
-        "ours_stable": int(np.sum(c.stable[[k == "fixed" for k in c.kind]])),
+        "ours_stable": int(np.sum(c.stable[is_fixed])),
     }
     return row
 
@@ -138,22 +201,28 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    # warm-up (torch.func / LAPACK first calls) so neither side pays it inside the timing
-    warm = fpf_test_rnn(2)
-    find_fixed_points(FnLoop(step=lambda h: torch.tanh(h @ warm.T)), None, torch.ones(2, 2))
-    fpf_baseline(warm, torch.ones(2, 2, dtype=torch.float64), max_iters=3)
+    # warm-up (torch.func / LAPACK first calls, both census paths) so neither side pays it
+    # inside the timing
+    warm_loop, warm32, _ = rnn_maps(torch.tensor(np.eye(40) * 0.5))
+    find_fixed_points(warm_loop, None, torch.ones(40, 40, dtype=F64), max_iter=3)
+    find_fixed_points(warm_loop, None, torch.ones(2, 40, dtype=F64), max_iter=3)
+    fpf_baseline(warm32, torch.ones(2, 40, dtype=F64), max_iters=3)
     rows = []
     for n in (2, 3, 4):
-        grid = torch.tensor(
-            list(itertools.product([-1.0, 0.0, 1.0], repeat=n)), dtype=torch.float64
-        )
-        rows.append(run_case(f"FPF test RNN n={n}", fpf_test_rnn(n), grid, 100))
+        grid = torch.tensor(list(itertools.product([-1.0, 0.0, 1.0], repeat=n)), dtype=F64)
+        rows.append(rnn_case(f"FPF test RNN n={n}", fpf_test_rnn(n), grid))
     dims = (64,) if args.quick else (64, 128)
     for d in dims:
         W, seeds = random_rnn(d, S=args.seeds)
-        rows.append(run_case(f"random tanh RNN d={d} g=1.5", W, seeds, 100))
+        name = f"random tanh RNN d={d} g=1.5"
+        rows.append(rnn_case(name, W, seeds))
         if args.lm:
-            rows.append(run_case(f"random tanh RNN d={d} g=1.5", W, seeds, 100, "lm"))
+            rows.append(rnn_case(name, W, seeds, "lm"))
+    loop, x, seeds, f32, f64 = tiny_looped_transformer(S=args.seeds)
+    find_fixed_points(loop, x, seeds[:40], max_iter=3)  # the model's first calls
+    rows.append(run_case("looped transformer n=64", loop, x, seeds, f32, f64, 100))
+    if args.lm:
+        rows.append(run_case("looped transformer n=64", loop, x, seeds, f32, f64, 100, "lm"))
     print("B2 fixed-point census: loopscope (default method, fp64) vs FPF-style Adam on q (fp32)\n")
     cols = [
         ("case", "{:38s}"),

@@ -141,7 +141,7 @@ def test_bad_options_are_rejected():
     loop, _, _, seeds = two_rank_one_maps()
     with pytest.raises(LoopscopeError, match="unknown option"):
         find_fixed_points(loop, None, seeds[:40], method="capture", solver_options={"k_reps": 3})
-    for bad in ({"k_rep": 0}, {"rounds": 1.5}, {"lr": -0.1}, {"chord_steps": True}):
+    for bad in ({"k_rep": 0}, {"rounds": 1.5}, {"lr": -0.1}, {"chord_steps": True}, {"settle": 0}):
         with pytest.raises(LoopscopeError, match=f"{next(iter(bad))} must be a positive"):
             find_fixed_points(loop, None, seeds[:40], method="capture", solver_options=bad)
     m = LoopMap(loop, None, state_shape=(32,), batch_size=4)
