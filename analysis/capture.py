@@ -86,14 +86,6 @@ def _farthest(X: Tensor, k: int) -> Tensor:
     return torch.as_tensor(sel, dtype=torch.long)
 
 
-def _restrict(m: LoopMap, idx: Tensor) -> LoopMap:
-    """A LoopMap over samples ``idx`` of ``m`` (the context rows selected, same dtype)."""
-    ctx = m.loop.select(m.ctx, idx) if m._has_batch_ctx else m.ctx
-    return LoopMap(
-        m.loop, ctx=ctx, dtype=m.dtype, t=m.t, state_shape=m.state_shape, batch_size=len(idx)
-    )
-
-
 class _Book:
     """Per-seed best iterate, residual traces and provenance across the three phases."""
 
@@ -299,7 +291,7 @@ def capture_solve(
         if not new:
             return 0
         found = torch.as_tensor(new, dtype=torch.long)
-        J = _restrict(m, found).jacobian(book.z_best[found]) - eye
+        J = m.subset(found).jacobian(book.z_best[found]) - eye
         book.extra["n_jvp"][found] += n
         added = 0
         for i, s in enumerate(new):
@@ -335,7 +327,7 @@ def capture_solve(
     def lm(idx: Tensor, chunk: int) -> None:
         for s0 in range(0, idx.numel(), chunk):
             k = idx[s0 : s0 + chunk]
-            res = solve_map(_restrict(m, k), z[k].clone(), "lm", tol, max_iter, **lm_options)
+            res = solve_map(m.subset(k), z[k].clone(), "lm", tol, max_iter, **lm_options)
             book.absorb(k, res)
             done[k] = True
 

@@ -409,7 +409,7 @@ def find_fixed_points(
         cap_opts = {k: v for k, v in solver_options.items() if k in CAPTURE_OPTIONS}
         lm_opts = {k: v for k, v in solver_options.items() if k not in CAPTURE_OPTIONS}
         res = capture_solve(
-            _sub_map(m0, owner, state_shape, t),
+            m0.subset(owner),
             Z.reshape(B * S, n).clone(),
             owner,
             1e-3 * q_tol_rel,
@@ -422,7 +422,7 @@ def find_fixed_points(
         results = []
         for s0 in range(0, B * S, chunk):
             sub = owner[s0 : s0 + chunk]
-            mc = _sub_map(m0, sub, state_shape, t)
+            mc = m0.subset(sub)
             results.append(
                 solve_map(
                     mc,
@@ -440,7 +440,7 @@ def find_fixed_points(
     cls = np.full((B, S), "non-converged", dtype=object)
     cls[finite & (r_rel <= slow_tol_rel)] = "slow"
     cls[finite & (r_rel < q_tol_rel)] = "fixed"
-    rel_grad = _rel_grad(m0, ends, owner, state_shape, t, chunk).reshape(B, S)
+    rel_grad = _rel_grad(m0, ends, owner, chunk).reshape(B, S)
 
     # -- uniqueness per sample and kind ------------------------------------------------------
     rep_idx, rep_kind, rep_sample, mult = [], [], [], []
@@ -476,7 +476,7 @@ def find_fixed_points(
     decoded = None
     sens = None
     if P:
-        mp = _sub_map(m0, torch.as_tensor(psample), state_shape, t)
+        mp = m0.subset(torch.as_tensor(psample))
         if options.get("spectra", True):
             spec_opts = {"sigma": False}
             if options.get("k") is not None:
@@ -523,38 +523,22 @@ def find_fixed_points(
     )
 
 
-def _sub_map(m0: LoopMap, owner: Tensor, state_shape: tuple, t: Any) -> LoopMap:
-    """A LoopMap whose sample i is input sample ``owner[i]`` of ``m0`` (context replicated)."""
-    ctx = m0.loop.select(m0.ctx, owner) if m0._has_batch_ctx else m0.ctx
-    return LoopMap(
-        m0.loop,
-        ctx=ctx,
-        dtype=m0.dtype,
-        t=t,
-        state_shape=state_shape,
-        batch_size=len(owner),
-    )
-
-
-def _rel_grad(
-    m0: LoopMap, ends: Tensor, owner: Tensor, state_shape: tuple, t: Any, chunk: int
-) -> np.ndarray:
+def _rel_grad(m0: LoopMap, ends: Tensor, owner: Tensor, chunk: int) -> np.ndarray:
     """‖(J − I)ᵀ g‖ / ((1 + ‖J‖_F/√n) ‖g‖) at each end point: 0 at a local minimum of q (a slow
     point), O(1) elsewhere, NaN where g = 0 exactly; ‖J‖_F from one Hutchinson probe."""
     out = []
     gen = torch.Generator().manual_seed(0)
     for s0 in range(0, len(owner), chunk):
         sub = owner[s0 : s0 + chunk]
-        mc = _sub_map(m0, sub, state_shape, t)
+        mc = m0.subset(sub)
         z = ends[s0 : s0 + chunk]
         z = torch.where(torch.isfinite(z), z, torch.zeros_like(z))
-        fz = mc.f(z)
+        fz, grad_q = mc.q_grad(z)
         g = fz - z
-        _, jtg = mc.vjp(z, g)
         v = torch.randn(z.shape, generator=gen, dtype=z.dtype)
         fro = mc.jvp(z, v)[1].norm(dim=1)  # E‖Jv‖² = ‖J‖²_F for v ~ N(0, I)
         scale = 1.0 + fro / math.sqrt(mc.n)
-        num = (jtg - g).norm(dim=1)
+        num = grad_q.norm(dim=1)
         gn = g.norm(dim=1)
         rel = torch.where(gn > 0, num / (scale * gn).clamp_min(1e-300), torch.nan)
         out.append(rel.numpy())  # NaN where g = 0 exactly (the ratio is undefined)

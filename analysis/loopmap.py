@@ -130,6 +130,20 @@ class LoopMap:
         out = self.loop.step(self.unflatten(z), ctx, self.t)
         return out.reshape(z.shape[0], self.n)
 
+    def subset(self, index: Tensor) -> LoopMap:
+        """A LoopMap whose sample i is sample ``index[i]`` of this one (context rows selected,
+        same dtype, t and state shape; the loop is shared, not copied)."""
+        index = torch.as_tensor(index, dtype=torch.long)
+        ctx = self.loop.select(self.ctx, index) if self._has_batch_ctx else self.ctx
+        return LoopMap(
+            self.loop,
+            ctx=ctx,
+            dtype=self.dtype,
+            t=self.t,
+            state_shape=self.state_shape,
+            batch_size=len(index),
+        )
+
     # -- evaluations --------------------------------------------------------------------------
     def f(self, z: Tensor, index: Tensor | None = None) -> Tensor:
         """One step on flat states ``z [b, n]`` of samples ``index`` (default all ``B``)."""
