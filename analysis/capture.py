@@ -67,7 +67,7 @@ CAPTURE_OPTIONS: dict[str, Any] = {
     "rounds": 2,
     "k_rep": 16,
     "n_try": 3,
-    "chord_steps": 30,
+    "chord_steps": 20,
     "dense_max": 1024,
     "settle": 1e-2,
 }
@@ -175,7 +175,7 @@ def capture_solve(
         max_iter: the LM iteration budget per seed (warm-start and chord steps come on top).
         lm_options: options for the LM sub-solves (``mu0``, ``stall_window``, ...).
         **options: ``adam_iters`` (70), ``lr`` (0.05, relative to the RMS of the input's seeds),
-            ``rounds`` (2), ``k_rep`` (16), ``n_try`` (3), ``chord_steps`` (30), ``settle``
+            ``rounds`` (2), ``k_rep`` (16), ``n_try`` (3), ``chord_steps`` (20), ``settle``
             (1e-2), ``dense_max`` (1024; larger states cannot keep n × n factors per point and
             raise).
 
