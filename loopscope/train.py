@@ -260,16 +260,23 @@ def _save_checkpoint(
     for idx, st in sd["state"].items():
         for key, val in st.items():
             tensors[f"opt/{idx}/{key}"] = val if isinstance(val, Tensor) else torch.tensor(val)
-    save_state_dict(tensors, directory / "checkpoint.safetensors")
+    # the tensors go to a file named by the step and the JSON, written last, names that file:
+    # replacing one tensor file in place would let a kill between the two writes pair step k's
+    # JSON with step k+1's weights (the resumed run then repeats a step and is no longer exact)
+    name = f"checkpoint-{step:08d}.safetensors"
+    save_state_dict(tensors, directory / name)
     meta = {
         "format": "loopscope.train/1",
         "step": step,
+        "tensors": name,
         "param_groups": sd["param_groups"],
         "train_config": cfg.to_dict(),
         "history": history,
     }
-    # the JSON is written last: a checkpoint is valid only once its JSON names the same step
     atomic_write_text(directory / "checkpoint.json", json.dumps(meta, default=str))
+    for old in directory.glob("checkpoint*.safetensors"):
+        if old.name != name:  # no JSON names them any more
+            old.unlink(missing_ok=True)
 
 
 def _load_checkpoint(
@@ -280,7 +287,7 @@ def _load_checkpoint(
         raise LoopscopeError(
             f"checkpoint in {directory} was written by a different training config; use another out_dir"
         )
-    tensors = load_state_dict(directory / "checkpoint.safetensors")
+    tensors = load_state_dict(directory / meta.get("tensors", "checkpoint.safetensors"))
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model/")})
     state: dict[int, dict[str, Tensor]] = {}
     for k, v in tensors.items():

@@ -64,6 +64,35 @@ def test_resume_refuses_a_different_config(tmp_path):
         train(cfg(steps=4, lr=1e-4), out_dir=tmp_path / "r", progress=False)
 
 
+def test_crash_between_the_tensor_and_json_writes_resumes_exact(tmp_path, monkeypatch):
+    """A kill after a checkpoint's tensors are on disk but before its JSON is: the resume must
+    use the tensors the JSON names (step k), not the newer ones (step k + 1)."""
+    import loopscope.train as T
+
+    c = cfg(steps=8, checkpoint_every=1)
+    ref, _ = train(c, out_dir=tmp_path / "ref", progress=False)
+    real, calls = T.atomic_write_text, []
+
+    def crash_on_fourth(path, text):
+        calls.append(path)
+        if len(calls) == 4:
+            raise RuntimeError("simulated kill")
+        return real(path, text)
+
+    monkeypatch.setattr(T, "atomic_write_text", crash_on_fourth)
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        train(c, out_dir=tmp_path / "run", progress=False)
+    monkeypatch.setattr(T, "atomic_write_text", real)
+    resumed, hist = train(c, out_dir=tmp_path / "run", progress=False)
+    assert [h["step"] for h in hist] == list(range(1, 9))
+    wa, wb = weights(ref), weights(resumed)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    # one tensor file remains: the one the final JSON names
+    assert [p.name for p in (tmp_path / "run").glob("*.safetensors")] == [
+        "checkpoint-00000008.safetensors"
+    ]
+
+
 SCRIPT = """
 import sys, torch
 torch.set_num_threads(1)
