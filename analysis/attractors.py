@@ -36,7 +36,7 @@ from torch import Tensor
 
 from loopscope.analysis.convergence import safe_cos
 from loopscope.analysis.loopmap import LoopMap
-from loopscope.errors import LoopscopeError, check_positive_int, reject_unknown_kwargs
+from loopscope.core.errors import LoopscopeError, check_positive_int, reject_unknown_kwargs
 
 __all__ = [
     "basins",
@@ -786,7 +786,7 @@ def path_independence(
         :class:`PathIndependenceResult` (per sample, per position, state and readout). Two
         zero vectors count as identical (cos = 1).
     """
-    from loopscope.unroll import unroll
+    from loopscope.core.unroll import unroll
 
     reject_unknown_kwargs("path_independence", options, _PI_OPTIONS)
     n_iter = check_positive_int("n_iter", n_iter)

@@ -57,7 +57,7 @@ from torch import Tensor
 
 from loopscope.analysis.loopmap import LoopMap
 from loopscope.analysis.solvers import SolveResult, _kappa, solve_map
-from loopscope.errors import LoopscopeError, check_positive_int
+from loopscope.core.errors import LoopscopeError, check_positive_int
 
 __all__ = ["capture_solve", "CAPTURE_OPTIONS"]
 

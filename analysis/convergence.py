@@ -63,7 +63,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from loopscope.errors import LoopscopeError, check_positive_int, reject_unknown_kwargs
+from loopscope.core.errors import LoopscopeError, check_positive_int, reject_unknown_kwargs
 
 __all__ = [
     "metrics",

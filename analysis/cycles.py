@@ -52,7 +52,7 @@ from torch import Tensor
 
 from loopscope.analysis.convergence import _masked_states
 from loopscope.analysis.loopmap import LoopMap
-from loopscope.errors import LoopscopeError, check_positive_int, reject_unknown_kwargs
+from loopscope.core.errors import LoopscopeError, check_positive_int, reject_unknown_kwargs
 
 __all__ = ["detect_cycle", "CycleResult", "classify", "find_period"]
 
@@ -266,7 +266,7 @@ def _source(source: Any, n_iter: int | None, p_max: int, seed: int | None) -> An
     if hasattr(source, "states") and isinstance(getattr(source, "states", None), Tensor):
         return source
     if isinstance(source, tuple) and len(source) == 3:
-        from loopscope.unroll import unroll
+        from loopscope.core.unroll import unroll
 
         loop, inputs, h0 = source
         n = n_iter if n_iter is not None else 200 + 4 * p_max

@@ -23,8 +23,8 @@ from scipy import stats
 
 from loopscope.analysis.attractors import GaussianSeeds, basins, path_independence, wilson_ci
 from loopscope.analysis.convergence import metrics
-from loopscope.errors import LoopscopeError, reject_unknown_kwargs
-from loopscope.unroll import unroll
+from loopscope.core.errors import LoopscopeError, reject_unknown_kwargs
+from loopscope.core.unroll import unroll
 
 __all__ = ["verdict", "Verdict", "confident_wrong"]
 

@@ -59,8 +59,8 @@ from loopscope.analysis.capture import CAPTURE_OPTIONS, capture_solve
 from loopscope.analysis.loopmap import LoopMap
 from loopscope.analysis.solvers import METHODS, SolveResult, batched_gmres, solve_map
 from loopscope.analysis.spectra import spectrum_map
-from loopscope.errors import LoopscopeError, check_positive_int, reject_unknown_kwargs
-from loopscope.loop import batch_size_of
+from loopscope.core.errors import LoopscopeError, check_positive_int, reject_unknown_kwargs
+from loopscope.core.loop import batch_size_of
 
 __all__ = ["find_fixed_points", "FixedPointCensus", "input_sensitivity"]
 

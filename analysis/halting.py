@@ -70,7 +70,7 @@ from loopscope.analysis.convergence import (
     _trace_logits,
     compute_arrays,
 )
-from loopscope.errors import LoopscopeError, check_positive_int, reject_unknown_kwargs, suggest
+from loopscope.core.errors import LoopscopeError, check_positive_int, reject_unknown_kwargs, suggest
 
 __all__ = ["Criterion", "HaltingReport", "evaluate", "CRITERIA", "oracle_steps"]
 

@@ -60,8 +60,8 @@ from torch import Tensor
 from loopscope.analysis.loopmap import LoopMap
 from loopscope.analysis.solvers import METHODS, solve_map
 from loopscope.analysis.spectra import spectrum_map
-from loopscope.errors import LoopscopeError, check_positive_int, reject_unknown_kwargs
-from loopscope.loop import Loop, batch_size_of
+from loopscope.core.errors import LoopscopeError, check_positive_int, reject_unknown_kwargs
+from loopscope.core.loop import Loop, batch_size_of
 
 __all__ = ["hierarchical", "HierarchicalResult", "participation_ratio"]
 

@@ -27,8 +27,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from loopscope.errors import LoopscopeError
-from loopscope.loop import Loop, batch_size_of
+from loopscope.core.errors import LoopscopeError
+from loopscope.core.loop import Loop, batch_size_of
 
 __all__ = ["LoopMap", "cast_floats"]
 

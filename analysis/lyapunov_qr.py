@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from loopscope.analysis.loopmap import LoopMap
-from loopscope.errors import LoopscopeError, check_positive_int, reject_unknown_kwargs
+from loopscope.core.errors import LoopscopeError, check_positive_int, reject_unknown_kwargs
 
 __all__ = ["lyapunov", "LyapunovResult", "kaplan_yorke", "block_bootstrap_ci"]
 

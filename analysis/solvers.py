@@ -73,7 +73,7 @@ import torch
 from torch import Tensor
 
 from loopscope.analysis.loopmap import LoopMap
-from loopscope.errors import LoopscopeError, check_positive_int, reject_unknown_kwargs
+from loopscope.core.errors import LoopscopeError, check_positive_int, reject_unknown_kwargs
 
 __all__ = ["solve", "SolveResult", "solve_map", "batched_gmres", "METHODS"]
 
@@ -811,7 +811,7 @@ def solve(
             batch_size=h0.shape[0],
         )
         if m._has_batch_ctx and m.ctx is not None:
-            from loopscope.loop import batch_size_of
+            from loopscope.core.loop import batch_size_of
 
             bc = batch_size_of(m.ctx)
             if bc != h0.shape[0]:

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from loopscope.analysis.loopmap import LoopMap
-from loopscope.errors import LoopscopeError, reject_unknown_kwargs
+from loopscope.core.errors import LoopscopeError, reject_unknown_kwargs
 
 __all__ = ["spectrum", "spectrum_map", "Spectrum", "power_iteration_rho"]
 

@@ -40,9 +40,9 @@ from torch import Tensor
 from loopscope.circuits.corruptions import as_corruption
 from loopscope.circuits.engine import canonical_sites, site_info
 from loopscope.circuits.patching import _base_runs, _meta, _positions, resolve_metric, run_jobs
-from loopscope.errors import LoopscopeError, check_positive_int, reject_unknown_kwargs
-from loopscope.interventions import Patch
-from loopscope.unroll import unroll
+from loopscope.core.errors import LoopscopeError, check_positive_int, reject_unknown_kwargs
+from loopscope.core.interventions import Patch
+from loopscope.core.unroll import unroll
 
 __all__ = ["attribution", "AttributionResult", "node_table"]
 

@@ -40,7 +40,7 @@ import numpy as np
 import pandas as pd
 from scipy import optimize
 
-from loopscope.errors import LoopscopeError
+from loopscope.core.errors import LoopscopeError
 
 __all__ = [
     "graph_metrics",

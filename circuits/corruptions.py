@@ -34,9 +34,9 @@ from torch import Tensor
 
 from loopscope.circuits.engine import Source, canonical_sites
 from loopscope.circuits.metrics import AnswerMetric
-from loopscope.errors import LoopscopeError, check_positive_int
-from loopscope.interventions import Intervention, Patch, Zero
-from loopscope.unroll import unroll
+from loopscope.core.errors import LoopscopeError, check_positive_int
+from loopscope.core.interventions import Intervention, Patch, Zero
+from loopscope.core.unroll import unroll
 
 __all__ = [
     "Corruption",

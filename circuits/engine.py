@@ -26,12 +26,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from loopscope.capture import attach, pos_dim_of, resolve_hooks
-from loopscope.errors import LoopscopeError
-from loopscope.interventions import Intervention, Patch
-from loopscope.loop import Loop, select_batch
-from loopscope.trace import Trace
-from loopscope.unroll import unroll
+from loopscope.core.capture import attach, pos_dim_of, resolve_hooks
+from loopscope.core.errors import LoopscopeError
+from loopscope.core.interventions import Intervention, Patch
+from loopscope.core.loop import Loop, select_batch
+from loopscope.core.trace import Trace
+from loopscope.core.unroll import unroll
 
 __all__ = [
     "Source",

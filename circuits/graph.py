@@ -41,7 +41,7 @@ from loopscope.circuits.attribution import NODE_COLS, attribution
 from loopscope.circuits.corruptions import as_corruption
 from loopscope.circuits.engine import canonical_sites, site_info
 from loopscope.circuits.patching import _base_runs, _meta, patch_sweep, resolve_metric, run_jobs
-from loopscope.errors import LoopscopeError, check_positive_int, reject_unknown_kwargs
+from loopscope.core.errors import LoopscopeError, check_positive_int, reject_unknown_kwargs
 
 __all__ = ["circuit_graph", "CircuitGraph", "jaccard_by_iteration"]
 

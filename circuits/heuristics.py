@@ -41,9 +41,9 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from loopscope.errors import LoopscopeError, check_positive_int
-from loopscope.interventions import Patch
-from loopscope.unroll import unroll
+from loopscope.core.errors import LoopscopeError, check_positive_int
+from loopscope.core.interventions import Patch
+from loopscope.core.unroll import unroll
 
 __all__ = [
     "OperandGrid",

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from loopscope.errors import LoopscopeError
+from loopscope.core.errors import LoopscopeError
 
 __all__ = ["AnswerMetric", "logit_diff_metric", "normalised", "kl_columns"]
 

@@ -47,7 +47,6 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from loopscope.capture import available_memory_bytes
 from loopscope.circuits.corruptions import STRPairs, as_corruption
 from loopscope.circuits.engine import (
     Elements,
@@ -59,17 +58,18 @@ from loopscope.circuits.engine import (
     site_info,
 )
 from loopscope.circuits.metrics import AnswerMetric, kl_columns, normalised
-from loopscope.errors import (
+from loopscope.core.capture import available_memory_bytes
+from loopscope.core.errors import (
     CaptureMemoryError,
     CheckpointError,
     LoopscopeError,
     check_positive_int,
     reject_unknown_kwargs,
 )
-from loopscope.interventions import Transplant
-from loopscope.io import ChunkCheckpoint, fingerprint
-from loopscope.loop import batch_size_of, select_batch
-from loopscope.unroll import unroll
+from loopscope.core.interventions import Transplant
+from loopscope.core.io import ChunkCheckpoint, fingerprint
+from loopscope.core.loop import batch_size_of, select_batch
+from loopscope.core.unroll import unroll
 
 __all__ = ["patch_sweep", "state_transplant", "SweepFrame", "resolve_metric"]
 
@@ -353,13 +353,13 @@ def patch_sweep(
             iterations, positions, units, direction, seed, batch_size, n_iter, measure_at and the
             metric's clean / corrupt values); re-running with the same folder skips finished
             chunks and returns the same frame as an uninterrupted run, bit for bit. A folder
-            holding another sweep raises :class:`~loopscope.errors.CheckpointError`. The metric
+            holding another sweep raises :class:`~loopscope.core.errors.CheckpointError`. The metric
             and custom loops' Python code are fingerprinted by name only.
         max_bytes: memory budget of the sweep (default: half the free memory of the state's
             device, as for captures). The sweep's bytes (source captures of the clean and
             corrupted runs, their states, one forward chunk) are estimated from a 1-example,
             2-iteration probe run before anything big runs; over budget raises
-            :class:`~loopscope.errors.CaptureMemoryError` with the estimate and the way out.
+            :class:`~loopscope.core.errors.CaptureMemoryError` with the estimate and the way out.
 
     Returns:
         :class:`SweepFrame` with columns direction, site, iteration, position, unit, example,

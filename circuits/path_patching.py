@@ -82,7 +82,6 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from loopscope.capture import attach, resolve_hooks
 from loopscope.circuits.corruptions import STRPairs, as_corruption
 from loopscope.circuits.engine import (
     Elements,
@@ -105,16 +104,17 @@ from loopscope.circuits.patching import (
     _metric_columns,
     resolve_metric,
 )
-from loopscope.errors import (
+from loopscope.core.capture import attach, resolve_hooks
+from loopscope.core.errors import (
     LoopscopeError,
     UnknownHookError,
     check_positive_int,
     reject_unknown_kwargs,
 )
-from loopscope.interventions import Intervention, Patch
-from loopscope.loop import select_batch
-from loopscope.trace import Trace
-from loopscope.unroll import unroll
+from loopscope.core.interventions import Intervention, Patch
+from loopscope.core.loop import select_batch
+from loopscope.core.trace import Trace
+from loopscope.core.unroll import unroll
 
 __all__ = ["path_patch", "path_patch_sweep", "path_traces", "PathNode", "PathTraces"]
 

@@ -30,8 +30,8 @@ import torch
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
-from loopscope.errors import LoopscopeError
-from loopscope.loop import Loop
+from loopscope.core.errors import LoopscopeError
+from loopscope.core.loop import Loop
 
 __all__ = [
     "GateLoop",

@@ -21,9 +21,9 @@ import pandas as pd
 import torch
 
 from loopscope import figures
-from loopscope.errors import LoopscopeError
+from loopscope.core.errors import LoopscopeError
+from loopscope.core.unroll import unroll
 from loopscope.report import FigureWriter, set_style
-from loopscope.unroll import unroll
 
 __all__ = ["PaperContext", "FIGURES", "run_paper", "EXPECTED_FIGURES"]
 
@@ -41,7 +41,7 @@ class PaperContext:
     def model(self, name: str):
         if name not in self.cache:
             from loopscope import zoo
-            from loopscope.io import load_model
+            from loopscope.models.checkpoint import load_model
 
             if self.model_dir is not None and (self.model_dir / name / "config.json").exists():
                 m = load_model(self.model_dir / name)

@@ -16,7 +16,7 @@ from typing import Any
 
 import pandas as pd
 
-from loopscope.io import atomic_write_text
+from loopscope.core.io import atomic_write_text
 
 __all__ = ["set_style", "FigureWriter", "FigureRecord"]
 

@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from loopscope.errors import LoopscopeError
-from loopscope.io import atomic_write_text, load_state_dict, read_json, save_state_dict
+from loopscope.core.errors import LoopscopeError
+from loopscope.core.io import atomic_write_text, load_state_dict, read_json, save_state_dict
 
 __all__ = [
     "TrainConfig",

@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from loopscope.errors import LoopscopeError
+from loopscope.core.errors import LoopscopeError
 
 __all__ = ["ActivationSet", "collect"]
 

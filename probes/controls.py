@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from loopscope.errors import LoopscopeError, check_positive_int, reject_unknown_kwargs
+from loopscope.core.errors import LoopscopeError, check_positive_int, reject_unknown_kwargs
 from loopscope.probes.fit import FIT_OPTIONS, ProbeResult, fit_probes
 
 __all__ = ["control_task", "type_keys", "selectivity", "SelectivityResult"]

@@ -28,7 +28,12 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from loopscope.errors import LoopscopeError, check_positive_int, check_seed, reject_unknown_kwargs
+from loopscope.core.errors import (
+    LoopscopeError,
+    check_positive_int,
+    check_seed,
+    reject_unknown_kwargs,
+)
 from loopscope.probes import solvers
 from loopscope.probes.splits import as_groups, make_folds
 

@@ -36,7 +36,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from loopscope.errors import LoopscopeError, check_positive_int
+from loopscope.core.errors import LoopscopeError, check_positive_int
 
 __all__ = [
     "inductive_bias",

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from loopscope.errors import LoopscopeError
+from loopscope.core.errors import LoopscopeError
 from loopscope.probes.lbfgs import minimize
 
 __all__ = ["ridge", "logistic", "lowrank", "mlp", "scores", "KINDS"]

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from loopscope.errors import LoopscopeError
+from loopscope.core.errors import LoopscopeError
 
 __all__ = ["make_folds", "as_groups"]
 

@@ -13,7 +13,7 @@ directions both decode the bit, only one is read). These functions edit the acti
   output with the causal model's counterfactual (IIA, pyvene / DAS style).
 
 Every loop function takes ``(loop, inputs, n_iter, iteration, hook, direction)`` and runs
-:func:`loopscope.unroll` with a :class:`loopscope.Patch` whose value is a callable, so iterations
+:func:`loopscope.core.unroll` with a :class:`loopscope.Patch` whose value is a callable, so iterations
 before the edit stay bit-identical.
 
 Example:
@@ -34,7 +34,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from loopscope.errors import LoopscopeError, check_positive_int
+from loopscope.core.errors import LoopscopeError, check_positive_int
 
 __all__ = [
     "set_projection",

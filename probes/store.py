@@ -31,8 +31,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from loopscope.errors import CheckpointError, LoopscopeError
-from loopscope.io import atomic_write_text
+from loopscope.core.errors import CheckpointError, LoopscopeError
+from loopscope.core.io import atomic_write_text
 
 __all__ = ["ActivationStore"]
 

@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from loopscope.errors import LoopscopeError, reject_unknown_kwargs
+from loopscope.core.errors import LoopscopeError, reject_unknown_kwargs
 from loopscope.probes.activations import ActivationSet, collect
 from loopscope.probes.fit import FIT_OPTIONS, ProbeResult, fit_probes
 

@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from loopscope.errors import LoopscopeError
+from loopscope.core.errors import LoopscopeError
 from loopscope.probes import solvers
 from loopscope.probes.fit import ProbeResult
 

@@ -24,7 +24,7 @@ from loopscope.analysis.attractors import (
     wilson_ci,
 )
 from loopscope.analysis.convergence import metrics
-from loopscope.errors import LoopscopeError
+from loopscope.core.errors import LoopscopeError
 
 A = 0.9575040240772688  # a = tanh(2a)
 

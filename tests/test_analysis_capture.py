@@ -15,7 +15,7 @@ from loopscope import FnLoop
 from loopscope.analysis import find_fixed_points
 from loopscope.analysis.capture import CAPTURE_OPTIONS, capture_solve
 from loopscope.analysis.loopmap import LoopMap
-from loopscope.errors import LoopscopeError
+from loopscope.core.errors import LoopscopeError
 
 F64 = torch.float64
 C0 = 0.9575040240772687  # c = tanh(2c), c > 0

@@ -12,7 +12,7 @@ import torch
 import loopscope as ls
 from loopscope.analysis.cycles import classify, detect_cycle
 from loopscope.analysis.lyapunov_qr import lyapunov
-from loopscope.errors import LoopscopeError
+from loopscope.core.errors import LoopscopeError
 
 A = 0.9575040240772688  # a = tanh(2a)
 

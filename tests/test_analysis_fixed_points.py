@@ -12,7 +12,7 @@ import torch
 
 from loopscope import FnLoop
 from loopscope.analysis import find_fixed_points, input_sensitivity, solve
-from loopscope.errors import LoopscopeError
+from loopscope.core.errors import LoopscopeError
 
 F64 = torch.float64
 

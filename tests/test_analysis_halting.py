@@ -13,8 +13,8 @@ from scipy.special import rel_entr, softmax
 import loopscope as ls
 from loopscope.analysis import halting
 from loopscope.analysis.halting import Criterion
-from loopscope.errors import LoopscopeError
-from loopscope.trace import Trace
+from loopscope.core.errors import LoopscopeError
+from loopscope.core.trace import Trace
 
 KAPPA = 0.8
 T = 60

@@ -11,7 +11,7 @@ import torch
 
 import loopscope as ls
 from loopscope.analysis.lyapunov_qr import kaplan_yorke, lyapunov
-from loopscope.errors import LoopscopeError
+from loopscope.core.errors import LoopscopeError
 
 
 def henon(h):

@@ -16,8 +16,8 @@ from transformer_lens.hook_points import HookPoint
 
 import loopscope as ls
 from loopscope.analysis.convergence import calibration, layer_metrics, metrics
-from loopscope.errors import LoopscopeError
-from loopscope.trace import Trace
+from loopscope.core.errors import LoopscopeError
+from loopscope.core.trace import Trace
 
 A_TANH2 = 0.9575040240772688  # a = tanh(2a)
 

@@ -16,7 +16,7 @@ from scipy.sparse.linalg import LinearOperator, gmres
 from loopscope import FnLoop, unroll
 from loopscope.analysis import LoopMap, solve, spectrum
 from loopscope.analysis.solvers import METHODS, solve_map
-from loopscope.errors import LoopscopeError
+from loopscope.core.errors import LoopscopeError
 
 F64 = torch.float64
 

@@ -13,7 +13,7 @@ import torch
 from loopscope import FnLoop
 from loopscope.analysis import LoopMap, spectrum
 from loopscope.analysis.spectra import power_iteration_rho
-from loopscope.errors import LoopscopeError
+from loopscope.core.errors import LoopscopeError
 
 # small batched ops: one thread is much faster than two contended ones
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -26,7 +26,7 @@ from loopscope.circuits import (
     toys,
     zero_ablation,
 )
-from loopscope.errors import LoopscopeError
+from loopscope.core.errors import LoopscopeError
 
 # the CI box is shared: one BLAS thread is faster than two contended ones
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -15,7 +15,7 @@ from transformer_lens.hook_points import HookPoint
 
 import loopscope as ls
 from loopscope.circuits import attribution, circuit_graph, patch_sweep, toys
-from loopscope.errors import LoopscopeError
+from loopscope.core.errors import LoopscopeError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -28,7 +28,7 @@ from loopscope.circuits.compgraph import (
     taxonomy_by_layer,
     taxonomy_frame,
 )
-from loopscope.errors import LoopscopeError
+from loopscope.core.errors import LoopscopeError
 
 
 def toy(a, b, c=None, first="add"):

@@ -24,7 +24,7 @@ from loopscope.circuits.heuristics import (
     prompt_guided_knockout,
     range_heuristics,
 )
-from loopscope.errors import LoopscopeError
+from loopscope.core.errors import LoopscopeError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

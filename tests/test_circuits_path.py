@@ -29,7 +29,7 @@ from loopscope.circuits import (
     path_traces,
     toys,
 )
-from loopscope.errors import LoopscopeError
+from loopscope.core.errors import LoopscopeError
 
 Z, POST = "blocks.0.attn.hook_z", "blocks.0.mlp.hook_post"
 FREEZE = [Z, POST]

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import loopscope as ls
-from loopscope.errors import CaptureMemoryError, LoopscopeError, UnknownHookError
+from loopscope.core.errors import CaptureMemoryError, LoopscopeError, UnknownHookError
 
 
 def linear_loop():

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import loopscope as ls
-from loopscope.capture import count_firings, warn_looped_hooks
-from loopscope.errors import LoopedHookWarning
+from loopscope.core.capture import count_firings, warn_looped_hooks
+from loopscope.core.errors import LoopedHookWarning
 from loopscope.models import bridge_hrm_text, build_tiny_hrm_text, capture_forward, hrm_text_loop
 
 H, L = 3, 4

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import loopscope as ls
-from loopscope.errors import LoopscopeError
+from loopscope.core.errors import LoopscopeError
 from loopscope.models import (
     HierarchicalLoopedTransformer,
     LoopedTransformer,
@@ -317,7 +317,7 @@ def test_bad_inputs():
 
 
 def test_checkpoint_roundtrip(tmp_path):
-    from loopscope.io import load_model, save_model
+    from loopscope.models.checkpoint import load_model, save_model
 
     m = build(preset("huginn", vocab_size=9, n_classes=5))
     save_model(m, tmp_path / "ck", card={"x": 1})
@@ -349,7 +349,7 @@ BLOCK_HOOKS = [
 
 
 def test_hook_names_exist_and_fire_once_per_iteration():
-    from loopscope.capture import count_firings
+    from loopscope.core.capture import count_firings
 
     cfg = preset("huginn", vocab_size=9, n_classes=5, d_model=32, d_mlp=48, mixer="conv1d")
     model = build(cfg)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from sklearn.linear_model import LogisticRegression, Ridge
 
-from loopscope.errors import LoopscopeError
+from loopscope.core.errors import LoopscopeError
 from loopscope.probes import LinearProbe, fit_probes, make_folds
 
 # the CI box is shared: one BLAS thread is faster than two contended ones

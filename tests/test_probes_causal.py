@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import loopscope as ls
-from loopscope.errors import LoopscopeError
+from loopscope.core.errors import LoopscopeError
 from loopscope.probes import (
     dose_response,
     erase,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from loopscope.errors import LoopscopeError
+from loopscope.core.errors import LoopscopeError
 from loopscope.probes import control_task, fit_probes, selectivity, type_keys
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from loopscope.errors import LoopscopeError
+from loopscope.core.errors import LoopscopeError
 from loopscope.probes import inductive_bias, inductive_bias_probe, white_noise
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import loopscope as ls
-from loopscope.errors import CheckpointError, LoopscopeError
+from loopscope.core.errors import CheckpointError, LoopscopeError
 from loopscope.probes import (
     ActivationStore,
     collect,

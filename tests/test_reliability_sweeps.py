@@ -26,8 +26,8 @@ from loopscope import FnLoop, unroll, zoo
 from loopscope.analysis.solvers import solve
 from loopscope.circuits import patch_sweep
 from loopscope.cli import main
-from loopscope.errors import CaptureMemoryError, CheckpointError, LoopscopeError
-from loopscope.io import ChunkCheckpoint
+from loopscope.core.errors import CaptureMemoryError, CheckpointError, LoopscopeError
+from loopscope.core.io import ChunkCheckpoint
 
 F64 = torch.float64
 

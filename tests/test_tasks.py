@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from loopscope import tasks
-from loopscope.errors import LoopscopeError
+from loopscope.core.errors import LoopscopeError
 from loopscope.tasks.sudoku import all_grids, count_solutions
 
 

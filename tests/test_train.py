@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from loopscope.errors import LoopscopeError
+from loopscope.core.errors import LoopscopeError
 from loopscope.train import TrainConfig, evaluate, train
 
 TINY = dict(d_model=16, n_heads=2, d_mlp=32)

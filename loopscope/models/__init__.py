@@ -1,5 +1,6 @@
 """Looped transformer family (own models, TransformerLens hook points) and presets."""
 
+from loopscope.models.checkpoint import load_model, save_model
 from loopscope.models.config import HierarchicalConfig, LoopedConfig
 from loopscope.models.hierarchical import FastLoop, HierarchicalLoopedTransformer
 from loopscope.models.looped import LoopedTransformer
@@ -15,6 +16,8 @@ __all__ = [
     "preset",
     "preset_names",
     "build",
+    "save_model",
+    "load_model",
 ]
 
 

@@ -1,7 +1,7 @@
 """Configs of the looped transformer family (validated; JSON round-trip for checkpoints).
 
 Every knob of models-and-tasks.md §1 is one dataclass field. A bad value raises a one-line
-:class:`~loopscope.errors.LoopscopeError` naming the field; ``to_dict`` / ``from_dict`` give the
+:class:`~loopscope.core.errors.LoopscopeError` naming the field; ``to_dict`` / ``from_dict`` give the
 JSON form stored next to a checkpoint (unknown keys are rejected, never dropped).
 
 Example:
@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from loopscope.errors import LoopscopeError, suggest
+from loopscope.core.errors import LoopscopeError, suggest
 
 __all__ = ["LoopedConfig", "HierarchicalConfig"]
 

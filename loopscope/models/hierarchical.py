@@ -31,8 +31,8 @@ import torch
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
-from loopscope.errors import LoopscopeError
-from loopscope.loop import Loop
+from loopscope.core.errors import LoopscopeError
+from loopscope.core.loop import Loop
 from loopscope.models.config import HierarchicalConfig
 from loopscope.models.layers import Block, RMSNorm, attention_mask
 from loopscope.models.looped import check_tokens, trunc_normal

@@ -30,11 +30,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from loopscope.capture import Recorder, attach, pos_dim_of, resolve_hooks
-from loopscope.errors import LoopscopeError, reject_unknown_kwargs
-from loopscope.interventions import Intervention
-from loopscope.loop import Loop
-from loopscope.trace import Trace
+from loopscope.core.capture import Recorder, attach, pos_dim_of, resolve_hooks
+from loopscope.core.errors import LoopscopeError, reject_unknown_kwargs
+from loopscope.core.interventions import Intervention
+from loopscope.core.loop import Loop
+from loopscope.core.trace import Trace
 
 _TOKENIZER_DIR: tempfile.TemporaryDirectory | None = None
 

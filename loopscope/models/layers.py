@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
-from loopscope.errors import LoopscopeError
+from loopscope.core.errors import LoopscopeError
 
 __all__ = ["RMSNorm", "Attention", "MLP", "Block", "rope_tables", "apply_rope", "attention_mask"]
 

@@ -10,7 +10,7 @@
 Hook names (TransformerLens style): ``hook_embed``, ``prelude.blocks.{l}.*``, ``hook_state``,
 ``core.hook_inject``, ``core.hook_mix``, ``core.blocks.{l}.*`` (see :mod:`.layers`),
 ``core.hook_out``, ``coda.blocks.{l}.*``, ``hook_readout``, ``hook_logits``. Core hooks fire once
-per iteration; ``loopscope.unroll`` records every firing with its iteration.
+per iteration; ``loopscope.core.unroll`` records every firing with its iteration.
 
 Example:
     >>> import torch
@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
-from loopscope.errors import LoopscopeError
-from loopscope.loop import Loop
+from loopscope.core.errors import LoopscopeError
+from loopscope.core.loop import Loop
 from loopscope.models.config import LoopedConfig
 from loopscope.models.layers import Block, RMSNorm, attention_mask
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from loopscope.errors import LoopscopeError, suggest
+from loopscope.core.errors import LoopscopeError, suggest
 from loopscope.models.config import HierarchicalConfig, LoopedConfig
 
 __all__ = ["PRESETS", "preset", "preset_names"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from loopscope.errors import LoopscopeError, suggest
+from loopscope.core.errors import LoopscopeError, suggest
 from loopscope.tasks.addition import AdditionTask, parallel_carry_iterations
 from loopscope.tasks.base import Batch, Task
 from loopscope.tasks.groups import GroupTask, cayley_table

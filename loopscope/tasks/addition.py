@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from loopscope.errors import LoopscopeError
+from loopscope.core.errors import LoopscopeError
 from loopscope.tasks.base import Batch, Task
 
 __all__ = ["AdditionTask", "parallel_carry_iterations", "add_digits"]

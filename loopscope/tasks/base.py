@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
-from loopscope.errors import LoopscopeError, suggest
+from loopscope.core.errors import LoopscopeError, suggest
 
 __all__ = ["Batch", "Task", "split_rng"]
 

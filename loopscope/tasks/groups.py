@@ -13,7 +13,7 @@ import itertools
 import numpy as np
 import torch
 
-from loopscope.errors import LoopscopeError
+from loopscope.core.errors import LoopscopeError
 from loopscope.tasks.base import Batch, Task
 
 __all__ = ["GroupTask", "cayley_table", "GROUPS"]

@@ -18,7 +18,7 @@ from collections import deque
 import numpy as np
 import torch
 
-from loopscope.errors import LoopscopeError
+from loopscope.core.errors import LoopscopeError
 from loopscope.tasks.base import Batch, Task
 
 __all__ = ["MazeReachTask", "MazePathTask", "bfs"]

@@ -23,7 +23,7 @@ import networkx as nx
 import numpy as np
 import torch
 
-from loopscope.errors import LoopscopeError
+from loopscope.core.errors import LoopscopeError
 from loopscope.tasks.base import Batch, Task
 
 __all__ = ["MultiplicationTask", "multiplication_graph", "evaluate_graph", "digits_of"]

@@ -18,7 +18,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from loopscope.errors import LoopscopeError
+from loopscope.core.errors import LoopscopeError
 from loopscope.tasks.base import Batch, Task
 
 __all__ = ["Sudoku4Task", "all_grids", "count_solutions", "propagation_rounds"]

@@ -17,8 +17,9 @@ from typing import Any
 
 import pandas as pd
 
-from loopscope.errors import LoopscopeError, suggest
-from loopscope.io import load_model, read_json
+from loopscope.core.errors import LoopscopeError, suggest
+from loopscope.core.io import read_json
+from loopscope.models.checkpoint import load_model
 
 __all__ = ["names", "load", "card", "table", "cards_markdown", "checkpoint_dir", "ROOT"]
 

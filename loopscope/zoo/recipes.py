@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from loopscope.errors import LoopscopeError, suggest
+from loopscope.core.errors import LoopscopeError, suggest
 from loopscope.train import TrainConfig
 
 __all__ = ["Recipe", "RECIPES", "build", "evaluate_recipe"]
@@ -75,7 +75,7 @@ def build(
     """Train recipe ``name`` and write its checkpoint + measured card; returns the card."""
     import dataclasses
 
-    from loopscope.io import save_model
+    from loopscope.models.checkpoint import save_model
     from loopscope.train import train
     from loopscope.zoo import ROOT
 

@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from loopscope.errors import CheckpointError, LoopscopeError, UnknownHookError, suggest
+from loopscope.core.errors import CheckpointError, LoopscopeError, UnknownHookError, suggest
 
 __all__ = ["Trace"]
 

@@ -10,16 +10,22 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from loopscope.capture import Recorder, attach, available_memory_bytes, pos_dim_of, resolve_hooks
-from loopscope.errors import (
+from loopscope.core.capture import (
+    Recorder,
+    attach,
+    available_memory_bytes,
+    pos_dim_of,
+    resolve_hooks,
+)
+from loopscope.core.errors import (
     CaptureMemoryError,
     LoopscopeError,
     check_positive_int,
     reject_unknown_kwargs,
 )
-from loopscope.interventions import Intervention
-from loopscope.loop import Loop
-from loopscope.trace import Trace
+from loopscope.core.interventions import Intervention
+from loopscope.core.loop import Loop
+from loopscope.core.trace import Trace
 
 __all__ = ["unroll", "HaltFn"]
 
@@ -80,7 +86,7 @@ def unroll(loop: Loop, inputs: Any, n_iter: int, **options: Any) -> Trace:
 
     Keyword options:
         capture: hook names, a glob, a list, a filter callable, or True for every hook point.
-        interventions: list of :class:`~loopscope.interventions.Intervention` (``Patch``, ``Add``,
+        interventions: list of :class:`~loopscope.core.interventions.Intervention` (``Patch``, ``Add``,
             ``Zero``, ``MeanAblate``, ``Transplant``) applied at their ``(hook, iteration)``.
         halt: ``halt(t, h_prev, h_next, ctx) -> BoolTensor[B]``; halted samples are frozen and the
             run stops when every sample has halted or diverged.
@@ -92,7 +98,7 @@ def unroll(loop: Loop, inputs: Any, n_iter: int, **options: Any) -> Trace:
         offload: device for captured activations (e.g. ``"cpu"``).
         store_dtype: dtype for captured activations.
         max_bytes: capture budget; default half the free memory. Estimated after the first
-            iteration; over budget raises :class:`~loopscope.errors.CaptureMemoryError`.
+            iteration; over budget raises :class:`~loopscope.core.errors.CaptureMemoryError`.
         blowup: a sample whose state norm exceeds ``blowup * max(1, ||h_0||)`` (or is NaN/inf) is
             marked diverged at that iteration and frozen; the rest of the batch carries on.
         meta: dict merged into ``trace.meta`` (model, task, split, seed ...).

@@ -8,63 +8,14 @@ code 2 (no traceback; set ``LOOPSCOPE_DEBUG=1`` to see one).
 from __future__ import annotations
 
 import json
-import os
-import sys
 from pathlib import Path
 from typing import Any
 
 import typer
 from rich.console import Console
 
-from loopscope.errors import LoopscopeError
-
-app = typer.Typer(
-    name="loopscope",
-    help="Mechanistic interpretability of looped transformers: trace every loop iteration, "
-    "measure fixed-point dynamics, probe and patch per iteration, make the paper's figures.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-zoo_app = typer.Typer(
-    help="The shipped model zoo.", no_args_is_help=False, invoke_without_command=True
-)
-app.add_typer(zoo_app, name="zoo")
-console = Console(stderr=True)
-
-
-def _fail(msg: str, code: int = 2) -> None:
-    console.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
-
-
-def resolve_model(model: str):
-    """A zoo name or a checkpoint directory -> a loaded model."""
-    from loopscope import zoo
-    from loopscope.io import load_model
-
-    p = Path(model)
-    if p.exists():
-        return load_model(p)
-    return zoo.load(model)
-
-
-def parse_inputs(text: str):
-    """'1 2 3; 4 5 6' -> LongTensor [2, 3] (rows separated by ';')."""
-    import torch
-
-    rows = [r.split() for r in text.split(";") if r.strip()]
-    if not rows:
-        raise LoopscopeError("--inputs is empty")
-    try:
-        vals = [[int(x) for x in r] for r in rows]
-    except ValueError:
-        raise LoopscopeError(
-            f"--inputs must be integers separated by spaces (rows by ';'), got {text!r}"
-        ) from None
-    if len({len(r) for r in vals}) != 1:
-        raise LoopscopeError("--inputs rows must all have the same length")
-    return torch.tensor(vals, dtype=torch.long)
+from loopscope.cli.app import _fail, app, console, parse_inputs, resolve_model, zoo_app  # noqa: F401
+from loopscope.core.errors import LoopscopeError
 
 
 @zoo_app.callback()
@@ -139,12 +90,12 @@ def train(
 
     Example: loopscope train --task s3 --preset fprm --out runs/s3 --steps 500
     """
-    from loopscope.io import save_model
+    from loopscope.models.checkpoint import save_model
     from loopscope.train import TrainConfig
     from loopscope.train import train as run_train
 
     if config is not None:
-        from loopscope.io import read_json
+        from loopscope.core.io import read_json
 
         cfg = TrainConfig.from_dict(read_json(config))
     else:
@@ -304,7 +255,7 @@ def verdict(
     m, t = _model_and_task(model, task)
     df = run_verdict(m, t, n=n, seed=seed, n_basin=n_basin, n_probe=n_probe).to_frame()
     if out is not None:
-        from loopscope.io import atomic_write_text
+        from loopscope.core.io import atomic_write_text
 
         atomic_write_text(out, df.to_csv(index=False))
     if as_json:
@@ -481,7 +432,7 @@ def stability(
 
     from loopscope import unroll
     from loopscope.analysis import classify, metrics
-    from loopscope.io import atomic_savefig, atomic_write_text
+    from loopscope.core.io import atomic_savefig, atomic_write_text
 
     m, t = _model_and_task(model, task)
     rows, curves, per_sample, eigs = [], [], [], []
@@ -572,7 +523,7 @@ def halting(
 
     from loopscope import figures, unroll
     from loopscope.analysis import halting as H
-    from loopscope.io import atomic_write_text
+    from loopscope.core.io import atomic_write_text
     from loopscope.report import set_style
 
     m, t = _model_and_task(model, task)
@@ -629,7 +580,7 @@ def probe(
     import pandas as pd
 
     from loopscope import figures, unroll
-    from loopscope.io import atomic_savefig, atomic_write_text
+    from loopscope.core.io import atomic_savefig, atomic_write_text
     from loopscope.probes import onset, probe_trace
     from loopscope.report import set_style
 
@@ -701,8 +652,8 @@ def patch(
 
     from loopscope import figures
     from loopscope.circuits import patch_sweep
-    from loopscope.errors import CheckpointError
-    from loopscope.io import ChunkCheckpoint, atomic_savefig, atomic_write_text
+    from loopscope.core.errors import CheckpointError
+    from loopscope.core.io import ChunkCheckpoint, atomic_savefig, atomic_write_text
     from loopscope.report import set_style
 
     m, t = _model_and_task(model, task)
@@ -751,38 +702,3 @@ def patch(
             }
         )
     )
-
-
-def main(argv: list[str] | None = None) -> Any:
-    """Entry point: run the Typer app, turning loopscope errors into one-line messages."""
-    debug = os.environ.get("LOOPSCOPE_DEBUG") == "1"
-    try:
-        return app(args=argv, standalone_mode=True)
-    except SystemExit:
-        raise
-    except LoopscopeError as e:
-        if debug:
-            raise
-        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-        sys.exit(2)
-    except (FileNotFoundError, IsADirectoryError, PermissionError, OSError) as e:
-        if debug:
-            raise
-        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        console.print("[bold red]interrupted[/]")
-        sys.exit(130)
-    except Exception as e:  # last resort: never show a traceback to the user
-        if debug:
-            raise
-        console.print(
-            f"[bold red]error:[/] {type(e).__name__}: {e} (set LOOPSCOPE_DEBUG=1 for the traceback)",
-            highlight=False,
-            soft_wrap=True,
-        )
-        sys.exit(1)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    main()

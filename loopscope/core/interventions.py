@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from loopscope.errors import LoopscopeError
+from loopscope.core.errors import LoopscopeError
 
 if TYPE_CHECKING:
     pass
@@ -144,7 +144,7 @@ class Patch(Intervention):
             )
 
     def new_value(self, x: Tensor, label: Label, k: int) -> Tensor:
-        from loopscope.trace import Trace
+        from loopscope.core.trace import Trace
 
         v = self.value
         if isinstance(v, Trace):
@@ -205,7 +205,7 @@ class Transplant(Intervention):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        from loopscope.trace import Trace
+        from loopscope.core.trace import Trace
 
         if not isinstance(self.source, Trace):
             raise LoopscopeError("Transplant needs source= a Trace from another run")

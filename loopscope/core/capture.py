@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 from transformer_lens.hook_points import HookPoint
 
-from loopscope.errors import LoopedHookWarning, LoopscopeError, UnknownHookError, suggest
+from loopscope.core.errors import LoopedHookWarning, LoopscopeError, UnknownHookError, suggest
 
 __all__ = [
     "resolve_hooks",
@@ -209,7 +209,7 @@ def warn_looped_hooks(counts: dict[str, int], stacklevel: int = 2) -> list[str]:
             f"{len(looped)} hook points fire more than once per forward: {shown}{more}. "
             "TransformerLens run_with_cache keeps only the last firing and "
             "transformer_lens.patching patches every firing with the last clean value; "
-            "use loopscope.unroll / loopscope interventions instead.",
+            "use loopscope.core.unroll / loopscope interventions instead.",
             LoopedHookWarning,
             stacklevel=stacklevel,
         )

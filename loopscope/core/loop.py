@@ -13,7 +13,7 @@ function of ``(h, ctx, t)``: that is what lets analyses take Jacobians, run solv
 start states and transplant states. Autonomous loops ignore ``t``.
 
 Every Loop is a TransformerLens :class:`HookedRootModule` with at least one hook point,
-``hook_state``, fired by :func:`loopscope.unroll` on the state entering each step. Subclasses call
+``hook_state``, fired by :func:`loopscope.core.unroll` on the state entering each step. Subclasses call
 ``self.setup()`` last in ``__init__`` (TransformerLens convention).
 """
 
@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from transformer_lens import HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
-from loopscope.errors import LoopscopeError
+from loopscope.core.errors import LoopscopeError
 
 __all__ = ["Loop", "FnLoop", "select_batch", "batch_size_of"]
 

@@ -7,8 +7,12 @@ the offending value, so the CLI can print it without a traceback (exit code 2).
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable, Mapping
-from typing import Any
+import functools
+import inspect
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TypeVar
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 class LoopscopeError(ValueError):
@@ -30,6 +34,10 @@ class CheckpointError(LoopscopeError):
     """A checkpoint that is missing, corrupted, truncated or not safetensors + JSON."""
 
 
+class UnknownOptionError(LoopscopeError, TypeError):
+    """A keyword argument that a function does not take (a ``TypeError``, with a did-you-mean)."""
+
+
 class LoopedHookWarning(UserWarning):
     """Stock TransformerLens caching/patching would keep only the last firing of a looped hook."""
 
@@ -49,12 +57,44 @@ def reject_unknown_kwargs(
     >>> reject_unknown_kwargs("solve", {"tl": 1}, ["tol"])
     Traceback (most recent call last):
     ...
-    loopscope.errors.LoopscopeError: solve() got an unknown option 'tl' (did you mean: tol?)
+    loopscope.core.errors.LoopscopeError: solve() got an unknown option 'tl' (did you mean: tol?)
     """
     allowed = list(allowed)
     for key in kwargs:
         if key not in allowed:
             raise LoopscopeError(f"{where}() got an unknown option {key!r}{suggest(key, allowed)}")
+
+
+def did_you_mean(fn: F) -> F:
+    """Decorate a function (or a class's ``__init__``) so an unknown keyword names its neighbours.
+
+    The signature stays the function's own (``inspect.signature`` and ``help()`` see every
+    parameter); only the error for a misspelt keyword changes, from Python's bare ``TypeError``
+    to :class:`UnknownOptionError` (a ``TypeError`` too) with the closest parameter names.
+
+    >>> @did_you_mean
+    ... def solve(x, *, tol=1e-6): return x
+    >>> solve(1, tl=1)
+    Traceback (most recent call last):
+    ...
+    loopscope.core.errors.UnknownOptionError: solve() got an unexpected keyword argument 'tl' (did you mean: tol?)
+    """
+    params = inspect.signature(fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return fn  # it takes anything: nothing to check
+    names = [n for n, p in params.items() if p.kind is not inspect.Parameter.VAR_POSITIONAL]
+    where = fn.__qualname__.replace(".__init__", "")
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        for key in kwargs:
+            if key not in params:
+                raise UnknownOptionError(
+                    f"{where}() got an unexpected keyword argument {key!r}{suggest(key, names)}"
+                )
+        return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def check_positive_int(name: str, value: Any) -> int:

@@ -1,14 +1,11 @@
 """Safe checkpoints: safetensors for tensors, JSON for configs and model cards.
 
 Nothing is ever unpickled: ``.pt`` / ``.bin`` / ``.pkl`` files are refused, and a corrupted or
-truncated file gets a :class:`~loopscope.errors.CheckpointError` naming it. Writes are atomic
+truncated file gets a :class:`~loopscope.core.errors.CheckpointError` naming it. Writes are atomic
 (write to ``*.tmp``, then ``os.replace``) so an interrupted save never leaves a half file.
 
-Layout of a model checkpoint directory::
-
-    model.safetensors   # state dict
-    config.json         # {"class": "LoopedTransformer", "config": {...}, "format": "loopscope.model/1"}
-    card.json           # optional model card (task, preset, seed, accuracy ...)
+Model checkpoints (a directory of ``model.safetensors`` + ``config.json`` + ``card.json``) are
+written and read by :mod:`loopscope.models.checkpoint`, which builds on the helpers here.
 
 Long sweeps resume through :class:`ChunkCheckpoint` (one atomic safetensors file per finished
 chunk plus a JSON manifest with the sweep's :func:`fingerprint`); a folder holding another sweep
@@ -29,11 +26,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from loopscope.errors import CheckpointError
+from loopscope.core.errors import CheckpointError
 
 __all__ = [
-    "save_model",
-    "load_model",
     "load_state_dict",
     "save_state_dict",
     "atomic_write_text",
@@ -41,7 +36,6 @@ __all__ = [
     "read_json",
     "fingerprint",
     "ChunkCheckpoint",
-    "MODEL_CLASSES",
 ]
 
 _UNSAFE_SUFFIXES = {".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt"}
@@ -112,81 +106,6 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"corrupted or truncated checkpoint {path}: {e}") from None
 
 
-def _registry() -> dict[str, tuple[type, Any]]:
-    from loopscope import models
-
-    reg: dict[str, tuple[type, Any]] = {}
-    for cls_name, cfg_name in (
-        ("LoopedTransformer", "LoopedConfig"),
-        ("HierarchicalLoopedTransformer", "HierarchicalConfig"),
-    ):
-        cls = getattr(models, cls_name, None)
-        cfg = getattr(models, cfg_name, None)
-        if cls is not None and cfg is not None:
-            reg[cls_name] = (cls, cfg)
-    return reg
-
-
-MODEL_CLASSES = _registry  # callable: the classes known to load_model
-
-
-def save_model(model: nn.Module, directory: str | os.PathLike, card: dict | None = None) -> Path:
-    """Save ``model`` (with a ``cfg`` having ``to_dict``) to ``directory`` atomically."""
-    directory = Path(directory)
-    cfg = getattr(model, "cfg", None)
-    if cfg is None or not hasattr(cfg, "to_dict"):
-        raise CheckpointError(
-            f"{type(model).__name__} has no cfg.to_dict(): cannot write its config"
-        )
-    save_state_dict(model.state_dict(), directory / "model.safetensors")
-    atomic_write_text(
-        directory / "config.json",
-        json.dumps(
-            {"format": "loopscope.model/1", "class": type(model).__name__, "config": cfg.to_dict()},
-            indent=1,
-        ),
-    )
-    if card is not None:
-        atomic_write_text(directory / "card.json", json.dumps(card, indent=1, default=str))
-    return directory
-
-
-def load_model(directory: str | os.PathLike, dtype: torch.dtype | None = None) -> nn.Module:
-    """Build the model described by ``directory/config.json`` and load its safetensors weights."""
-    directory = Path(directory)
-    if directory.is_file():
-        if directory.suffix in _UNSAFE_SUFFIXES:
-            load_state_dict(directory)  # raises the pickle refusal
-        directory = directory.parent
-    if not directory.exists():
-        raise CheckpointError(f"checkpoint directory not found: {directory}")
-    spec = read_json(directory / "config.json")
-    if not isinstance(spec, dict) or spec.get("format") != "loopscope.model/1":
-        raise CheckpointError(f"{directory / 'config.json'} is not a loopscope model config")
-    reg = _registry()
-    if spec.get("class") not in reg:
-        raise CheckpointError(
-            f"{directory / 'config.json'}: unknown model class {spec.get('class')!r}"
-        )
-    cls, cfg_cls = reg[spec["class"]]
-    try:
-        cfg = cfg_cls.from_dict(spec["config"])
-    except Exception as e:
-        raise CheckpointError(f"{directory / 'config.json'}: invalid config: {e}") from None
-    model = cls(cfg)
-    state = load_state_dict(directory / "model.safetensors")
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{directory / 'model.safetensors'} does not match its config: missing {list(missing)[:5]}, "
-            f"unexpected {list(unexpected)[:5]}"
-        )
-    model.eval()
-    if dtype is not None:
-        model.to(dtype)
-    return model
-
-
 # -- resumable sweeps ------------------------------------------------------------------------------
 
 
@@ -242,7 +161,7 @@ class ChunkCheckpoint:
     and ``computed.jsonl`` (one line per chunk computed: key, pid, time). Chunks are written
     atomically (``*.tmp`` then ``os.replace``), so a kill at any moment leaves only complete
     chunks. Opening a directory that holds a different sweep (another
-    fingerprint) raises :class:`~loopscope.errors.CheckpointError` naming the differing fields;
+    fingerprint) raises :class:`~loopscope.core.errors.CheckpointError` naming the differing fields;
     nothing is ever mixed or pickled.
     """
 
