@@ -109,12 +109,7 @@ def build_model(cfg: TrainConfig, task: Any) -> torch.nn.Module:
     overrides.update(cfg.model_overrides)
     mcfg = models.preset(cfg.preset, **overrides)
     torch.manual_seed(cfg.seed)
-    cls = (
-        models.HierarchicalLoopedTransformer
-        if type(mcfg).__name__.startswith("Hierarchical")
-        else models.LoopedTransformer
-    )
-    return cls(mcfg)
+    return models.build(mcfg)
 
 
 def _length(batch: Any) -> int:

@@ -125,7 +125,7 @@ def ref_unroll(model, tokens, T, h0):
     return torch.stack(states), logits
 
 
-SINGLE = [n for n in preset_names() if n not in ("hrm", "trm")]
+SINGLE = [n for n in preset_names() if n not in ("hrm", "trm", "fam")]  # fam: tests/test_fam.py
 
 
 @pytest.mark.parametrize("name", SINGLE + ["swiglu_damped"])

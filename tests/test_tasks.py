@@ -161,7 +161,7 @@ def test_bad_task_inputs():
         tasks.get("s3", train_length=3)
     with pytest.raises(LoopscopeError, match="train_len"):
         tasks.get("s3", train_len=(5, 2))
-    np.testing.assert_equal(len(tasks.names()), 11)
+    np.testing.assert_equal(len(tasks.names()), 13)  # + passkey, assoc_recall
 
 
 def test_sudoku6_valid_unique_and_split_by_difficulty():

@@ -2,6 +2,7 @@
 
 from loopscope.models.checkpoint import load_model, save_model
 from loopscope.models.config import HierarchicalConfig, LoopedConfig
+from loopscope.models.fam import FAMConfig, FAMTransformer
 from loopscope.models.hierarchical import FastLoop, HierarchicalLoopedTransformer
 from loopscope.models.looped import LoopedTransformer
 from loopscope.models.presets import PRESETS, preset, preset_names
@@ -12,6 +13,8 @@ __all__ = [
     "HierarchicalConfig",
     "HierarchicalLoopedTransformer",
     "FastLoop",
+    "FAMConfig",
+    "FAMTransformer",
     "PRESETS",
     "preset",
     "preset_names",
@@ -21,8 +24,10 @@ __all__ = [
 ]
 
 
-def build(cfg: LoopedConfig | HierarchicalConfig):
-    """The model of a config (single-state or hierarchical)."""
+def build(cfg: LoopedConfig | HierarchicalConfig | FAMConfig):
+    """The model of a config (single-state, hierarchical or FAM)."""
+    if isinstance(cfg, FAMConfig):
+        return FAMTransformer(cfg)
     return (
         HierarchicalLoopedTransformer(cfg)
         if isinstance(cfg, HierarchicalConfig)

@@ -38,6 +38,7 @@ def _registry() -> dict[str, tuple[type, Any]]:
     for cls_name, cfg_name in (
         ("LoopedTransformer", "LoopedConfig"),
         ("HierarchicalLoopedTransformer", "HierarchicalConfig"),
+        ("FAMTransformer", "FAMConfig"),
     ):
         cls = getattr(models, cls_name, None)
         cfg = getattr(models, cfg_name, None)

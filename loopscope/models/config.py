@@ -84,7 +84,7 @@ def _validate(cfg: Any) -> None:
         _fail(cfg, "name", f"must be a non-empty string, got {cfg.name!r}")
     if cfg.d_model % cfg.n_heads:
         _fail(cfg, "n_heads", f"({cfg.n_heads}) must divide d_model ({cfg.d_model})")
-    if cfg.positions == "rope" and (cfg.d_model // cfg.n_heads) % 2:
+    if getattr(cfg, "positions", "nope") == "rope" and (cfg.d_model // cfg.n_heads) % 2:
         _fail(
             cfg,
             "positions",

@@ -13,6 +13,7 @@ act                 post-norm + ACT Q-head (HRM/TRM-style halting), NoPE + conv1
 maze_conv           FPRM recipe on grids: bidirectional, conv2d 3x3 mixer, NoPE
 hrm                 hierarchical, two post-norm stacks, fixed inits, learned positions
 trm                 hierarchical, one shared post-norm net
+fam                 TransformerFAM: block attention + per-layer feedback memory (a loop over blocks)
 =================== ==========================================================================
 """
 
@@ -22,6 +23,7 @@ from typing import Any
 
 from loopscope.core.errors import LoopscopeError, suggest
 from loopscope.models.config import HierarchicalConfig, LoopedConfig
+from loopscope.models.fam import FAMConfig
 
 __all__ = ["PRESETS", "preset", "preset_names"]
 
@@ -103,6 +105,8 @@ PRESETS: dict[str, tuple[type, dict[str, Any]]] = {
             name="maze_conv",
         ),
     ),
+    # TransformerFAM: post-norm layers, F = 4 memory activations per layer, blocks of 8
+    "fam": (FAMConfig, dict(name="fam")),
     "hrm": (HierarchicalConfig, dict(shared=False, L_cycles=2, name="hrm")),
     "trm": (HierarchicalConfig, dict(shared=True, L_cycles=3, name="trm")),
 }

@@ -14,6 +14,7 @@ from loopscope.tasks.addition import AdditionTask, parallel_carry_iterations
 from loopscope.tasks.base import Batch, Task
 from loopscope.tasks.groups import GroupTask, cayley_table
 from loopscope.tasks.maze import MazePathTask, MazeReachTask
+from loopscope.tasks.memory import AssocRecallTask, PassKeyTask
 from loopscope.tasks.multiplication import MultiplicationTask, evaluate_graph, multiplication_graph
 from loopscope.tasks.sudoku import Sudoku4Task, Sudoku6Task
 
@@ -29,6 +30,8 @@ __all__ = [
     "MultiplicationTask",
     "Sudoku4Task",
     "Sudoku6Task",
+    "PassKeyTask",
+    "AssocRecallTask",
     "cayley_table",
     "parallel_carry_iterations",
     "multiplication_graph",
@@ -47,6 +50,8 @@ _REGISTRY = {
     "sudoku6": Sudoku6Task,
     "maze_reach": MazeReachTask,
     "maze_path": MazePathTask,
+    "passkey": PassKeyTask,
+    "assoc_recall": AssocRecallTask,
 }
 
 

@@ -46,8 +46,11 @@ class Batch:
 
     @property
     def length(self) -> int:
-        """Problem length that iteration counts scale with: the grid side for grid tasks, else the
-        number of tokens per example."""
+        """Problem length that iteration counts scale with: the grid side for grid tasks, the
+        number of context blocks for block tasks (``meta["n_context"]``), else the number of
+        tokens per example."""
+        if "n_context" in self.meta:
+            return int(self.meta["n_context"])
         return int(max(self.meta["grid"])) if "grid" in self.meta else int(self.tokens.shape[1])
 
     def to(self, device: Any) -> Batch:
