@@ -1,14 +1,15 @@
-"""Figure functions: tidy frames in, matplotlib Figure out (no computation here)."""
+"""Figure functions: tidy frames in, matplotlib Figure out (no computation here).
+
+Importing this module never changes the matplotlib backend: in a notebook figures display
+inline; the CLI and the tests select the headless ``Agg`` backend themselves.
+"""
 
 from __future__ import annotations
 
-import matplotlib
-
-matplotlib.use("Agg", force=False)
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import seaborn as sns  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
 
 __all__ = [
     "convergence_curves",

@@ -1,596 +1,55 @@
-"""``loopscope paper``: regenerate the paper's figures and tables from the zoo.
+"""``loopscope paper``: regenerate the paper's figures and report from the zoo.
 
-Each figure is one function ``fig_*(ctx) -> (Figure, DataFrame, title, caption)``: it computes
-tidy results with the analyses and hands them to :mod:`loopscope.figures`. The writer saves PDF +
-PNG + CSV + JSON per figure atomically; a rerun after an interruption skips figures already on
-disk (nothing lost, nothing done twice). ``--quick`` uses the shipped checkpoints and small sample
-sizes (minutes on 2 cores); without it the zoo is retrained from its recipes first and the sample
-sizes grow.
+The recipes (what each figure measures) live in :mod:`loopscope.experiments.paper_figures`;
+this module runs them and writes PDF + PNG + CSV + JSON per figure atomically through
+:class:`~loopscope.report.FigureWriter`. A rerun after an interruption skips figures already on
+disk (nothing lost, nothing done twice). ``--quick`` uses the shipped checkpoints and small
+sample sizes (minutes on 2 cores); without it the zoo is retrained from its recipes first and
+the sample sizes grow.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-import pandas as pd
 import torch
 
-from loopscope import figures
 from loopscope.core.errors import LoopscopeError
-from loopscope.core.unroll import unroll
-from loopscope.report import FigureWriter, set_style
+from loopscope.experiments.paper_figures import EXPECTED_FIGURES, FIGURES, PaperContext
+from loopscope.report import FigureRecord, FigureWriter, set_style
 
-__all__ = ["PaperContext", "FIGURES", "run_paper", "EXPECTED_FIGURES"]
-
-
-@dataclass
-class PaperContext:
-    """Shared settings and a model cache for one paper run."""
-
-    quick: bool = True
-    seed: int = 0
-    model_dir: Path | None = None
-    n: int = 64
-    cache: dict[str, Any] = field(default_factory=dict)
-
-    def model(self, name: str):
-        if name not in self.cache:
-            from loopscope import zoo
-            from loopscope.models.checkpoint import load_model
-
-            if self.model_dir is not None and (self.model_dir / name / "config.json").exists():
-                m = load_model(self.model_dir / name)
-                m.zoo_name = name
-            else:
-                m = zoo.load(name)
-            self.cache[name] = m
-        return self.cache[name]
-
-    def task(self, model_name: str):
-        from loopscope import tasks, zoo
-
-        c = zoo.card(model_name)
-        return tasks.get(c["task"], **(c.get("task_params") or {}))
-
-    def n_iter(self, batch: Any, factor: float) -> int:
-        L = batch.length
-        return max(2, int(round(factor * L)))
+__all__ = ["run_paper", "FIGURES", "EXPECTED_FIGURES", "PaperContext"]
 
 
-# -- figures -------------------------------------------------------------------------------------
-def fig_convergence(ctx: PaperContext):
-    from loopscope.analysis import metrics
+def _retrain_zoo(ctx: PaperContext, out: Path, progress: bool) -> None:
+    from loopscope.zoo.recipes import RECIPES, build
 
-    rows = []
-    import warnings
-
-    warnings.filterwarnings("ignore", message="All-NaN slice", category=RuntimeWarning)
-    for name in ("s3_fprm", "s3_rope", "addition_conv"):
-        model, task = ctx.model(name), ctx.task(name)
-        for split in ("id", "ood"):
-            b = task.sample(ctx.n // 2 if ctx.quick else ctx.n, split, seed=ctx.seed)
-            tr = unroll(
-                model,
-                b.tokens,
-                ctx.n_iter(b, 3.0 if ctx.quick else 4.0),
-                seed=ctx.seed,
-                decode=True,
-            )
-            m = metrics(tr, p_max=2)
-            rel = m["rel_residual"].numpy()  # [T+1, B]
-            p2 = (m["res_p2"] / tr.states.flatten(2).double().norm(dim=-1).clamp_min(1e-30)).numpy()
-            mask = b.targets != -100
-            acc = ((tr.logits.argmax(-1) == b.targets) & mask).sum(
-                (1, 2)
-            ).numpy() / mask.sum().item()
-            for t in range(1, rel.shape[0]):
-                if not np.isfinite(rel[t]).any():
-                    continue
-                rows.append(
-                    dict(
-                        model=name,
-                        split=split,
-                        iteration=t,
-                        median=np.nanmedian(rel[t]),
-                        q25=np.nanquantile(rel[t], 0.25),
-                        q75=np.nanquantile(rel[t], 0.75),
-                        median_p2=np.nanmedian(p2[t]) if t >= 2 else np.nan,
-                        accuracy=acc[t],
-                    )
-                )
-    df = pd.DataFrame(rows)
-    cap = (
-        "Median relative residual ||h_t - h_{t-1}||/||h_t|| (solid, IQR band) and period-2 residual (dashed) per iteration, "
-        "with token accuracy below; ID vs OOD (2x length), iterations up to 4x the length."
-    )
-    return figures.convergence_curves(df), df, "Convergence ID vs OOD", cap
-
-
-def fig_spectra(ctx: PaperContext):
-    from loopscope.analysis import lyapunov, spectrum
-
-    rho_rows, ly_rows, eig_rows = [], [], []
-    k_samples = 2 if ctx.quick else 8
-    for name in ("s3_fprm", "s3_rope", "addition_conv"):
-        model, task = ctx.model(name), ctx.task(name)
-        for split in ("id", "ood"):
-            b = task.sample(k_samples, split, seed=ctx.seed)
-            # causal models: a prefix of an input is an input of that length; capping OOD inputs
-            # at 24 tokens (1.5x the longest training length) keeps the dense eigen-solve cheap
-            max_len = 25 if split != "id" else 17
-            b.tokens, b.targets = b.tokens[:, :max_len], b.targets[:, :max_len]
-            T = ctx.n_iter(b, 4.0)
-            tr = unroll(model, b.tokens, T, seed=ctx.seed)
-            sp = spectrum(
-                model, b.tokens, tr.final, k=6, dense_max=1700 if ctx.quick else 2400, sigma=False
-            )
-            for s in range(k_samples):
-                rho_rows.append(
-                    dict(
-                        model=name,
-                        split=split,
-                        sample=s,
-                        rho=sp.rho[s],
-                        unstable=sp.unstable[s],
-                        method=sp.method,
-                    )
-                )
-                for lam in sp.eigenvalues[s]:
-                    eig_rows.append(
-                        dict(model=name, split=split, sample=s, real=lam.real, imag=lam.imag)
-                    )
-            ly = lyapunov(
-                model,
-                b.tokens,
-                h0=tr.states[T // 2],
-                n_steps=40 if ctx.quick else 200,
-                k=1,
-                warmup=10,
-                bootstrap=0,
-                seed=ctx.seed,
-                two_trajectory=False,
-            )
-            for s in range(k_samples):
-                ly_rows.append(
-                    dict(model=name, split=split, sample=s, lambda1=float(ly.exponents[s, 0]))
-                )
-    rho, lyd = pd.DataFrame(rho_rows), pd.DataFrame(ly_rows)
-    df = rho.merge(lyd, on=["model", "split", "sample"])
-    cap = (
-        "Spectral radius of the step's Jacobian at the end state (dense or ARPACK with ncv >= 64) and the largest Lyapunov "
-        "exponent from the middle of the trajectory (QR method), per model; ID inputs vs OOD inputs of 24 tokens (1.5x the training length); rho < 1 and lambda1 < 0 mean a locally stable attractor."
-    )
-    return figures.spectra_lyapunov(rho, lyd), df, "Jacobian spectra and Lyapunov exponents", cap
-
-
-def fig_basins(ctx: PaperContext):
-    from loopscope.analysis import basins
-    from loopscope.analysis.attractors import GridSeeds, InitSeeds
-
-    name = "s3_fprm"
-    model, task = ctx.model(name), ctx.task(name)
-    frac_rows = []
-    for split in ("id", "ood"):
-        b = task.sample(4 if ctx.quick else 16, split, seed=ctx.seed)
-        res = basins(
-            model,
-            b.tokens,
-            seeds=InitSeeds(n=16 if ctx.quick else 64),
-            n_iter=ctx.n_iter(b, 2.0),
-            targets=b.targets,
-            seed=ctx.seed,
-        )
-        s = res.seeds
-        for sample, g in s.groupby("sample"):
-            frac_rows.append(
-                dict(
-                    model=name,
-                    split=split,
-                    sample=sample,
-                    correct_basin_fraction=float(g["correct"].mean()),
-                    n_answers=int(g["answer"].nunique()),
-                    n_attractors=int(g.loc[g["attractor"] >= 0, "attractor"].nunique()),
-                )
-            )
-    b = task.sample(1, "ood", seed=ctx.seed)
-    ctx_enc = model.encode(b.tokens)
-    h0 = model.init_state(ctx_enc, torch.Generator().manual_seed(ctx.seed)).double()
-    g = torch.Generator().manual_seed(ctx.seed + 1)
-    u = torch.randn(h0.numel(), generator=g, dtype=torch.float64)
-    v = torch.randn(h0.numel(), generator=g, dtype=torch.float64)
-    u, v = u / u.norm() * h0.norm(), v / v.norm() * h0.norm()
-    res = 11 if ctx.quick else 41
-    gb = basins(
-        model,
-        b.tokens,
-        seeds=GridSeeds(center=h0.reshape(-1), u=u, v=v, extent=2.0, resolution=res),
-        n_iter=ctx.n_iter(b, 2.0),
-        targets=b.targets,
-        seed=ctx.seed,
-    )
-    s = gb.seeds.copy()
-    s["answer_id"] = pd.factorize(s["answer"])[0]
-    alphas = np.linspace(-2, 2, res)
-    s["alpha"] = np.repeat(alphas, res)[: len(s)]
-    s["beta"] = np.tile(alphas, res)[: len(s)]
-    fr = (
-        pd.DataFrame(frac_rows)
-        .groupby(["model", "split"], as_index=False)["correct_basin_fraction"]
-        .mean()
-    )
-    data = pd.concat(
-        [
-            pd.DataFrame(frac_rows).assign(kind="fractions"),
-            s[["alpha", "beta", "answer_id", "correct"]].assign(kind="slice"),
-        ],
-        ignore_index=True,
-    )
-    cap = (
-        f"{name}: decoded answer reached from a 2-D slice of initial states h_0 + a u + b v (random directions scaled to ||h_0||), "
-        "one OOD input; share of random inits (the model's init distribution) that end on the correct answer, ID vs OOD."
-    )
-    return figures.basin_map(s, fr), data, "Basins of attraction", cap
-
-
-def fig_halting(ctx: PaperContext):
-    from loopscope.analysis import halting
-
-    name = "s3_act"
-    model, task = ctx.model(name), ctx.task(name)
-    rows, gaps = [], []
-    for split in ("id", "ood"):
-        b = task.sample(ctx.n * 2, split, seed=ctx.seed)
-        T = ctx.n_iter(b, 3.0)
-        tr = unroll(model, b.tokens, T, seed=ctx.seed, decode=True)
-        grid = {
-            "fp_residual": [0.3, 0.1, 0.03],
-            "latent_diff": [0.1, 0.03, 0.01],
-            "kl": [1e-2, 1e-3, 1e-4],
-            "argmax_stable": [2, 3, 5],
-            "q_head": [0.0],
-            "fixed": sorted({max(1, T // 4), max(1, T // 2), T}),
-        }
-        rep = (
-            halting.evaluate(tr, grid, targets=b.targets[:, 1:], q=model.q_head, budget=T)
-            if False
-            else halting.evaluate(
-                tr, grid, correct=_correct_per_step(tr, b), q=model.q_head, budget=T
-            )
-        )
-        summ = rep.to_frame().assign(split=split, budget=T)
-        rows.append(summ)
-        gaps.append(
-            summ.groupby("criterion", as_index=False)["saturation_gap"].mean().assign(split=split)
-        )
-    df = pd.concat(rows, ignore_index=True)
-    gp = pd.concat(gaps, ignore_index=True)
-    cap = (
-        f"{name} (ACT Q-head, deep supervision): sequence accuracy vs mean iterations at exit for FPRM fixed-point residual, "
-        "Huginn latent-diff / KL / argmax-stability, the learned Q-head and fixed depth, scored offline on one recorded trace "
-        "(budget 3x length); right: mean halt step minus the step after which the answer is right for good."
-    )
-    return figures.halting_tradeoff(df, gp), df, "Halting criteria", cap
-
-
-def _correct_per_step(tr: Any, b: Any) -> torch.Tensor:
-    mask = b.targets != -100
-    return ((tr.logits.argmax(-1) == b.targets) | ~mask).all(-1)  # [T+1, B]
-
-
-def fig_hierarchical(ctx: PaperContext):
-    from loopscope.analysis import hierarchical
-
-    name = "sudoku4_hrm"
-    model, task = ctx.model(name), ctx.task(name)
-    T, fast_cycles = 12, (0, 1, 3, 6)
-    rows, pr_rows = [], []
-    for split in ("id", "ood"):
-        b = task.sample(ctx.n, split, seed=ctx.seed)
-        # the fast loop's fixed point (one solve per cycle and sample) on the ID split; residual
-        # curves and participation ratios on both
-        res = hierarchical(
-            model,
-            b.tokens,
-            T,
-            fast_steps=16,
-            fixed_points=split == "id",
-            spectrum="none",
-            method="anderson",  # memory 5: ~5x faster than auto's 30 at n = 1024, same solves
-            solver_options={"m": 5},
-            tol=1e-8,
-            seed=ctx.seed,
-            meta={"split": split},
-        )
-        summ = res.residual_summary()
-        for r in summ[summ["loop"] == "slow"].itertuples():
-            rows.append(
-                dict(
-                    loop="slow",
-                    split=split,
-                    state=r.state,
-                    cycle=-1,
-                    iteration=r.cycle + 1,
-                    median=r.median,
-                )
-            )
-        if split == "id":
-            fast = summ[(summ["loop"] == "fast") & summ["cycle"].isin(fast_cycles)]
-            for r in fast.itertuples():
-                rows.append(
-                    dict(
-                        loop="fast",
-                        split=split,
-                        state="z_L",
-                        cycle=r.cycle,
-                        iteration=r.step,
-                        median=r.median,
-                    )
-                )
-            # does the model's inner loop reach the fast fixed point within a cycle?
-            for r in res.summary().itertuples():
-                for loop, value in (
-                    ("fixed_point", r.dist_end_rel_median),
-                    ("fixed_point_reached", r.frac_reached),
-                ):
-                    rows.append(
-                        dict(
-                            loop=loop,
-                            split=split,
-                            state="z_L",
-                            cycle=r.cycle,
-                            iteration=r.cycle + 1,
-                            median=value,
-                        )
-                    )
-        pr = res.participation
-        for r in pr[(pr["cycle"] == T) & pr["state"].isin(["z_H", "z_L"])].itertuples():
-            pr_rows.append(
-                dict(split=split, state=r.state, participation_ratio=r.participation_ratio)
-            )
-        tr = unroll(model, b.tokens, T, seed=ctx.seed, decode=True)
-        acc = _correct_per_step(tr, b).float().mean(1).numpy()
-        for t in range(1, T + 1):
-            rows.append(
-                dict(
-                    loop="accuracy",
-                    split=split,
-                    state="seq_acc",
-                    cycle=-1,
-                    iteration=t,
-                    median=float(acc[t]),
-                )
-            )
-    df = pd.DataFrame(rows)
-    pr = pd.DataFrame(pr_rows)
-    cap = (
-        f"{name}: relative change of z_H and z_L per slow H-cycle, and the distance of the model's z_L after its "
-        "L inner steps from the fast loop's fixed point z_L* (solved per sample with z_H held fixed, ID) (left); the "
-        "fast L-loop with z_H held at the state of several H-cycles (middle): does the inner loop converge within a "
-        "cycle?; participation ratio of each state over samples x positions after the last cycle (right)."
-    )
-    return (
-        figures.hierarchical_convergence(df[df["loop"] != "accuracy"], pr),
-        pd.concat([df, pr.assign(loop="pr")], ignore_index=True),
-        "Hierarchical (HRM) convergence",
-        cap,
-    )
-
-
-def fig_probes(ctx: PaperContext):
-    from loopscope import tasks
-    from loopscope.probes import fit_probes, onset, probe_trace, transfer_matrix
-
-    name = "s3_fprm"
-    model = ctx.model(name)
-    frames, onsets = [], []
-    for split, task in (("id", tasks.get("s3", train_len=(16, 16))), ("ood", tasks.get("s3"))):
-        b = task.sample(192 if ctx.quick else 768, split, seed=ctx.seed)
-        L = b.tokens.shape[1] - 1
-        tr = unroll(model, b.tokens, L + 8, seed=ctx.seed)
-        positions = list(range(1, L + 1, 1 if L <= 16 else 2))
-        _, df = probe_trace(tr, b.targets, pooled=False, positions=positions, seed=ctx.seed)
-        df["split"] = split
-        frames.append(df)
-        on = onset(df, threshold=0.9)
-        on["split"] = split
-        onsets.append(on)
-        if split == "id":  # transfer matrix at one position: fit at iteration t, score at t'
-            p = min(8, L)
-            X = tr.states[1:, :, p]
-            res = fit_probes(X, b.targets[:, p], seed=ctx.seed)
-            M = transfer_matrix(res, X, b.targets[:, p])
-            transfer = pd.DataFrame(
-                [
-                    dict(fit_iteration=i + 1, score_iteration=j + 1, accuracy=M[i, j], position=p)
-                    for i in range(M.shape[0])
-                    for j in range(M.shape[1])
-                ]
-            )
-    df, on = pd.concat(frames, ignore_index=True), pd.concat(onsets, ignore_index=True)
-    cap = (
-        f"{name}: held-out accuracy of a linear probe (ridge, one per iteration x position, fitted in one batched solve, "
-        "split by sequence) for the running group element s_i; onset = first iteration with accuracy >= 0.9. "
-        "A step-by-step wavefront has onset = position, ID (L = 16) and OOD (L = 32). "
-        "Right: cross-iteration transfer of L2-logistic probes at position 8 (ID)."
-    )
-    return (
-        figures.probe_wavefront(df, on, transfer),
-        pd.concat(
-            [df, on.assign(kind="onset"), transfer.assign(kind="transfer")], ignore_index=True
-        ),
-        "Probes: the running state per iteration",
-        cap,
-    )
-
-
-def fig_patching(ctx: PaperContext):
-    from loopscope import tasks
-    from loopscope.circuits import patch_sweep, state_transplant
-
-    name = "s3_fprm"
-    model = ctx.model(name)
-    task = tasks.get("s3", train_len=(12, 12))
-    b = task.sample(6 if ctx.quick else 24, "id", seed=ctx.seed)
-    clean = b.tokens
-    corrupt = clean.clone()
-    corrupt[:, 3] = (
-        corrupt[:, 3] % (task.order - 1)
-    ) + 1  # change exactly one group element (never identity)
-    corrupt[:, 3] = torch.where(
-        corrupt[:, 3] == clean[:, 3], (corrupt[:, 3] % (task.order - 1)) + 1, corrupt[:, 3]
-    )
-    ans_clean = b.targets[:, -1]
-    # the corrupted answer: recompute the running product with the changed element
-    s = torch.zeros(len(clean), dtype=torch.long)
-    for i in range(1, clean.shape[1]):
-        s = torch.as_tensor(task.table)[corrupt[:, i], s]
-    ans_corrupt = s
-    if bool((ans_clean == ans_corrupt).any()):
-        raise LoopscopeError("STR pair left an answer unchanged")
-
-    def metric(lg: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
-        last = lg[:, -1]
-        return (
-            last.gather(-1, ans_clean[i].view(-1, 1))[:, 0]
-            - last.gather(-1, ans_corrupt[i].view(-1, 1))[:, 0]
-        )
-
-    T = 2 * (clean.shape[1] - 1)
-    heat = patch_sweep(
-        model, clean, corrupt, ["hook_state"], "all", metric, n_iter=T, seed=ctx.seed
-    )
-    tp = state_transplant(model, clean, corrupt, metric, n_iter=T, extra=T, seed=ctx.seed)
-    cap = (
-        f"{name}, S3 length 12, STR pairs changing exactly one group element (position 3): left, normalised logit-difference "
-        "recovery when the clean state h_t at one position replaces the corrupted one (denoising); right, recovery when the "
-        f"whole clean state h_t is transplanted, measured at T = {T} and at 2T."
-    )
-    data = pd.concat([heat.assign(kind="patch"), tp.assign(kind="transplant")], ignore_index=True)
-    return (
-        figures.patching_panels(heat, tp),
-        data,
-        "Per-iteration patching and state transplant",
-        cap,
-    )
-
-
-def fig_memorization(ctx: PaperContext):
-    from loopscope.circuits import digit_df, logistic_slope
-
-    name = "mult_universal"
-    model, task = ctx.model(name), ctx.task(name)
-    tr_pairs = task.pairs["train"]
-    tx, ty = tr_pairs // 10**task.nd, tr_pairs % 10**task.nd
-    rows = []
-    for split in ("train", "id"):
-        b = task.sample(256 if ctx.quick else 1024, split, seed=ctx.seed)
-        logits = model(b.tokens, 8)
-        nd = 2 * task.nd
-        pred = logits.argmax(-1)[:, -nd:]
-        tgt = b.targets[:, -nd:]
-        x, y = b.meta["x"].numpy(), b.meta["y"].numpy()
-        dfm = digit_df(x, y, nd, tx, ty)
-        ok = (pred == tgt).numpy()
-        for i in range(len(x)):
-            for k in range(nd):
-                rows.append(
-                    dict(split=split, example=i, digit=k, df=int(dfm[i, k]), correct=bool(ok[i, k]))
-                )
-    d = pd.DataFrame(rows)
-    # the digit is a categorical control: accuracy is not monotone in the digit position (the
-    # units digit, with df ~ 80, and the top digit are easy), and a linear digit term would hand
-    # the units-vs-rest contrast to df as a spurious slope
-    fit = logistic_slope(
-        d["correct"].to_numpy(), d["df"].to_numpy(), None, op=d["digit"].to_numpy()
-    )
-    d.attrs["logistic"] = fit
-    cap = (
-        f"{name}: product digit k is determined by (x mod 10^(k+1), y mod 10^(k+1)); df = number of training pairs sharing them "
-        f"(held-out ID pairs have df = 0 for the top digits). Logistic slope of correctness on log(1+df), with one dummy per digit: "
-        f"{fit['slope']:.2f} [{fit['ci_low']:.2f}, {fit['ci_high']:.2f}]."
-    )
-    return (
-        figures.memorization_panels(d),
-        d.assign(slope=fit["slope"], slope_ci_low=fit["ci_low"], slope_ci_high=fit["ci_high"]),
-        "Memorization: correctness vs subgraph frequency",
-        cap,
-    )
-
-
-VERDICT_MODELS = (
-    "s3_fprm",
-    "s3_rope",
-    "s3_act",
-    "addition_conv",
-    "maze_reach_conv",
-    "sudoku4_hrm",
-    "mult_universal",
-)
-
-
-def fig_verdict(ctx: PaperContext):
-    from loopscope import zoo
-    from loopscope.analysis import verdict
-
-    frames = []
-    for name in VERDICT_MODELS:
-        if name not in zoo.names():
-            continue
-        v = verdict(
-            ctx.model(name),
-            ctx.task(name),
-            n=32 if ctx.quick else 128,
-            seed=ctx.seed,
-            iter_factor=3.0,
-        )
-        f = v.to_frame()
-        f["model"] = name
-        frames.append(f)
-    if not frames:
-        raise LoopscopeError("no zoo models to judge")
-    df = pd.concat(frames, ignore_index=True)
-    cap = (
-        "Evidence vector per model (green: reads algorithmic, red: memorized/heuristic); never a single yes/no. "
-        "Confident-wrong = the loop settled (residual < 1e-3) on a wrong answer. Correct-basin fraction = "
-        "share of 8 Gaussian inits per sample (entry scale of the model's init, same budget) that end on "
-        "the right answer. Correctness vs subgraph frequency = logistic slope on log1p(df) with one dummy "
-        "per digit (multiplication only). Probe onset = first iteration a ridge probe per position decodes the "
-        "target at >= 0.9 held-out accuracy, ranked against depth where depth is a function of the position. "
-        "Inductive bias (state tracking) = R-IB / D-IB of a logistic head on the end state at the last position "
-        "over 50 white-noise datasets."
-    )
-    return figures.verdict_table(df), df, "Verdict: algorithm vs memorization evidence", cap
-
-
-FIGURES: dict[str, Callable[[PaperContext], tuple]] = {
-    "convergence": fig_convergence,
-    "spectra": fig_spectra,
-    "basins": fig_basins,
-    "halting": fig_halting,
-    "hierarchical": fig_hierarchical,
-    "probes": fig_probes,
-    "patching": fig_patching,
-    "memorization": fig_memorization,
-    "verdict": fig_verdict,
-}
-
-EXPECTED_FIGURES = list(FIGURES)
+    ctx.model_dir = out / "models"
+    for name in RECIPES:
+        if not (ctx.model_dir / name / "card.json").exists():
+            build(name, out=ctx.model_dir / name, run_dir=out / "runs" / name, progress=progress)
 
 
 def run_paper(
     out: str | Path,
+    *,
     quick: bool = True,
     seed: int = 0,
     only: list[str] | None = None,
     progress: bool = True,
     command: str | None = None,
-) -> list:
-    """Compute and write every figure (resumable) and the report; returns the figure records."""
+) -> list[FigureRecord]:
+    """Compute and write every figure (resumable) and the report; returns the figure records.
+
+    Args:
+        out: output folder (one PDF/PNG/CSV/JSON per figure, ``report.md``).
+        quick: the shipped zoo and small samples; False retrains the zoo into ``out/models``.
+        seed: the seed of every sample and measurement.
+        only: figure names to (re)do; default all of :data:`FIGURES`.
+        progress: show a progress bar.
+        command: the command line recorded in the report.
+    """
     set_style()
     out = Path(out)
     names = list(FIGURES) if not only else only
@@ -602,14 +61,7 @@ def run_paper(
     )
     ctx = PaperContext(quick=quick, seed=seed, n=64 if quick else 256)
     if not quick:
-        from loopscope.zoo.recipes import RECIPES, build
-
-        ctx.model_dir = out / "models"
-        for name in RECIPES:
-            if not (ctx.model_dir / name / "card.json").exists():
-                build(
-                    name, out=ctx.model_dir / name, run_dir=out / "runs" / name, progress=progress
-                )
+        _retrain_zoo(ctx, out, progress)
     writer = FigureWriter(out, command=command, seed=seed)
     torch.manual_seed(seed)
     bar = None
@@ -621,13 +73,11 @@ def run_paper(
         tid = bar.add_task("paper figures", total=len(names))
     try:
         for n in names:
-            if writer.done(n):
-                if bar:
-                    bar.update(tid, advance=1)
-                continue
-            t0 = time.perf_counter()
-            fig, data, title, caption = FIGURES[n](ctx)
-            writer.save(n, fig, data, title, caption, seconds=round(time.perf_counter() - t0, 1))
+            if not writer.done(n):
+                t0 = time.perf_counter()
+                rec = FIGURES[n](ctx)
+                seconds = round(time.perf_counter() - t0, 1)
+                writer.save(n, rec.draw(), rec.frame, rec.title, rec.caption, seconds=seconds)
             if bar:
                 bar.update(tid, advance=1, description=f"paper: {n}")
     finally:

@@ -22,11 +22,7 @@ __all__ = ["set_style", "FigureWriter", "FigureRecord"]
 
 
 def set_style() -> None:
-    """The one plotting style of loopscope figures (headless-safe)."""
-    import matplotlib
-
-    if os.environ.get("MPLBACKEND") is None:
-        matplotlib.use("Agg")
+    """The one plotting style of loopscope figures (the backend is left alone)."""
     import seaborn as sns
 
     sns.set_theme(context="paper", style="whitegrid", palette="colorblind", font_scale=1.1)

@@ -146,7 +146,7 @@ def test_stability_dynamics_columns_are_measured(tmp_path):
 
     from loopscope import unroll
     from loopscope.analysis import spectrum
-    from loopscope.cli import _model_and_task, app
+    from loopscope.cli import app, model_and_task
 
     res = CliRunner().invoke(
         app,
@@ -172,7 +172,7 @@ def test_stability_dynamics_columns_are_measured(tmp_path):
     assert 0.0 <= row["correct_basin_fraction"] <= 1.0
     assert row["n_dyn"] == 2 and row["rho_method"] == "dense"
     # the column is the spectral radius of the step's Jacobian at the same end state
-    m, t = _model_and_task("s3_fprm", None)
+    m, t = model_and_task("s3_fprm", None)
     b = t.sample(4, "id", seed=0)
     tr = unroll(m, b.tokens, int(row["n_iter"]), seed=0)
     rho = spectrum(m, b.tokens[:2], tr.final[:2], k=6, sigma=False).rho
@@ -198,17 +198,18 @@ def test_stability_dynamics_excludes_diverged_samples():
     import torch
 
     from loopscope import unroll
-    from loopscope.cli import _model_and_task, _stability_dynamics
+    from loopscope.cli import model_and_task
+    from loopscope.experiments.stability import stability_dynamics
 
-    m, t = _model_and_task("s3_fprm", None)
+    m, t = model_and_task("s3_fprm", None)
     b = t.sample(2, "id", seed=0)
     tr = unroll(m, b.tokens, 10, seed=0, decode=True)
     tr.diverged_at = torch.tensor([3, -1])  # as unroll marks a blown-up sample
-    row = _stability_dynamics(m, b, tr, n_dyn=2, seed=0)
+    row, _ = stability_dynamics(m, b, tr, n_dyn=2, seed=0)
     assert "1/2 diverged samples excluded" in row["dyn_note"]
     assert math.isfinite(row["rho_median"]) and row["rho_median"] == row["rho_max"]
     tr.diverged_at = torch.tensor([3, 4])
-    row = _stability_dynamics(m, b, tr, n_dyn=2, seed=0)
+    row, _ = stability_dynamics(m, b, tr, n_dyn=2, seed=0)
     assert math.isnan(row["rho_median"]) and math.isnan(row["correct_basin_fraction"])
     assert "2/2 diverged" in row["dyn_note"]
 

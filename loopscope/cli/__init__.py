@@ -2,19 +2,15 @@
 
 Every command has ``--help`` with an example, shows a progress bar on long work, writes
 machine-readable output (``--json`` or files) and turns bad input into a one-line error with exit
-code 2 (no traceback; set ``LOOPSCOPE_DEBUG=1`` to see one). Each command module imports the
-heavy libraries (torch, TransformerLens) inside its functions, so ``--help`` starts fast.
+code 2 (no traceback; set ``LOOPSCOPE_DEBUG=1`` to see one). The app and its shared helpers are
+in :mod:`loopscope.cli.app`; each module below registers its commands on it. Command bodies
+import torch, TransformerLens and the analyses late, so ``--help`` starts fast.
 """
 
-from loopscope.cli import commands  # noqa: F401  (registers the commands on ``app``)
-from loopscope.cli.app import app, main
+from loopscope.cli import circuits, dynamics, paper, train, zoo  # noqa: F401  (register commands)
+from loopscope.cli.app import app, main, model_and_task
 
-__all__ = ["app", "main"]
-
-
-def __getattr__(name: str):  # the commands module's helpers, e.g. for tests
-    return getattr(commands, name)
-
+__all__ = ["app", "main", "model_and_task"]
 
 if __name__ == "__main__":  # pragma: no cover
     main()

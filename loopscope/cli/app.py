@@ -65,8 +65,33 @@ def parse_inputs(text: str):
     return torch.tensor(vals, dtype=torch.long)
 
 
+def model_and_task(model: str, task: str | None):
+    """Load a model and its task (from the zoo card unless ``task`` is given); check they match."""
+    from loopscope import tasks, zoo
+
+    m = resolve_model(model)
+    if task is None:
+        if model not in zoo.names():
+            raise LoopscopeError("--task is required for a checkpoint directory")
+        t = zoo.task_of(model)
+    else:
+        t = tasks.get(task)
+    vocab = getattr(getattr(m, "cfg", None), "vocab_size", None)
+    if vocab is not None and vocab != t.vocab_size:
+        raise LoopscopeError(
+            f"model {model!r} (vocab {vocab}) does not match task {t.name!r} (vocab {t.vocab_size})"
+        )
+    return m, t
+
+
+def split_list(text: str) -> list[str]:
+    """``"id, ood"`` -> ``["id", "ood"]`` (the experiments check them against the task)."""
+    return [s.strip() for s in text.split(",") if s.strip()]
+
+
 def main(argv: list[str] | None = None) -> Any:
     """Entry point: run the Typer app, turning loopscope errors into one-line messages."""
+    os.environ.setdefault("MPLBACKEND", "Agg")  # headless: the CLI only writes figure files
     debug = os.environ.get("LOOPSCOPE_DEBUG") == "1"
     try:
         return app(args=argv, standalone_mode=True)

@@ -21,7 +21,7 @@ from loopscope.core.errors import LoopscopeError, suggest
 from loopscope.core.io import read_json
 from loopscope.models.checkpoint import load_model
 
-__all__ = ["names", "load", "card", "table", "cards_markdown", "checkpoint_dir", "ROOT"]
+__all__ = ["names", "load", "card", "task_of", "table", "cards_markdown", "checkpoint_dir", "ROOT"]
 
 ROOT = Path(__file__).parent / "checkpoints"
 
@@ -50,6 +50,14 @@ def checkpoint_dir(name: str) -> Path:
 def card(name: str) -> dict[str, Any]:
     """The model card of ``name`` (a dict)."""
     return read_json(checkpoint_dir(name) / "card.json")
+
+
+def task_of(name: str):
+    """The task a zoo model was trained on, built from its card (``task`` + ``task_params``)."""
+    from loopscope import tasks
+
+    c = card(name)
+    return tasks.get(c["task"], **(c.get("task_params") or {}))
 
 
 def load(name: str, dtype: Any = None):

@@ -1,0 +1,37 @@
+"""``loopscope paper``: regenerate the paper's figures and report (resumable)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from loopscope.cli.app import app
+
+
+@app.command()
+def paper(
+    out: Path = typer.Option(
+        Path("paper_out"), help="output folder (figures, data tables, report)"
+    ),
+    quick: bool = typer.Option(
+        False, "--quick", help="use the shipped zoo and small samples (minutes on CPU)"
+    ),
+    seed: int = typer.Option(0, min=0),
+    only: list[str] = typer.Option(None, help="only these figures (repeatable)"),
+    quiet: bool = typer.Option(False, help="no progress bar"),
+) -> None:
+    """Regenerate the paper's figures and report from the zoo (resumable: reruns skip done figures).
+
+    Example: loopscope paper --quick --out paper_out
+    """
+    from loopscope.paper import run_paper
+
+    cmd = "loopscope paper" + (" --quick" if quick else "") + f" --out {out.name} --seed {seed}"
+    recs = run_paper(
+        out, quick=quick, seed=seed, only=list(only) if only else None, progress=not quiet,
+        command=cmd,
+    )  # fmt: skip
+    report = {"out": str(out), "figures": [r.name for r in recs], "report": str(out / "report.md")}
+    typer.echo(json.dumps(report))
