@@ -39,6 +39,11 @@ _EXPORTS = {
     "verdict": "evidence",
     "Verdict": "evidence",
     "confident_wrong": "evidence",
+    "memory_drift": "memory",
+    "memory_spectrum": "memory",
+    "filler_fixed_point": "memory",
+    "decodability": "memory",
+    "memory_transplant": "memory",
 }
 
 __all__ = sorted(_EXPORTS)
