@@ -1,0 +1,241 @@
+"""One study job: train a model, then measure its stability dynamics per split; one row back.
+
+:func:`run_job` trains (resumably, in ``<work>/train``), saves the model (``<work>/model``), and
+for every split of ``job.analysis`` records one trace at the evaluation budget and measures:
+accuracy (token, sequence), converged / cycle / diverged fractions (:func:`~loopscope.analysis.
+classify`), residual at the budget, spectral radius of the step's Jacobian at the end state,
+largest Lyapunov exponent, correct-basin fraction, per-layer fixed-point and period-2 residuals
+and halting figures. The row is flat: ``<split>.<metric>`` columns plus the job's config columns.
+A per-split trace summary (``trace_summary.json``) and the halting table go next to the model.
+
+A measurement that fails is NaN in the row with a note in ``<split>.dyn_note`` (never a crash);
+a job whose training fails raises, and the sweep records the error.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from loopscope.core.errors import LoopscopeError, did_you_mean
+from loopscope.experiments.grid import Job
+
+__all__ = ["run_job", "config_columns"]
+
+_NAN = float("nan")
+_HALT_CRITERIA = {"residual": [1e-3], "kl": [1e-3], "argmax_stable": [5]}
+_DENSE_MAX = 2400
+
+
+def config_columns(job: Job) -> dict[str, Any]:
+    """The job's identity columns: key, label, task, preset, recipe, seed and its grid axes."""
+    cols: dict[str, Any] = {
+        "key": job.key,
+        "label": job.label,
+        "task": job.task,
+        "preset": job.preset,
+        "recipe": job.recipe or "",
+        "seed": int(job.seed),
+    }
+    for k, v in job.axes.items():
+        if k not in cols:
+            cols[k] = v if isinstance(v, (int, float, str, bool)) else json.dumps(v)
+    return cols
+
+
+def _n_iter(job: Job, split: str, length: int) -> int:
+    rule = job.analysis["evals"].get(split, {})
+    if "n_iter" in rule:
+        return int(rule["n_iter"])
+    return max(2, math.ceil(float(rule.get("iter_factor", job.analysis["iter_factor"])) * length))
+
+
+def _attempt(notes: list[str], what: str, fn: Any) -> Any:
+    try:
+        return fn()
+    except (LoopscopeError, RuntimeError, ValueError) as e:
+        notes.append(
+            f"{what} failed: {str(e).splitlines()[0][:120] if str(e) else type(e).__name__}"
+        )
+        return None
+
+
+def _dynamics(model: Any, b: Any, tr: Any, job: Job) -> dict[str, Any]:
+    """rho(J) at the end state, lambda1 from mid-trajectory, correct-basin fraction, on the first
+    ``n_dyn`` non-diverged samples."""
+    import torch
+
+    from loopscope.analysis import basins, lyapunov, spectrum
+    from loopscope.analysis.attractors import InitSeeds
+
+    a, seed = job.analysis, int(job.analysis["seed"])
+    out = {"rho_median": _NAN, "lambda1_median": _NAN, "correct_basin_fraction": _NAN}
+    notes: list[str] = []
+    k = min(int(a["n_dyn"]), tr.batch_size)
+    ok = torch.isfinite(tr.final[:k].reshape(k, -1)).all(1)
+    if tr.diverged_at is not None:
+        ok &= tr.diverged_at[:k] < 0
+    keep = ok.nonzero().flatten()
+    if len(keep) == 0:
+        return {**out, "dyn_note": "every dynamics sample diverged"}
+    tokens, targets, end = b.tokens[keep], b.targets[keep], tr.final[keep]
+    sp = _attempt(
+        notes,
+        "rho",
+        lambda: spectrum(model, tokens, end, k=6, sigma=False, dense_max=_DENSE_MAX, seed=seed),
+    )
+    if sp is not None:
+        out["rho_median"] = float(np.median(np.asarray(sp.rho, dtype=float)))
+    mid = tr.states[tr.n_iter // 2][keep]
+    ly = _attempt(
+        notes,
+        "lambda1",
+        lambda: lyapunov(
+            model, tokens, h0=mid, n_steps=40, k=1, warmup=10, bootstrap=0, seed=seed,
+            two_trajectory=False,
+        ),
+    )  # fmt: skip
+    if ly is not None and not np.isnan(ly.exponents[:, 0]).all():
+        out["lambda1_median"] = float(np.nanmedian(ly.exponents[:, 0]))
+    bs = _attempt(
+        notes,
+        "basins",
+        lambda: basins(
+            model, tokens, seeds=InitSeeds(n=int(a["n_basin"])), n_iter=tr.n_iter,
+            targets=targets, seed=seed,
+        ),
+    )  # fmt: skip
+    if bs is not None:
+        frac = bs.seeds.groupby("sample")["correct"].mean().astype(float)
+        out["correct_basin_fraction"] = float(frac.mean())
+    return {**out, "dyn_note": "; ".join(notes)}
+
+
+def _layer_residuals(tr: Any) -> dict[str, float]:
+    """Median over samples of each captured hook's relative change at the last iteration, over
+    one step (``r1``) and over two (``r2``: small with large ``r1`` = a period-2 cycle)."""
+    out: dict[str, float] = {}
+    for name in tr.keys():
+        acts = tr[name]
+        labels = tr.labels.get(tr._canonical(name)) or [(t, 0) for t in range(acts.shape[0])]
+        last = {}
+        for i, lab in enumerate(labels):  # the last firing of the hook in each iteration
+            last[int(lab[0])] = i
+        its = sorted(last)
+        if len(its) < 3:
+            continue
+        x = [acts[last[t]].double().flatten(1) for t in its[-3:]]
+        norm = x[2].norm(dim=1).clamp_min(1e-12)
+        short = name.replace(".hook_resid_post", "").replace("blocks.", "")
+        out[f"layer.{short}.r1"] = float(((x[2] - x[1]).norm(dim=1) / norm).nanmedian())
+        out[f"layer.{short}.r2"] = float(((x[2] - x[0]).norm(dim=1) / norm).nanmedian())
+    return out
+
+
+def _halting(model: Any, tr: Any, correct: Any) -> tuple[dict[str, float], Any]:
+    from loopscope.analysis import halting as H
+
+    crit = dict(_HALT_CRITERIA)
+    opts = {}
+    if getattr(getattr(model, "cfg", None), "halting", "none") == "act":
+        crit["q_head"] = [0.0]
+        opts["q"] = model.q_head
+    rep = H.evaluate(tr, crit, correct=correct, **opts)
+    df = rep.to_frame()
+    out = {}
+    for r in df.itertuples():
+        name = str(r.criterion).split("<")[0].split(">")[0].split("(")[0]
+        out[f"halt.{name}.mean_steps"] = float(r.mean_steps)
+        out[f"halt.{name}.accuracy"] = float(r.accuracy)
+    return out, df
+
+
+def _split_row(model: Any, task: Any, job: Job, split: str) -> tuple[dict[str, Any], dict]:
+    """The row's columns for one split (unprefixed) and the split's trace summary."""
+    from loopscope import unroll
+    from loopscope.analysis import classify, metrics
+    from loopscope.core.targets import labelled, sequence_correct, token_correct
+
+    a = job.analysis
+    b = task.sample(int(a["n"]), split, seed=int(a["seed"]))
+    T = _n_iter(job, split, b.length)
+    tr = unroll(model, b.tokens, T, seed=int(a["seed"]), decode=True, capture="*hook_resid_post")
+    pred = tr.logits.argmax(-1)  # [T+1, B, pos]
+    tok = token_correct(pred[-1], b.targets) & labelled(b.targets)
+    summ = metrics(tr, p_max=4).summary()
+    classes = classify(tr, p_max=4)["class"].astype(str).str.replace(r"\(\d+\)", "", regex=True)
+    shares = classes.value_counts(normalize=True).to_dict()
+    row: dict[str, Any] = {
+        "n_iter": T,
+        "token_acc": float(tok.sum() / labelled(b.targets).sum().clamp_min(1)),
+        "seq_acc": float(sequence_correct(pred[-1], b.targets).double().mean()),
+        "converged_fraction": summ["converged_fraction"],
+        "cycle_fraction": float(shares.get("cycle", 0.0)),
+        "diverged_fraction": summ["diverged_fraction"],
+        "residual_at_budget": summ["residual_at_budget"],
+        "t_conv_mean": summ["t_conv_mean"],
+    }
+    row.update(_dynamics(model, b, tr, job))
+    row.update(_layer_residuals(tr))
+    halt, halt_df = _halting(model, tr, sequence_correct(pred, b.targets))
+    row.update(halt)
+    summary = {
+        "split": split,
+        "n": int(b.tokens.shape[0]),
+        "n_iter": T,
+        "metrics": summ,
+        "classes": {str(k): float(v) for k, v in shares.items()},
+        "halting": halt_df.to_dict(orient="records"),
+    }
+    return row, summary
+
+
+@did_you_mean
+def run_job(job: Job, *, work_dir: str | Path = "runs/job") -> dict[str, Any]:
+    """Train ``job`` (resuming a checkpoint in ``work_dir/train``) and analyse it; one flat row.
+
+    Runs on one torch thread (restored afterwards), so the row is the same on a Ray worker and
+    in-process: same job, same row (``wall_s`` aside). Writes ``work_dir/model`` (the trained
+    model) and ``work_dir/trace_summary.json``.
+
+    Example:
+        >>> row = run_job(job, work_dir="runs/sweep/demo/jobs/" + job.key)  # doctest: +SKIP
+    """
+    import torch
+
+    from loopscope import tasks
+    from loopscope.core.io import atomic_write_text
+    from loopscope.models.checkpoint import save_model
+    from loopscope.train import train
+
+    work = Path(work_dir)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    try:
+        cfg = job.train_config()
+        model, history = train(cfg, out_dir=work / "train", progress=False)
+        task = tasks.get(cfg.task, **cfg.task_params)
+        row: dict[str, Any] = {
+            **config_columns(job),
+            "status": "ok",
+            "error": "",
+            "n_params": int(sum(p.numel() for p in model.parameters())),
+            "final_loss": float(history[-1]["loss"]) if history else _NAN,
+        }
+        summaries = []
+        for split in job.analysis["splits"]:
+            cols, summ = _split_row(model, task, job, split)
+            row.update({f"{split}.{k}": v for k, v in cols.items()})
+            summaries.append(summ)
+        save_model(model, work / "model", card={"job": job.to_dict(), "key": job.key})
+        atomic_write_text(work / "trace_summary.json", json.dumps(summaries, indent=1, default=str))
+    finally:
+        torch.set_num_threads(threads)
+    row["wall_s"] = time.perf_counter() - t0
+    return row
