@@ -1,0 +1,194 @@
+"""Study sweeps: grid expansion, config hashes, resume, fault isolation, kill -9, Ray vs sequential."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from loopscope.core.errors import LoopscopeError
+from loopscope.experiments.grid import Study, expand_grid, load_study
+from loopscope.experiments.job import run_job
+from loopscope.experiments.sweep import load_table, read_rows, run_sweep
+
+TINY = """
+[study]
+name = "tiny"
+[defaults]
+task = "s3"
+preset = "universal"
+train = { steps = 3, batch_size = 8, truncate = 4, checkpoint_every = 1 }
+model = { d_model = 16, d_mlp = 32, n_heads = 2 }
+analysis = { splits = ["id"], n = 6, n_dyn = 2, n_basin = 4 }
+[[grid]]
+seed = [0, 1]
+"model.norm" = ["pre"]
+[[grid]]
+seed = [0]
+"model.norm" = ["bogus"]
+[quick]
+seed = [0]
+"train.steps" = 2
+"""
+
+
+def _study(tmp_path: Path, text: str = TINY, quick: bool = False) -> Study:
+    p = tmp_path / "tiny.toml"
+    p.write_text(text)
+    return load_study(p, quick=quick)
+
+
+def _same_table(a: pd.DataFrame, b: pd.DataFrame) -> None:
+    pd.testing.assert_frame_equal(
+        a.drop(columns="wall_s").reset_index(drop=True),
+        b.drop(columns="wall_s").reset_index(drop=True),
+    )
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The tiny study run once, uninterrupted, sequentially in-process."""
+    tmp = tmp_path_factory.mktemp("ref")
+    study = _study(tmp)
+    res = run_sweep(study, out=tmp / "out", backend="sequential", progress=False)
+    return study, res
+
+
+def test_config_hash_is_stable_and_ignores_key_order():
+    a = expand_grid(
+        {"defaults": {"task": "s3", "preset": "fprm", "train": {"steps": 5, "lr": 1e-3}}}
+    )
+    b = expand_grid(
+        {"defaults": {"train": {"lr": 1e-3, "steps": 5}, "preset": "fprm", "task": "s3"}}
+    )
+    assert a[0].key == b[0].key
+    # the literal pins the hash across versions: old results stay reusable (bump JOB_FORMAT to break)
+    assert a[0].key == "15609580726ed3d3"
+    c = expand_grid(
+        {"defaults": {"task": "s3", "preset": "fprm", "train": {"steps": 6, "lr": 1e-3}}}
+    )
+    assert c[0].key != a[0].key
+
+
+def test_grid_is_the_union_of_cartesian_products_and_quick_replaces_axes(tmp_path):
+    full = _study(tmp_path)
+    assert [(j.seed, j.model["norm"]) for j in full.jobs] == [(0, "pre"), (1, "pre"), (0, "bogus")]
+    assert all(j.train["steps"] == 3 and j.model["d_model"] == 16 for j in full.jobs)
+    quick = _study(tmp_path, quick=True)
+    assert [(j.seed, j.train["steps"]) for j in quick.jobs] == [(0, 2), (0, 2)]
+
+
+def test_recipe_axis_starts_from_the_zoo_recipe():
+    (job,) = expand_grid({"grid": {"recipe": ["maze_reach_conv"]}, "defaults": {"train.steps": 7}})
+    assert (job.task, job.preset, job.train["steps"]) == ("maze_reach", "maze_conv", 7)
+    assert job.model == {"d_mlp": 128} and job.analysis["evals"]["ood"] == {"n_iter": 80}
+
+
+def test_unknown_study_key_is_a_one_line_error_with_a_suggestion():
+    with pytest.raises(LoopscopeError, match="did you mean.*model"):
+        expand_grid({"defaults": {"task": "s3", "preset": "fprm"}, "grid": {"modle.n_core": [1]}})
+    with pytest.raises(LoopscopeError, match="no 'preset'"):
+        expand_grid({"defaults": {"task": "s3"}})
+
+
+def test_same_seed_gives_the_same_row_and_another_seed_another(tmp_path, reference):
+    study, res = reference
+    job = study.jobs[0]
+    row = run_job(job, work_dir=tmp_path / "again")
+    ref = res.frame.iloc[0].to_dict()
+    for k, v in row.items():
+        if k != "wall_s":
+            assert ref[k] == v or (pd.isna(ref[k]) and pd.isna(v)) or ref[k] == str(v), k
+    other = res.frame.iloc[1]
+    assert other["seed"] == 1 and other["final_loss"] != ref["final_loss"]
+
+
+def test_failing_job_is_recorded_and_the_rest_finish(reference):
+    _, res = reference
+    df = res.frame
+    assert list(df["status"]) == ["ok", "ok", "failed"]
+    assert "LoopedConfig.norm" in df.loc[2, "error"]
+    assert df.loc[:1, "id.seq_acc"].notna().all() and pd.isna(df.loc[2, "id.seq_acc"])
+    assert (res.ran, res.failed) == (3, 1)
+
+
+def test_rerun_skips_completed_jobs_and_retries_failed_ones(tmp_path, reference):
+    study, res = reference
+    out = Path(res.meta["out"])
+    again = run_sweep(study, out=out, backend="sequential", progress=False)
+    assert (again.skipped, again.ran, again.failed) == (2, 1, 1)  # only the failed one reran
+    _same_table(again.frame, res.frame)
+    _same_table(load_table(out), res.frame)
+
+
+def _kill_mid_sweep(toml: Path, out: Path) -> None:
+    """Start the CLI sweep, kill -9 it as soon as the first job's row is written (the second job
+    is then mid-training or mid-analysis)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "loopscope", "sweep", str(toml), "--out", str(out)]
+    proc = subprocess.Popen(
+        [*cmd, "--sequential", "--quiet"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    t0 = time.monotonic()
+    while not list(out.glob("jobs/*/row.json")) and time.monotonic() - t0 < 120:
+        if proc.poll() is not None:
+            break
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def test_kill_9_mid_sweep_then_rerun_completes_the_same_table(tmp_path, reference):
+    study, res = reference
+    toml = tmp_path / "tiny.toml"
+    toml.write_text(TINY)
+    out = tmp_path / "out"
+    _kill_mid_sweep(toml, out)
+    done = read_rows(out, study.jobs)
+    assert 1 <= len(done) < 3  # killed mid-sweep, and what it wrote reads back whole
+    load_table(out)  # the partial table is a valid table, never a torn file
+    rerun = run_sweep(study, out=out, backend="sequential", progress=False)
+    assert rerun.skipped == sum(r["status"] == "ok" for r in done.values())
+    _same_table(rerun.frame, res.frame)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray = pytest.importorskip("ray")
+    ray.init(
+        num_cpus=2,
+        object_store_memory=80 * 1024**2,
+        include_dashboard=False,
+        logging_level="ERROR",
+        log_to_driver=False,
+    )
+    yield ray
+    ray.shutdown()
+
+
+def test_ray_runs_the_grid_and_gives_the_sequential_table(tmp_path, reference, local_ray):
+    study, res = reference
+    ray_res = run_sweep(study, out=tmp_path / "ray", backend="ray", progress=False)
+    assert ray_res.backend == "ray" and (ray_res.ran, ray_res.failed) == (3, 1)
+    _same_table(ray_res.frame, res.frame)
+
+
+def test_sequential_fallback_says_so_in_one_line(tmp_path, monkeypatch, capsys):
+    import loopscope.experiments.sweep as S
+
+    monkeypatch.setattr(S, "ray_available", lambda: False)
+    study = _study(tmp_path, quick=True)
+    study.jobs = study.jobs[1:]  # the failing job only: no training, instant
+    res = run_sweep(study, out=tmp_path / "seq", progress=False)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert res.backend == "sequential"
+    assert len(err) == 1 and "sequentially" in err[0]
