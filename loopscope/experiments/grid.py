@@ -50,7 +50,6 @@ _ANALYSIS_DEFAULTS: dict[str, Any] = {
     "iter_factor": 3.0,
     "n": 64,
     "n_dyn": 4,
-    "n_basin": 16,
     "seed": 0,
 }
 _TRAIN_OWN = ("task", "preset", "task_params", "model_overrides", "seed")

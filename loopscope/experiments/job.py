@@ -4,7 +4,8 @@
 for every split of ``job.analysis`` records one trace at the evaluation budget and measures:
 accuracy (token, sequence), converged / cycle / diverged fractions (:func:`~loopscope.analysis.
 classify`), residual at the budget, spectral radius of the step's Jacobian at the end state,
-largest Lyapunov exponent, correct-basin fraction, per-layer fixed-point and period-2 residuals
+largest Lyapunov exponent, correct-basin fraction (these three by
+:func:`~loopscope.experiments.stability.stability_dynamics`), per-layer fixed-point and period-2 residuals
 and halting figures. The row is flat: ``<split>.<metric>`` columns plus the job's config columns.
 A per-split trace summary (``trace_summary.json``) and the halting table go next to the model.
 
@@ -20,16 +21,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from loopscope.core.errors import LoopscopeError, did_you_mean
+from loopscope.core.errors import did_you_mean
 from loopscope.experiments.grid import Job
 
 __all__ = ["run_job", "config_columns"]
 
 _NAN = float("nan")
 _HALT_CRITERIA = {"residual": [1e-3], "kl": [1e-3], "argmax_stable": [5]}
-_DENSE_MAX = 2400
 
 
 def config_columns(job: Job) -> dict[str, Any]:
@@ -53,67 +51,6 @@ def _n_iter(job: Job, split: str, length: int) -> int:
     if "n_iter" in rule:
         return int(rule["n_iter"])
     return max(2, math.ceil(float(rule.get("iter_factor", job.analysis["iter_factor"])) * length))
-
-
-def _attempt(notes: list[str], what: str, fn: Any) -> Any:
-    try:
-        return fn()
-    except (LoopscopeError, RuntimeError, ValueError) as e:
-        notes.append(
-            f"{what} failed: {str(e).splitlines()[0][:120] if str(e) else type(e).__name__}"
-        )
-        return None
-
-
-def _dynamics(model: Any, b: Any, tr: Any, job: Job) -> dict[str, Any]:
-    """rho(J) at the end state, lambda1 from mid-trajectory, correct-basin fraction, on the first
-    ``n_dyn`` non-diverged samples."""
-    import torch
-
-    from loopscope.analysis import basins, lyapunov, spectrum
-    from loopscope.analysis.attractors import InitSeeds
-
-    a, seed = job.analysis, int(job.analysis["seed"])
-    out = {"rho_median": _NAN, "lambda1_median": _NAN, "correct_basin_fraction": _NAN}
-    notes: list[str] = []
-    k = min(int(a["n_dyn"]), tr.batch_size)
-    ok = torch.isfinite(tr.final[:k].reshape(k, -1)).all(1)
-    if tr.diverged_at is not None:
-        ok &= tr.diverged_at[:k] < 0
-    keep = ok.nonzero().flatten()
-    if len(keep) == 0:
-        return {**out, "dyn_note": "every dynamics sample diverged"}
-    tokens, targets, end = b.tokens[keep], b.targets[keep], tr.final[keep]
-    sp = _attempt(
-        notes,
-        "rho",
-        lambda: spectrum(model, tokens, end, k=6, sigma=False, dense_max=_DENSE_MAX, seed=seed),
-    )
-    if sp is not None:
-        out["rho_median"] = float(np.median(np.asarray(sp.rho, dtype=float)))
-    mid = tr.states[tr.n_iter // 2][keep]
-    ly = _attempt(
-        notes,
-        "lambda1",
-        lambda: lyapunov(
-            model, tokens, h0=mid, n_steps=40, k=1, warmup=10, bootstrap=0, seed=seed,
-            two_trajectory=False,
-        ),
-    )  # fmt: skip
-    if ly is not None and not np.isnan(ly.exponents[:, 0]).all():
-        out["lambda1_median"] = float(np.nanmedian(ly.exponents[:, 0]))
-    bs = _attempt(
-        notes,
-        "basins",
-        lambda: basins(
-            model, tokens, seeds=InitSeeds(n=int(a["n_basin"])), n_iter=tr.n_iter,
-            targets=targets, seed=seed,
-        ),
-    )  # fmt: skip
-    if bs is not None:
-        frac = bs.seeds.groupby("sample")["correct"].mean().astype(float)
-        out["correct_basin_fraction"] = float(frac.mean())
-    return {**out, "dyn_note": "; ".join(notes)}
 
 
 def _layer_residuals(tr: Any) -> dict[str, float]:
@@ -160,6 +97,7 @@ def _split_row(model: Any, task: Any, job: Job, split: str) -> tuple[dict[str, A
     from loopscope import unroll
     from loopscope.analysis import classify, metrics
     from loopscope.core.targets import labelled, sequence_correct, token_correct
+    from loopscope.experiments.stability import stability_dynamics
 
     a = job.analysis
     b = task.sample(int(a["n"]), split, seed=int(a["seed"]))
@@ -180,7 +118,8 @@ def _split_row(model: Any, task: Any, job: Job, split: str) -> tuple[dict[str, A
         "residual_at_budget": summ["residual_at_budget"],
         "t_conv_mean": summ["t_conv_mean"],
     }
-    row.update(_dynamics(model, b, tr, job))
+    dyn, _ = stability_dynamics(model, b, tr, n_dyn=int(a["n_dyn"]), seed=int(a["seed"]))
+    row.update(dyn)
     row.update(_layer_residuals(tr))
     halt, halt_df = _halting(model, tr, sequence_correct(pred, b.targets))
     row.update(halt)
