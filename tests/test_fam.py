@@ -220,3 +220,27 @@ def test_block_task_splits_are_deterministic_and_disjoint():
         tasks.get("assoc_recall", n_pairs=9)
     with pytest.raises(LoopscopeError, match="no split"):
         t.sample(2, "ood")
+
+
+# -- the zoo model and the experiments on it --------------------------------------------------
+def test_zoo_passkey_fam_matches_its_card_and_solves_the_trained_length():
+    from loopscope import zoo
+    from loopscope.train import evaluate
+
+    m, card = zoo.load("passkey_fam"), zoo.card("passkey_fam")
+    t = zoo.task_of("passkey_fam")
+    acc = evaluate(m, t, split="id", n=128, iter_factor=1.0)
+    assert acc["seq_acc"] == 1.0 == card["accuracy"]["id"]["seq_acc"]
+    assert card["accuracy"]["ood_16x"]["seq_acc"] < card["accuracy"]["id"]["seq_acc"]
+
+
+def test_stability_and_patching_run_one_step_per_context_block_on_fam(tmp_path):
+    from loopscope import zoo
+    from loopscope.experiments.patching import patch_study
+    from loopscope.experiments.stability import stability
+
+    m, t = zoo.load("passkey_fam_post"), zoo.task_of("passkey_fam_post")
+    f = stability(m, t, splits=("id", "ood_2x"), n=16, dynamics=False).to_frame()
+    assert f["n_iter"].tolist() == [3, 6] and f.loc[0, "seq_acc"] == 1.0
+    p = patch_study(m, t, position=3, n=2, seed=0, checkpoint_dir=tmp_path).to_frame()
+    assert set(p["iteration"]) == {0, 1, 2}

@@ -113,6 +113,11 @@ class Loop(HookedRootModule):
         """Readout (coda + unembed) at any iteration; identity by default."""
         return h
 
+    def n_steps(self, ctx: Any) -> int | None:
+        """Steps the input supplies: None (any number) for autonomous loops; a loop that
+        consumes one input block per step returns its number of context blocks."""
+        return None
+
     # -- helpers ------------------------------------------------------------------------------
     def batch_size(self, ctx: Any) -> int:
         """Batch size of a context (first tensor's leading axis)."""

@@ -7,7 +7,7 @@ from typing import Any
 
 from loopscope.core.errors import LoopscopeError
 
-__all__ = ["check_splits"]
+__all__ = ["check_splits", "cap_iterations"]
 
 
 def check_splits(task: Any, splits: Sequence[str]) -> list[str]:
@@ -22,3 +22,10 @@ def check_splits(task: Any, splits: Sequence[str]) -> list[str]:
                 f"task {task.name!r} has no split {s!r}; splits: {', '.join(task.splits)}"
             )
     return list(splits)
+
+
+def cap_iterations(loop: Any, tokens: Any, n_iter: int) -> int:
+    """``n_iter``, capped at the steps a non-autonomous loop's input supplies (``Loop.n_steps``:
+    one step per input block); unchanged for autonomous loops."""
+    cap = loop.n_steps(loop.encode(tokens)) if hasattr(loop, "n_steps") else None
+    return n_iter if cap is None else max(1, min(n_iter, cap))

@@ -24,6 +24,7 @@ from loopscope.core.errors import LoopscopeError, did_you_mean
 from loopscope.core.loop import Loop
 from loopscope.core.result import FrameResult, result_meta
 from loopscope.core.targets import IGNORE_INDEX, labelled
+from loopscope.experiments.common import cap_iterations
 
 __all__ = ["patch_study", "PatchStudy", "single_token_corruption", "answer_logprob_metric"]
 
@@ -94,7 +95,8 @@ def patch_study(
     corrupt = single_token_corruption(b.tokens, position, task.vocab_size)
     res = patch_sweep(
         loop, b.tokens, corrupt, [site], iterations, answer_logprob_metric(b.targets),
-        n_iter=2 * b.length, seed=seed, batch_size=batch_size, checkpoint_dir=checkpoint_dir,
+        n_iter=cap_iterations(loop, b.tokens, 2 * b.length), seed=seed, batch_size=batch_size,
+        checkpoint_dir=checkpoint_dir,
     )  # fmt: skip
     frame = res if isinstance(res, pd.DataFrame) else res.to_frame()
     info = res.attrs["checkpoint"] if isinstance(res, pd.DataFrame) else res.checkpoint

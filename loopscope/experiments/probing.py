@@ -22,7 +22,7 @@ from loopscope.core.loop import Loop
 from loopscope.core.result import Result, result_meta
 from loopscope.core.targets import IGNORE_INDEX
 from loopscope.core.unroll import unroll
-from loopscope.experiments.common import check_splits
+from loopscope.experiments.common import cap_iterations, check_splits
 
 __all__ = ["probe_study", "ProbeStudy", "probe_labels"]
 
@@ -93,7 +93,7 @@ def probe_study(
     for sp in splits:
         b = task.sample(n, sp, seed=seed)
         y = probe_labels(b, target, task.name)
-        T = 2 * b.length if iterations is None else iterations
+        T = cap_iterations(loop, b.tokens, 2 * b.length) if iterations is None else iterations
         tr = unroll(loop, b.tokens, T, seed=seed, capture=None if site == "state" else [site])
         res = probe_trace(tr, y, site=site, pooled=False, seed=seed)
         df = res[1] if isinstance(res, tuple) else res.to_frame()

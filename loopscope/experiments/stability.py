@@ -28,7 +28,7 @@ from loopscope.core.result import Result, result_meta
 from loopscope.core.targets import sequence_correct
 from loopscope.core.trace import Trace
 from loopscope.core.unroll import unroll
-from loopscope.experiments.common import check_splits
+from loopscope.experiments.common import cap_iterations, check_splits
 
 __all__ = [
     "stability",
@@ -150,6 +150,9 @@ def _basin(loop: Loop, tokens, targets, n_iter: int, seed: int, notes: _Notes) -
     from loopscope.analysis import basins
     from loopscope.analysis.attractors import InitSeeds
 
+    if loop.n_steps(loop.encode(tokens)) is not None:  # basins iterate one fixed map
+        notes.append("basins: skipped (one input block per step: no fixed map to iterate)")
+        return {}
     bs = notes.attempt(
         "basins",
         lambda: basins(
@@ -277,7 +280,8 @@ def stability(
     rows, curves, per_sample, eigs = [], [], [], []
     for sp in splits:
         b = task.sample(n, sp, seed=seed)
-        tr = unroll(loop, b.tokens, max(2, round(iter_factor * b.length)), seed=seed, decode=True)
+        T = cap_iterations(loop, b.tokens, max(2, round(iter_factor * b.length)))
+        tr = unroll(loop, b.tokens, T, seed=seed, decode=True)
         row, curve, ps = _split_row(loop, b, tr, name, sp, n)
         if dynamics:
             dyn, er = stability_dynamics(loop, b, tr, n_dyn=n_dyn, seed=seed)

@@ -182,6 +182,10 @@ class FAMTransformer(Loop):
         """Context blocks in ``ctx`` (every block but the last, query block): the model's T."""
         return ctx["x"].shape[1] - 1
 
+    def n_steps(self, ctx: dict[str, Any]) -> int:
+        """Steps the input supplies (:meth:`Loop.n_steps`): the context blocks."""
+        return self.n_context(ctx)
+
     def init_state(self, ctx: dict[str, Any], generator: torch.Generator | None = None) -> Tensor:
         """The learned initial memory broadcast to ``[B, L, F, d]`` (``generator`` unused)."""
         B = ctx["x"].shape[0]

@@ -251,3 +251,42 @@ _add(
         ["multiplication", "memorization"],
     )
 )
+# TransformerFAM on PassKey: one step per context block (T = n_context: iters (1, 1) x length);
+# ID = the trained 3 context blocks, OOD = 2x / 4x / 16x as many filler blocks
+_FAM_EVALS = {s: {"iter_factor": 1.0} for s in ("id", "ood_2x", "ood_4x", "ood_16x")}
+_add(
+    Recipe(
+        "passkey_fam",
+        TrainConfig(
+            task="passkey",
+            preset="fam",
+            model_overrides={"norm": "pre"},
+            steps=2000,
+            batch_size=64,
+            lr=3e-3,
+            iters=(1.0, 1.0),
+            seed=0,
+        ),
+        _FAM_EVALS,
+        "TransformerFAM (2 pre-norm layers, 4 memory activations per layer, blocks of 8) on PassKey with 3 context blocks.",
+        ["memory", "fam"],
+    )
+)
+_add(
+    Recipe(
+        "passkey_fam_post",
+        TrainConfig(
+            task="passkey",
+            preset="fam",
+            model_overrides={"norm": "post"},
+            steps=600,
+            batch_size=64,
+            lr=3e-3,
+            iters=(1.0, 1.0),
+            seed=0,
+        ),
+        _FAM_EVALS,
+        "TransformerFAM with post-norm layers (RMS-normed, bounded memory) on PassKey: the contracting counterpart of passkey_fam.",
+        ["memory", "fam"],
+    )
+)
