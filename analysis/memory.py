@@ -233,7 +233,8 @@ class FillerFixedPointResult(Result):
     """The fixed point of one repeated block's map and a carried memory's distance from it.
 
     Attributes:
-        fixed_point: ``[B, ...]`` (float64); status / r_rel: per sample, from the solver.
+        fixed_point: ``[B, ...]`` (float64); status / r_rel: per sample, from the solver
+            (``escaped``: a root far beyond the start's norm, see :func:`filler_fixed_point`).
         distance: ``[T + 1, B]`` ``||M_t - M*|| / ||M*||`` of the trace given (or None).
     """
 
@@ -259,15 +260,18 @@ class FillerFixedPointResult(Result):
         return d.merge(base, on="sample")
 
     def summary(self) -> dict[str, float]:
-        """Converged fraction, median residual, median distance at the first / last block."""
+        """Converged fraction, median residual, median distance at the first / last block (over
+        the converged samples: NaN if none)."""
         out: dict[str, Any] = {
             "converged_fraction": float(np.mean([s == "converged" for s in self.status])),
             "r_rel_median": float(np.median(self.r_rel)),
             "fixed_point_norm": float(_flat_norm(self.fixed_point).median()),
         }
-        if self.distance is not None:
-            out["distance_start"] = float(np.median(self.distance[0]))
-            out["distance_end"] = float(np.median(self.distance[-1]))
+        conv = np.array([s == "converged" for s in self.status])
+        if self.distance is not None:  # only where M* is a fixed point
+            d = self.distance[:, conv]
+            out["distance_start"] = float(np.median(d[0])) if conv.any() else np.nan
+            out["distance_end"] = float(np.median(d[-1])) if conv.any() else np.nan
         return float_summary(out)
 
 
@@ -282,6 +286,7 @@ def filler_fixed_point(
     tol: float = 1e-9,
     max_iter: int = 2000,
     method: str = "anderson",
+    escape: float = 1e3,
     split: str | None = None,
 ) -> FillerFixedPointResult:
     """Fixed point of ``M -> step(M, encode(filler), t)`` per sample, and a trace's distance to it.
@@ -290,13 +295,29 @@ def filler_fixed_point(
         loop: a block-recurrent Loop. filler: inputs whose block ``t`` is the repeated block.
         trace: a run of ``loop`` (same batch) whose memory is compared with ``M*``.
         t: block index of ``filler`` that is repeated. h0: start (default ``loop.init_state``).
-        tol, max_iter, method: passed to :func:`loopscope.analysis.solve`.
+        tol: tolerance on ``||f(M) - M||`` relative to ``max(1, ||h0||)`` (absolute stop).
+        max_iter, method: passed to :func:`loopscope.analysis.solve`.
+        escape: a root with ``||M*|| > escape * max(1, ||h0||)`` is flagged ``escaped``.
         split: recorded in ``meta``.
     """
     from loopscope.analysis.solvers import solve
+    from loopscope.core.numerics import reference_norm
 
-    res = solve(loop, filler, h0=h0, method=method, tol=tol, max_iter=max_iter, t=t)
+    if h0 is None:
+        with torch.no_grad():
+            h0 = loop.init_state(loop.encode(filler), torch.Generator().manual_seed(0))
+    ref = reference_norm(h0)
+    # absolute tolerance: a relative one "converges" at infinity on a map that drifts by a
+    # bounded step (f(z) - z = c: r_rel = |c| / |z| -> 0), the pre-norm memory's case
+    abs_tol = tol * float(ref.median())
+    res = solve(
+        loop, filler, h0=h0, method=method, tol=abs_tol, max_iter=max_iter, t=t, stop_mode="abs"
+    )
     zstar = res.z_best.detach()
+    status = list(res.status)
+    far = _flat_norm(zstar) > escape * ref
+    for i in far.nonzero().flatten().tolist():
+        status[i] = "escaped"  # a far-away root, not the point the memory sees
     dist = None
     if trace is not None:
         if trace.states.shape[1] != zstar.shape[0]:
@@ -307,7 +328,7 @@ def filler_fixed_point(
         dist = torch.stack([_flat_norm(s.double() - zstar) / ref for s in trace.states]).numpy()
     return FillerFixedPointResult(
         fixed_point=zstar,
-        status=list(res.status),
+        status=status,
         r_rel=res.r_rel.double().numpy(),
         distance=dist,
         meta=result_meta(loop, split=split, settings={"t": t, "tol": tol, "method": method}),

@@ -22,6 +22,7 @@ __all__ = [
     "line_curves",
     "scatter_xy",
     "verdict_table",
+    "memory_panels",
 ]
 
 
@@ -304,5 +305,43 @@ def memorization_panels(digits: pd.DataFrame) -> plt.Figure:
     axes[1].set_xlabel("mean log(1 + df)")
     axes[1].set_ylabel("accuracy")
     axes[1].set_title("correctness vs subgraph frequency")
+    fig.tight_layout()
+    return fig
+
+
+def memory_panels(
+    acc: pd.DataFrame, dec: pd.DataFrame, long: pd.DataFrame, spec: pd.DataFrame
+) -> plt.Figure:
+    """Four panels per model: answer accuracy vs context blocks; probe accuracy vs updates since
+    the item was written; memory norm (/ ||M_0||) and answer accuracy over a long filler
+    stream; Jacobian eigenvalues at the filler fixed point with the unit circle.
+    Frames: ``acc`` (model, n_context, accuracy), ``dec`` (model, updates, test_acc),
+    ``long`` (model, iteration, rel_norm, accuracy), ``spec`` (model, real, imag)."""
+    fig, ax = plt.subplots(1, 4, figsize=(16, 3.6))
+    for name, g in acc.groupby("model"):
+        ax[0].plot(g["n_context"], g["accuracy"], "o-", label=name)
+    ax[0].set(xscale="log", xlabel="context blocks", ylabel="answer accuracy", ylim=(0, 1.05))
+    ticks = sorted(acc["n_context"].unique())
+    ax[0].set_xticks(ticks, [str(t) for t in ticks])
+    ax[0].minorticks_off()
+    ax[0].set_title("accuracy vs filler length")
+    ax[0].legend(fontsize=7)
+    for name, g in dec.groupby("model"):
+        ax[1].plot(g["updates"], g["test_acc"], ".-", label=name)
+    ax[1].set(xlabel="memory updates since written", ylabel="probe accuracy", ylim=(0, 1.05))
+    ax[1].set_title("stored item decodability")
+    ax2 = ax[2].twinx()
+    for name, g in long.groupby("model"):
+        (line,) = ax[2].plot(g["iteration"], g["rel_norm"], label=f"{name} norm")
+        ax2.plot(g["iteration"], g["accuracy"], ":", color=line.get_color())
+    ax[2].set(xscale="symlog", yscale="log", xlabel="block", ylabel="||M_t|| / ||M_0|| (solid)")
+    ax2.set_ylabel("answer accuracy (dotted)")
+    ax[2].set_title("memory drift over a filler stream")
+    th = np.linspace(0, 2 * np.pi, 200)
+    ax[3].plot(np.cos(th), np.sin(th), color="grey", lw=0.8)
+    for name, g in spec.groupby("model"):
+        ax[3].scatter(g["real"], g["imag"], s=6, alpha=0.5, label=name)
+    ax[3].set(aspect="equal", xlabel="Re", ylabel="Im")
+    ax[3].set_title("spectrum at the filler fixed point")
     fig.tight_layout()
     return fig

@@ -64,6 +64,14 @@ def test_contraction_memory_converges_to_the_computable_fixed_point_and_trace_ap
     assert fp.to_frame()["iteration"].max() == 60
 
 
+def test_a_drifting_memory_has_no_fixed_point_even_where_the_relative_residual_vanishes():
+    c = torch.tensor([0.0, 1.0], dtype=D)
+    # f(z) - z = c / (1 + |z|): no root, but r_rel = |f(z) - z| / |z| -> 0 far out
+    loop = FnLoop(step=lambda h: h + c / (1 + h.norm(dim=1, keepdim=True)))
+    fp = M.filler_fixed_point(loop, None, h0=torch.ones(2, 2, dtype=D), max_iter=300)
+    assert "converged" not in fp.status and fp.summary()["converged_fraction"] == 0.0
+
+
 def test_drift_of_a_growing_and_a_bounded_memory():
     c = torch.tensor([0.0, 1.0], dtype=D)
     grow = FnLoop(step=lambda h, x, t: h + c, init_state=torch.tensor([1.0, 0.0], dtype=D))

@@ -244,3 +244,33 @@ def test_stability_and_patching_run_one_step_per_context_block_on_fam(tmp_path):
     assert f["n_iter"].tolist() == [3, 6] and f.loc[0, "seq_acc"] == 1.0
     p = patch_study(m, t, position=3, n=2, seed=0, checkpoint_dir=tmp_path).to_frame()
     assert set(p["iteration"]) == {0, 1, 2}
+
+
+def test_memory_study_contrasts_the_drifting_and_the_contracting_zoo_memory():
+    from loopscope import zoo
+    from loopscope.experiments.memory import memory_study
+
+    s = {}
+    for name in ("passkey_fam", "passkey_fam_post"):
+        r = memory_study(zoo.load(name), zoo.task_of(name), n=32, n_long=64, n_spec=4)
+        s[name] = r.summary()
+        assert set(r.to_frame()["panel"]) >= {"accuracy", "decodability", "long", "repeat"}
+    pre, post = s["passkey_fam"], s["passkey_fam_post"]
+    assert pre["id/accuracy"] == post["id/accuracy"] == 1.0
+    assert pre["drift_growth_end"] > 10 and pre["fixed_point_converged_fraction"] == 0.0
+    assert post["drift_bounded_fraction"] == 1.0 and post["separation_end"] < 1e-2
+    assert pre["separation_end"] > 0.05  # the pre-norm memory still tells the two keys apart
+    assert post["fixed_point_converged_fraction"] == 1.0 and post["rho_median"] < 1
+
+
+def test_memory_study_rejects_a_task_the_model_does_not_read():
+    from loopscope import zoo
+    from loopscope.experiments.memory import memory_study
+
+    m = zoo.load("passkey_fam_post")
+    with pytest.raises(LoopscopeError, match="not a block memory task"):
+        memory_study(m, tasks.get("s3"))
+    with pytest.raises(LoopscopeError, match="block_size 8 does not match"):
+        memory_study(m, tasks.get("passkey", block_size=4))
+    with pytest.raises(LoopscopeError, match="n_classes 10 does not match"):
+        memory_study(m, tasks.get("passkey", n_keys=6, n_filler=12))

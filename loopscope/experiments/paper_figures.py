@@ -585,6 +585,36 @@ def fig_verdict(ctx: PaperContext):
     )
 
 
+def fig_memory(ctx: PaperContext):
+    from loopscope.experiments.memory import memory_study
+
+    parts: dict[str, list] = {"acc": [], "dec": [], "long": [], "spec": []}
+    for name in ("passkey_fam", "passkey_fam_post"):
+        n, n_long = (64, 128) if ctx.quick else (256, 256)
+        r = memory_study(ctx.model(name), ctx.task(name), n=n, n_long=n_long, seed=ctx.seed)
+        for key, f in zip(parts, (r.accuracy, r.decodability, r.long, r.spectrum), strict=True):
+            parts[key].append(f.assign(model=name))
+    acc, dec, long, spec = (pd.concat(v, ignore_index=True) for v in parts.values())
+    df = pd.concat(
+        [f.assign(panel=k) for k, f in zip(parts, (acc, dec, long, spec), strict=True)],
+        ignore_index=True,
+    )
+    cap = (
+        "TransformerFAM on PassKey (pre-norm passkey_fam vs post-norm passkey_fam_post, trained on 3 "
+        "context blocks): answer accuracy vs context blocks (ID, 2x, 4x, 16x); held-out logistic-probe "
+        "accuracy for the key from the memory k updates after it was written (16x split); memory norm "
+        "and answer accuracy over [key block, 128 (quick) or 256 random filler blocks, query]; eigenvalues of the "
+        "memory map's Jacobian for one repeated filler block at its fixed point (at the end state where "
+        "none is reached), with the unit circle."
+    )
+    return PaperFigure(
+        draw=lambda: figures.memory_panels(acc, dec, long, spec),
+        frame=df,
+        title="Working memory of a feedback-memory loop",
+        caption=cap,
+    )
+
+
 FIGURES: dict[str, Callable[[PaperContext], PaperFigure]] = {
     "convergence": fig_convergence,
     "spectra": fig_spectra,
@@ -595,6 +625,7 @@ FIGURES: dict[str, Callable[[PaperContext], PaperFigure]] = {
     "patching": fig_patching,
     "memorization": fig_memorization,
     "verdict": fig_verdict,
+    "memory": fig_memory,
 }
 
 EXPECTED_FIGURES = list(FIGURES)
