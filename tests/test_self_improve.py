@@ -1,0 +1,209 @@
+"""Self-improvement rounds: the filters on constructed cases, bad settings, and a tiny run that is
+finite, deterministic and resumes bit-identically after kill -9 mid-round."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from loopscope.core.errors import LoopscopeError
+from loopscope.experiments.self_improve import (
+    SelfImproveConfig,
+    inject_noise,
+    length_filter,
+    majority_vote,
+    self_improve,
+)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TINY = dict(
+    d0=2,
+    rounds=2,
+    base_steps=20,
+    round_steps=8,
+    batch_size=16,
+    n_models=2,
+    n_label=16,
+    margin=1,
+    n_eval=16,
+    n_dynamics=8,
+    n_basin=2,
+    basin_seeds=2,
+    n_rho=1,
+)
+
+
+def tiny(**changes):
+    return SelfImproveConfig(**{**TINY, **changes})
+
+
+# -- filters ---------------------------------------------------------------------------------------
+def _votes(outputs_per_model):
+    """[K][N] lists of digit rows -> [K, N, P] tensor."""
+    return torch.tensor(outputs_per_model)
+
+
+def test_majority_vote_keeps_inputs_whose_top_output_reaches_the_threshold():
+    a, b, c = [1, 2, 0], [3, 4, 1], [5, 5, 0]
+    # 5 models, 3 inputs: input 0 has 4 votes for a, input 1 has 3 for b, input 2 has 2/2/1
+    labels = _votes(
+        [
+            [a, b, a],
+            [a, b, a],
+            [a, b, c],
+            [a, c, c],
+            [b, c, b],
+        ]
+    )
+    lab, votes, keep = majority_vote(labels, threshold=0.7)  # needs >= 3.5 votes
+    assert lab.tolist() == [a, b, a]  # input 2: a and c tie at 2; the lowest model's wins
+    assert votes.tolist() == [4, 3, 2]
+    assert keep.tolist() == [True, False, False]
+    _, _, keep_half = majority_vote(labels, threshold=0.5)  # needs >= 2.5 votes
+    assert keep_half.tolist() == [True, True, False]
+    _, _, keep_all = majority_vote(labels, threshold=1.0)
+    assert keep_all.tolist() == [False, False, False]
+
+
+def test_majority_vote_counts_full_outputs_not_digits():
+    # every model agrees on digit 0 but no two agree on the whole output: one vote each
+    labels = _votes([[[7, 1]], [[7, 2]], [[7, 3]]])
+    _, votes, keep = majority_vote(labels, threshold=0.5)
+    assert votes.tolist() == [1] and keep.tolist() == [False]
+
+
+def test_length_filter_compares_significant_digits_with_the_true_sum():
+    # LSB first: true sums 0+0 = 0 (1 digit), 95 + 5 = 100 (3 digits), 12 + 30 = 42 (2 digits)
+    targets = torch.tensor([[0, 0, 0], [0, 0, 1], [2, 4, 0]])
+    pred = torch.tensor([[3, 0, 0], [9, 9, 0], [2, 4, 1]])
+    # right length / too short (99) / too long (142)
+    assert length_filter(pred, targets=targets).tolist() == [True, False, False]
+    assert length_filter(targets, targets=targets).all()
+
+
+def test_length_filter_without_labels_rejects_a_carry_out_above_one():
+    pred = torch.tensor([[4, 0], [4, 1], [4, 2], [4, 9]])
+    assert length_filter(pred).tolist() == [True, True, False, False]
+
+
+def test_perturb_noise_changes_exactly_one_digit_of_every_hit_row():
+    labels = torch.randint(0, 10, (400, 6), generator=torch.Generator().manual_seed(0))
+    noisy, hit = inject_noise(labels, kind="perturb", rate=0.3, seed=1)
+    changed = (noisy != labels).sum(1)
+    assert torch.equal(changed[hit], torch.ones(int(hit.sum()), dtype=changed.dtype))
+    assert int(changed[~hit].sum()) == 0
+    assert 0.2 < hit.double().mean() < 0.4
+    same, none = inject_noise(labels, kind="uniform", rate=0.0, seed=1)
+    assert torch.equal(same, labels) and not none.any()
+    full, all_hit = inject_noise(labels, kind="uniform", rate=1.0, seed=1)
+    assert all_hit.all() and (full != labels).any(1).double().mean() > 0.99
+
+
+# -- bad settings ----------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "changes, words",
+    [
+        (dict(rounds=0), "rounds must be a positive integer"),
+        (dict(rounds=200, step_digits=3), "model has 512 positions"),
+        (dict(vote_threshold=0.0), "vote_threshold"),
+        (dict(noise="flip"), "noise must be one of"),
+        (dict(recipe="s3_fprm"), "addition recipes"),
+        (dict(recipe="nope"), "unknown zoo recipe"),
+    ],
+)
+def test_bad_settings_raise_one_line_errors(changes, words):
+    with pytest.raises(LoopscopeError) as e:
+        tiny(**changes)
+    assert words in str(e.value) and "\n" not in str(e.value)
+
+
+# -- a tiny run ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    torch.set_num_threads(1)
+    return self_improve(tiny(), run_dir=tmp_path_factory.mktemp("si") / "run", progress=False)
+
+
+def test_every_round_and_length_has_a_finite_row(tiny_run):
+    f = tiny_run.to_frame()
+    cfg = tiny()
+    assert len(f) == (cfg.rounds + 1) * cfg.max_digits
+    assert sorted(f["round"].unique()) == [0, 1, 2]
+    for col in ("acc", "acc_models", "converged_fraction", "cycle_fraction", "conv_wrong"):
+        assert np.isfinite(f[col]).all() and f[col].between(0, 1).all(), col
+    assert np.isfinite(f["rho"]).all() and (f["rho"] >= 0).all()
+    assert np.isfinite(f["correct_basin"]).all()
+    # label statistics exactly on the lengths each round added
+    labelled = f[f["label_error"].notna()]
+    assert list(zip(labelled["round"], labelled["length"], strict=True)) == [(1, 3), (2, 4)]
+    assert labelled["filter_yield"].le(labelled["vote_yield"]).all()
+    # conv_correct + conv_wrong is the settled share: never above 1
+    assert (f["conv_correct"] + f["conv_wrong"]).le(1 + 1e-12).all()
+    s = tiny_run.summary()
+    assert s["rounds"] == 2.0 and all(isinstance(v, float) for v in s.values())
+
+
+def test_same_seed_gives_the_same_table(tiny_run):
+    again = self_improve(tiny(), progress=False)
+    pd.testing.assert_frame_equal(again.to_frame(), tiny_run.to_frame())
+
+
+def _state(models):
+    return [{k: v.clone() for k, v in m.state_dict().items()} for m in models]
+
+
+def _assert_same_models(a, b):
+    for sa, sb in zip(_state(a), _state(b), strict=True):
+        assert sa.keys() == sb.keys()
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+_KILLER = textwrap.dedent(
+    """
+    import os, signal, sys, torch
+    torch.set_num_threads(1)
+    import loopscope.experiments.self_improve as si
+    measure = si._measure
+    def killing_measure(models, cfg, r):
+        if r == 2:  # round 2 trained, not yet measured nor checkpointed: die mid-round
+            os.kill(os.getpid(), signal.SIGKILL)
+        return measure(models, cfg, r)
+    si._measure = killing_measure
+    si.self_improve(si.SelfImproveConfig(**{tiny}), run_dir=sys.argv[1], progress=False)
+    """
+)
+
+
+def test_resume_after_kill_9_mid_round_is_bit_identical(tiny_run, tmp_path):
+    run = tmp_path / "killed"
+    code = _KILLER.replace("{tiny}", repr(TINY))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", code, str(run)], env=env, capture_output=True)
+    assert proc.returncode == -9, proc.stderr.decode()[-2000:]
+    assert (run / "round-001" / "round.json").exists()
+    assert not (run / "round-002" / "round.json").exists()
+    resumed = self_improve(tiny(), run_dir=run, progress=False)
+    pd.testing.assert_frame_equal(resumed.to_frame(), tiny_run.to_frame())
+    _assert_same_models(resumed.models, tiny_run.models)
+
+
+def test_a_run_stopped_after_a_round_resumes_to_the_same_result(tiny_run, tmp_path):
+    part = self_improve(tiny(), run_dir=tmp_path / "r", progress=False, stop_after_round=0)
+    assert sorted(part.to_frame()["round"].unique()) == [0]
+    resumed = self_improve(tiny(), run_dir=tmp_path / "r", progress=False)
+    pd.testing.assert_frame_equal(resumed.to_frame(), tiny_run.to_frame())
+    _assert_same_models(resumed.models, tiny_run.models)
+
+
+def test_a_run_dir_of_another_config_is_refused(tiny_run, tmp_path):
+    self_improve(tiny(), run_dir=tmp_path / "r", progress=False, stop_after_round=0)
+    with pytest.raises(LoopscopeError, match="another config"):
+        self_improve(tiny(seed=1), run_dir=tmp_path / "r", progress=False)
