@@ -132,6 +132,9 @@ def probe_trace(
     T = trace.n_iter
     its = range(1, T + 1) if site == "state" else None
     tg = torch.as_tensor(targets).long().clone()
+    if tg.dim() == 1:  # one label per sequence (e.g. a stored item): the same at every position
+        src = trace.states if site == "state" else trace[site]
+        tg = tg.unsqueeze(1).expand(-1, src.shape[-2]).clone()
     if mask is not None:
         tg[~torch.as_tensor(mask)] = -100
     if not pooled:

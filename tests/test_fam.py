@@ -274,3 +274,15 @@ def test_memory_study_rejects_a_task_the_model_does_not_read():
         memory_study(m, tasks.get("passkey", block_size=4))
     with pytest.raises(LoopscopeError, match="n_classes 10 does not match"):
         memory_study(m, tasks.get("passkey", n_keys=6, n_filler=12))
+
+
+def test_probe_study_reads_the_stored_key_from_every_memory_slot():
+    from loopscope import zoo
+    from loopscope.experiments.probing import probe_study
+
+    m, t = zoo.load("passkey_fam"), zoo.task_of("passkey_fam")
+    f = probe_study(m, t, target="key", splits=("id",), n=128).to_frame()
+    assert set(f["site"]) == {"state[0]", "state[1]"} and set(f["position"]) == {0, 1, 2, 3}
+    # before any block the memory is the learned init (nothing stored); after all 3, the key
+    last = f[f["iteration"] == 3]
+    assert last["test_acc"].max() > 0.9 and f[f["iteration"] == 1]["test_acc"].max() < 0.7

@@ -38,6 +38,8 @@ def probe_labels(batch: Any, target: str, task_name: str = "task") -> Any:
             f"variables: targets, {', '.join(batch.intermediates)}"
         )
     y = batch.intermediates[target].clone()
+    if y.dim() == 1:  # a per-sequence variable (e.g. a stored item): no position to mask
+        return y
     y[batch.targets == IGNORE_INDEX] = IGNORE_INDEX
     return y
 
