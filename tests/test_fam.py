@@ -252,13 +252,15 @@ def test_memory_study_contrasts_the_drifting_and_the_contracting_zoo_memory():
 
     s = {}
     for name in ("passkey_fam", "passkey_fam_post"):
-        r = memory_study(zoo.load(name), zoo.task_of(name), n=32, n_long=64, n_spec=4)
+        r = memory_study(
+            zoo.load(name), zoo.task_of(name), splits=("id", "ood_2x"), n=32, n_long=96, n_spec=2
+        )
         s[name] = r.summary()
         assert set(r.to_frame()["panel"]) >= {"accuracy", "decodability", "long", "repeat"}
     pre, post = s["passkey_fam"], s["passkey_fam_post"]
     assert pre["id/accuracy"] == post["id/accuracy"] == 1.0
     assert pre["drift_growth_end"] > 10 and pre["fixed_point_converged_fraction"] == 0.0
-    assert post["drift_bounded_fraction"] == 1.0 and post["separation_end"] < 1e-2
+    assert post["drift_bounded_fraction"] == 1.0 and post["separation_end"] < 1e-3
     assert pre["separation_end"] > 0.05  # the pre-norm memory still tells the two keys apart
     assert post["fixed_point_converged_fraction"] == 1.0 and post["rho_median"] < 1
 
@@ -286,3 +288,54 @@ def test_probe_study_reads_the_stored_key_from_every_memory_slot():
     # before any block the memory is the learned init (nothing stored); after all 3, the key
     last = f[f["iteration"] == 3]
     assert last["test_acc"].max() > 0.9 and f[f["iteration"] == 1]["test_acc"].max() < 0.7
+
+
+def _cli(argv, capsys):
+    from loopscope.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    out = capsys.readouterr()
+    return e.value.code, out.out, out.err
+
+
+def test_cli_stability_probe_and_patch_run_on_the_fam_zoo_model(capsys, tmp_path):
+    code, out, err = _cli(
+        ["stability", "passkey_fam_post", "--split", "id", "--n", "8", "--no-dynamics",
+         "--out", str(tmp_path / "s")], capsys,
+    )  # fmt: skip
+    assert code == 0 and "passkey_fam_post" in out, err
+    code, out, err = _cli(
+        ["probe", "passkey_fam_post", "--target", "key", "--split", "id", "--n", "64",
+         "--out", str(tmp_path / "p")], capsys,
+    )  # fmt: skip
+    assert code == 0 and (tmp_path / "p" / "probes.csv").exists(), err
+    code, out, err = _cli(
+        ["patch", "passkey_fam_post", "--position", "3", "--n", "2", "--out", str(tmp_path / "q")],
+        capsys,
+    )
+    assert code == 0 and '"rows"' in out, err
+    code, _, err = _cli(["stability", "passkey_fam_post", "--task", "s3"], capsys)
+    assert code == 2 and "does not match" in err and len(err.strip().splitlines()) == 1
+
+
+def test_transplanted_zoo_memory_carries_the_key_only_after_the_key_block():
+    from loopscope import zoo
+    from loopscope.analysis.memory import memory_transplant
+
+    m, t = zoo.load("passkey_fam"), zoo.task_of("passkey_fam")
+    b = t.sample(64, "id", seed=3)
+    n = 64
+    blocks = b.tokens.view(n, -1, 8)
+    key_block = blocks[torch.arange(n), b.intermediates["key_block"]]
+    fill = torch.randint(0, t.n_filler, (n, 2, 8), generator=torch.Generator().manual_seed(0))
+    other = torch.roll(torch.arange(n), 1)
+    donor = torch.cat([key_block[:, None], fill, blocks[:, -1:]], 1).reshape(n, -1)
+    recip = torch.cat([key_block[other][:, None], fill, blocks[:, -1:]], 1).reshape(n, -1)
+    da, ra = b.intermediates["key"], b.intermediates["key"][other]
+    keep = da != ra
+    res = memory_transplant(
+        m, donor[keep], recip[keep], donor_answer=da[keep], recipient_answer=ra[keep], n_iter=3
+    )
+    follows = res.to_frame().groupby("iteration")["follows_donor"].mean()
+    assert follows[0] == 0.0 and follows[1] == 1.0 and follows[2] == 1.0
