@@ -1,8 +1,8 @@
 """Fixed-point census (successor of FixedPointFinder) and IFT input sensitivity.
 
 :func:`find_fixed_points` runs a solver in float64 from many seeds **per input sample** — by
-default the ``capture`` solver (:mod:`~loopscope.analysis.capture`: Adam warm start, chord-Newton
-capture by points already found, Levenberg–Marquardt on q = ½‖f(h) − h‖² for representatives and
+default the ``capture`` solver (:mod:`~loopscope.analysis.fixed_point_capture`: Adam warm start,
+chord-Newton capture by points already found, Levenberg–Marquardt on q = ½‖f(h) − h‖² for representatives and
 the rest) for 32 ≤ n ≤ 1024 and ≥ 32 seeds, per-seed LM otherwise — then
 
 1. classifies every seed's end point, never merging classes:
@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -55,20 +55,29 @@ from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 from torch import Tensor
 
-from loopscope.analysis.capture import CAPTURE_OPTIONS, capture_solve
+from loopscope.analysis.fixed_point_capture import Capture, capture_solve
 from loopscope.analysis.loopmap import LoopMap
-from loopscope.analysis.solvers import METHODS, SolveResult, batched_gmres, solve_map
+from loopscope.analysis.solvers import (
+    LM,
+    METHODS,
+    SolverConfig,
+    SolveResult,
+    batched_gmres,
+    solve_map,
+    solver_config,
+)
 from loopscope.analysis.spectra import spectrum_map
-from loopscope.core.errors import LoopscopeError, check_positive_int, reject_unknown_kwargs
-from loopscope.core.loop import batch_size_of
+from loopscope.core.errors import LoopscopeError, check_positive_int, check_seed, did_you_mean
+from loopscope.core.loop import Loop, batch_size_of
+from loopscope.core.result import Result, float_summary, result_meta
 
-__all__ = ["find_fixed_points", "FixedPointCensus", "input_sensitivity"]
+__all__ = ["find_fixed_points", "FixedPointCensus", "input_sensitivity", "Sensitivity"]
 
 _KINDS = ("fixed", "slow", "non-converged")
 
 
-@dataclass
-class FixedPointCensus:
+@dataclass(kw_only=True, repr=False)
+class FixedPointCensus(Result):
     """Unique fixed and slow points of every input sample, and what each seed did.
 
     Attributes:
@@ -77,7 +86,8 @@ class FixedPointCensus:
         q, r_rel: ``[P]`` speed ½‖f(h) − h‖² and relative residual at each point.
         multiplicity: ``[P]`` seeds that ended in the point's cluster.
         rho, unstable_dim: ``[P]`` spectral radius of J(h*) and #|λ| > 1 (NaN / −1 if spectra
-            were not computed); ``eigenvalues``: per point, complex eigenvalues by modulus.
+            were not computed); ``eigenvalues``: per point, complex eigenvalues by modulus;
+            ``spectrum_status``: per point, which eigen-solver path ran (or why it failed).
         decoded: ``[P, ...]`` ``loop.decode`` at each point (None if ``decode=False``).
         sensitivity: ``[P]`` ‖dh*/dx‖_F (None unless ``sensitivity=True``).
         seed_class: ``[B, S]`` ``fixed | slow | non-converged`` per seed.
@@ -97,6 +107,7 @@ class FixedPointCensus:
     rho: np.ndarray
     unstable_dim: np.ndarray
     eigenvalues: list[np.ndarray]
+    spectrum_status: list[str]
     decoded: Tensor | None
     sensitivity: np.ndarray | None
     seed_class: np.ndarray
@@ -105,7 +116,6 @@ class FixedPointCensus:
     seed_rel_grad: np.ndarray
     end_states: Tensor
     solve: SolveResult
-    meta: dict[str, Any] = field(default_factory=dict)
 
     @property
     def stable(self) -> np.ndarray:
@@ -149,6 +159,7 @@ class FixedPointCensus:
                 "rho": self.rho,
                 "stable": self.stable,
                 "unstable_dim": self.unstable_dim,
+                "spectrum_status": self.spectrum_status,
             }
         )
         if self.decoded is not None and self.decoded.dim() >= 2 and self.decoded.shape[-1] > 1:
@@ -157,9 +168,23 @@ class FixedPointCensus:
         if self.sensitivity is not None:
             df["sensitivity"] = self.sensitivity
         for k in ("model", "split", "seed"):
-            if k in self.meta:
+            if self.meta.get(k) is not None:
                 df[k] = self.meta[k]
         return df
+
+    def summary(self) -> dict[str, float]:
+        """Unique points per kind, stable points, and the seeds' class fractions."""
+        kinds = np.asarray(self.kind, dtype=object)
+        fixed = kinds == "fixed"
+        out: dict[str, Any] = {
+            "n_points": len(self.kind),
+            "n_fixed": int(fixed.sum()),
+            "n_slow": int((kinds == "slow").sum()),
+            "n_stable_fixed": int((fixed & self.stable).sum()),
+        }
+        for c in _KINDS:
+            out[f"seeds_{c.replace('-', '_')}_fraction"] = float((self.seed_class == c).mean())
+        return float_summary(out)
 
     def seeds_frame(self) -> pd.DataFrame:
         """One row per (input sample, seed)."""
@@ -262,66 +287,9 @@ def _seeds_from_int(m: LoopMap, S: int, seed: int, noise: float, traj_steps: int
     return base + noise * rms[:, None, None] * eps
 
 
-_OPTIONS = (
-    "max_iter",
-    "seed",
-    "noise",
-    "traj_steps",
-    "spectra",
-    "k",
-    "spectrum_method",
-    "decode",
-    "sensitivity",
-    "wrt",
-    "t",
-    "solver_options",
-    "chunk",
-    "state_shape",
-)
-
-
-def find_fixed_points(
-    loop: Any,
-    inputs: Any,
-    seeds: Tensor | int,
-    method: str = "auto",
-    q_tol_rel: float = 1e-10,
-    slow_tol_rel: float = 1e-3,
-    unique_tol: float | None = None,
-    **options: Any,
-) -> FixedPointCensus:
-    """Census of fixed and slow points of ``h ↦ f(h; x)`` for every input sample.
-
-    Args:
-        loop: a :class:`loopscope.Loop`; analysed in float64 on a copy.
-        inputs: inputs for ``loop.encode`` (``None`` for autonomous maps); B input samples.
-        seeds: ``[S, *state]`` shared seeds, ``[B, S, *state]`` per-sample seeds, or an int S.
-        method: ``auto`` (default: ``capture`` for 32 ≤ n ≤ 1024 state numbers and at least
-            32 seeds per input, ``lm`` otherwise),
-            ``capture`` (warm start, chord-Newton capture by known points, LM for the rest: see
-            :mod:`~loopscope.analysis.capture`) or any :func:`~loopscope.analysis.solve` method
-            run per seed (``lm``, ``newton_krylov``, ``adam_q``, ``anderson``, …). Seeds are
-            solved to r_rel < 1e-3·q_tol_rel.
-        q_tol_rel: r_rel below which an end point is a fixed point (1e-10 in float64).
-        slow_tol_rel: upper r_rel of a slow point (1e-3).
-        unique_tol: clustering radius (default 1e-3·(1 + max‖h‖) per sample and kind).
-        **options: ``max_iter`` (100), ``seed`` (0), ``noise`` (0.5, for int seeds),
-            ``traj_steps`` (50), ``spectra`` (True), ``k`` / ``spectrum_method`` (passed to the
-            spectrum), ``decode`` (True), ``sensitivity`` (False; needs ``wrt`` unless the context
-            is one tensor), ``wrt``, ``t``, ``solver_options`` (dict for the solver; with
-            ``capture`` its own options go to it and the rest to the LM sub-solves), ``chunk``
-            (seeds per solver call; default bounds the dense-Jacobian memory to ~256 MB),
-            ``state_shape`` (needed to tell ``[B, S, *state]`` seeds from ``[S, *state]`` when
-            the loop has no ``init_state``; without it seeds are read as ``[S, *state]``).
-
-    Returns:
-        :class:`FixedPointCensus`.
-    """
-    reject_unknown_kwargs("find_fixed_points", options, _OPTIONS)
-    if method not in (*METHODS, "capture"):
-        raise LoopscopeError(
-            f"unknown solver method {method!r}; choose one of capture, {', '.join(METHODS)}"
-        )
+def _check_census_args(
+    q_tol_rel: Any, slow_tol_rel: Any, unique_tol: Any, max_iter: Any, seed: Any
+) -> None:
     for name, v in (("q_tol_rel", q_tol_rel), ("slow_tol_rel", slow_tol_rel)):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
             raise LoopscopeError(f"{name} must be a positive number, got {v!r}")
@@ -329,123 +297,129 @@ def find_fixed_points(
         raise LoopscopeError(
             f"slow_tol_rel ({slow_tol_rel!r}) must be >= q_tol_rel ({q_tol_rel!r})"
         )
-    if unique_tol is not None and not (isinstance(unique_tol, (int, float)) and unique_tol > 0):
+    if unique_tol is not None and not (
+        isinstance(unique_tol, (int, float)) and not isinstance(unique_tol, bool) and unique_tol > 0
+    ):
         raise LoopscopeError(f"unique_tol must be a positive number, got {unique_tol!r}")
-    max_iter = check_positive_int("max_iter", options.get("max_iter", 100))
-    seed = int(options.get("seed", 0))
-    t = options.get("t")
-    solver_options = dict(options.get("solver_options") or {})
-    t0 = time.perf_counter()
+    check_positive_int("max_iter", max_iter)
+    check_seed(seed)
 
-    # -- the map and the seeds --------------------------------------------------------------
-    if isinstance(seeds, bool) or not isinstance(seeds, (int, Tensor)):
-        raise LoopscopeError(f"seeds must be a tensor or an int, got {type(seeds).__name__}")
-    if isinstance(seeds, int):
-        check_positive_int("seeds", seeds)
-        try:
-            m0 = LoopMap(loop, inputs, t=t)
-        except (NotImplementedError, LoopscopeError) as e:
-            raise LoopscopeError(
-                "seeds=int needs loop.init_state; pass seeds as a tensor [S, *state] instead"
-            ) from e
-        Z = _seeds_from_int(
-            m0,
-            seeds,
-            seed,
-            float(options.get("noise", 0.5)),
-            int(options.get("traj_steps", 50)),
+
+def _census_method(method: Any) -> str | SolverConfig:
+    """``method`` as ``"auto"``, a :class:`Capture` or a solver config (validated)."""
+    if isinstance(method, Capture) or method == "capture":
+        return Capture() if method == "capture" else method
+    if isinstance(method, str) and method not in METHODS:
+        raise LoopscopeError(
+            f"unknown solver method {method!r}; choose one of capture, {', '.join(METHODS)}"
         )
-        state_shape = m0.state_shape
-    else:
-        ctx_b = None
-        state_shape = options.get("state_shape")
-        try:
-            m0 = LoopMap(loop, inputs, t=t, state_shape=state_shape)
-            state_shape, ctx_b = m0.state_shape, m0.B
-        except (NotImplementedError, LoopscopeError):
-            m0 = None  # no init_state: the batch size comes from the context below
-            if state_shape is not None:
-                state_shape = tuple(state_shape)
-                probe = LoopMap(loop, inputs, t=t, state_shape=state_shape, batch_size=1)
-                ctx_b = batch_size_of(probe.ctx) if probe._has_batch_ctx else 1
-        if state_shape is not None and tuple(seeds.shape[2:]) == state_shape and seeds.dim() >= 2:
-            if seeds.shape[0] != ctx_b:
-                raise LoopscopeError(
-                    f"per-sample seeds have {seeds.shape[0]} samples but the inputs have {ctx_b}"
-                )
-            per_sample = True
-        elif state_shape is None or tuple(seeds.shape[1:]) == state_shape:
-            per_sample = False
-            state_shape = tuple(seeds.shape[1:])
-        else:
+    if not isinstance(method, (str, SolverConfig)):
+        raise LoopscopeError(
+            f"method must be a method name or a solver config, got {type(method).__name__}"
+        )
+    return solver_config(method)
+
+
+def _int_seeds(
+    loop: Loop, inputs: Any, S: int, t: int | None, seed: int, noise: float, traj_steps: int,
+    dtype: torch.dtype,
+) -> tuple[LoopMap, Tensor]:  # fmt: skip
+    check_positive_int("seeds", S)
+    try:
+        m0 = LoopMap(loop, inputs, t=t, dtype=dtype)
+    except (NotImplementedError, LoopscopeError) as e:
+        raise LoopscopeError(
+            "seeds=int needs loop.init_state; pass seeds as a tensor [S, *state] instead"
+        ) from e
+    return m0, _seeds_from_int(m0, S, seed, float(noise), int(traj_steps))
+
+
+def _tensor_seeds(
+    loop: Loop, inputs: Any, seeds: Tensor, t: int | None, state_shape: Any, dtype: torch.dtype
+) -> tuple[LoopMap, Tensor]:
+    """The map and ``[B, S, n]`` seeds from ``[S, *state]`` or ``[B, S, *state]`` tensors."""
+    ctx_b = None
+    try:
+        m0 = LoopMap(loop, inputs, t=t, state_shape=state_shape, dtype=dtype)
+        state_shape, ctx_b = m0.state_shape, m0.B
+    except (NotImplementedError, LoopscopeError):
+        m0 = None  # no init_state: the batch size comes from the context below
+        if state_shape is not None:
+            state_shape = tuple(state_shape)
+            probe = LoopMap(loop, inputs, t=t, state_shape=state_shape, batch_size=1, dtype=dtype)
+            ctx_b = batch_size_of(probe.ctx) if probe._has_batch_ctx else 1
+    if state_shape is not None and tuple(seeds.shape[2:]) == state_shape and seeds.dim() >= 2:
+        if seeds.shape[0] != ctx_b:
             raise LoopscopeError(
-                f"seeds of shape {tuple(seeds.shape)} match neither [S, *state] nor "
-                f"[B, S, *state] for state shape {state_shape}"
+                f"per-sample seeds have {seeds.shape[0]} samples but the inputs have {ctx_b}"
             )
-        if m0 is None:
-            probe = LoopMap(loop, inputs, t=t, state_shape=state_shape, batch_size=1)
-            B = batch_size_of(probe.ctx) if probe._has_batch_ctx else 1
-            m0 = LoopMap(loop, inputs, t=t, state_shape=state_shape, batch_size=B)
-        B = m0.B
-        seeds = seeds.to(m0.dtype)
-        Z = (
-            seeds.reshape(B, -1, m0.n)
-            if per_sample
-            else seeds.reshape(1, -1, m0.n).expand(B, -1, m0.n)
+        per_sample = True
+    elif state_shape is None or tuple(seeds.shape[1:]) == state_shape:
+        per_sample = False
+        state_shape = tuple(seeds.shape[1:])
+    else:
+        raise LoopscopeError(
+            f"seeds of shape {tuple(seeds.shape)} match neither [S, *state] nor "
+            f"[B, S, *state] for state shape {state_shape}"
         )
-    B, S, n = Z.shape
-    if S == 0:
-        raise LoopscopeError("seeds is empty")
+    if m0 is None:
+        probe = LoopMap(loop, inputs, t=t, state_shape=state_shape, batch_size=1, dtype=dtype)
+        B = batch_size_of(probe.ctx) if probe._has_batch_ctx else 1
+        m0 = LoopMap(loop, inputs, t=t, state_shape=state_shape, batch_size=B, dtype=dtype)
+    B = m0.B
+    seeds = seeds.to(m0.dtype or seeds.dtype)
+    if per_sample:
+        return m0, seeds.reshape(B, -1, m0.n)
+    return m0, seeds.reshape(1, -1, m0.n).expand(B, -1, m0.n)
 
-    # one virtual sample per (input sample, seed): the context is replicated by select()
+
+def _solve_seeds(
+    m0: LoopMap, Z: Tensor, method: str | SolverConfig, tol: float, max_iter: int, chunk: int
+) -> tuple[SolveResult, str]:
+    """Every seed solved (one virtual sample per (input sample, seed)); the resolved method."""
+    B, S, n = Z.shape
+    # the context is replicated per seed by select()
     owner = torch.arange(B).repeat_interleave(S)
-    chunk = int(options.get("chunk", max(1, 2**25 // max(1, n * n))))
     if method == "auto":
         # capture pays once the O(n³) LM iteration dominates and seeds outnumber the points
         # they end at; tiny states or few seeds are cheaper (and keep every seed's own LM basin)
         # with LM per seed
-        method = "capture" if 32 <= n <= CAPTURE_OPTIONS["dense_max"] and S >= 32 else "lm"
-    if method == "capture":
-        cap_opts = {k: v for k, v in solver_options.items() if k in CAPTURE_OPTIONS}
-        lm_opts = {k: v for k, v in solver_options.items() if k not in CAPTURE_OPTIONS}
-        res = capture_solve(
-            m0.subset(owner),
-            Z.reshape(B * S, n).clone(),
-            owner,
-            1e-3 * q_tol_rel,
-            max_iter,
-            lm_options=lm_opts,
-            **cap_opts,
-        )
-        results = [res]
-    else:
-        results = []
-        for s0 in range(0, B * S, chunk):
-            sub = owner[s0 : s0 + chunk]
-            mc = m0.subset(sub)
-            results.append(
-                solve_map(
-                    mc,
-                    Z.reshape(B * S, n)[s0 : s0 + chunk],
-                    method,
-                    1e-3 * q_tol_rel,
-                    max_iter,
-                    **solver_options,
-                )
-            )
-    res = _concat(results)
-    ends = res.z_best.reshape(B * S, n)
-    r_rel = res.r_rel.numpy().reshape(B, S)
+        method = Capture() if 32 <= n <= Capture().dense_max and S >= 32 else LM()
+    flat = Z.reshape(B * S, n)
+    if isinstance(method, Capture):
+        res = capture_solve(m0.subset(owner), flat.clone(), owner, tol, max_iter, config=method)
+        return res, "capture"
+    results = []
+    for s0 in range(0, B * S, chunk):
+        mc = m0.subset(owner[s0 : s0 + chunk])
+        results.append(solve_map(mc, flat[s0 : s0 + chunk], method, tol, max_iter))
+    return _concat(results), method.name
+
+
+def _classify(r_rel: np.ndarray, q_tol_rel: float, slow_tol_rel: float) -> np.ndarray:
+    """``fixed | slow | non-converged`` per seed from its end point's r_rel."""
     finite = np.isfinite(r_rel)
-    cls = np.full((B, S), "non-converged", dtype=object)
+    cls = np.full(r_rel.shape, "non-converged", dtype=object)
     cls[finite & (r_rel <= slow_tol_rel)] = "slow"
     cls[finite & (r_rel < q_tol_rel)] = "fixed"
-    rel_grad = _rel_grad(m0, ends, owner, chunk).reshape(B, S)
+    return cls
 
-    # -- uniqueness per sample and kind ------------------------------------------------------
-    rep_idx, rep_kind, rep_sample, mult = [], [], [], []
-    seed_point = np.full((B, S), -1, dtype=np.int64)
-    endsn = ends.numpy().reshape(B, S, n)
+
+@dataclass
+class _Unique:
+    rep_idx: list[int]
+    kind: list[str]
+    sample: list[int]
+    mult: list[int]
+    seed_point: np.ndarray
+
+
+def _unique_points(
+    endsn: np.ndarray, cls: np.ndarray, r_rel: np.ndarray, unique_tol: float | None
+) -> _Unique:
+    """De-duplicate fixed and slow end points per input sample and kind (``endsn [B, S, n]``)."""
+    B, S, _ = endsn.shape
+    u = _Unique([], [], [], [], np.full((B, S), -1, dtype=np.int64))
     for b in range(B):
         for kind in ("fixed", "slow"):
             sel = np.nonzero(cls[b] == kind)[0]
@@ -458,68 +432,160 @@ def find_fixed_points(
                 else 1e-3 * (1.0 + float(np.linalg.norm(X, axis=1).max()))
             )
             for members in _cluster(X, r_rel[b, sel], tol):
-                seed_point[b, sel[members]] = len(rep_idx)
-                rep_idx.append(b * S + int(sel[members[0]]))
-                rep_kind.append(kind)
-                rep_sample.append(b)
-                mult.append(len(members))
-    P = len(rep_idx)
-    pts = ends[rep_idx] if P else torch.zeros(0, n, dtype=ends.dtype)
-    rep = torch.as_tensor(rep_idx, dtype=torch.long)
-    psample = np.asarray(rep_sample, dtype=np.int64)
-    fz_abs = res.r_abs[rep].numpy() if P else np.zeros(0)
+                u.seed_point[b, sel[members]] = len(u.rep_idx)
+                u.rep_idx.append(b * S + int(sel[members[0]]))
+                u.kind.append(kind)
+                u.sample.append(b)
+                u.mult.append(len(members))
+    return u
 
-    # -- per point: spectrum, decoded output, sensitivity --------------------------------------
-    rho = np.full(P, np.nan)
-    unstable = np.full(P, -1, dtype=np.int64)
-    eigs: list[np.ndarray] = [np.zeros(0, dtype=complex)] * P
-    decoded = None
-    sens = None
-    if P:
-        mp = m0.subset(torch.as_tensor(psample))
-        if options.get("spectra", True):
-            spec_opts = {"sigma": False}
-            if options.get("k") is not None:
-                spec_opts["k"] = options["k"]
-            if options.get("spectrum_method") is not None:
-                spec_opts["method"] = options["spectrum_method"]
-            sp = spectrum_map(mp, pts, **spec_opts)
-            rho = np.asarray(sp.rho)
-            unstable = np.asarray(sp.unstable, dtype=np.int64)
-            eigs = sp.eigenvalues
-        if options.get("decode", True):
-            with torch.no_grad():
-                decoded = mp.loop.decode(mp.unflatten(pts), mp.ctx)
-        if options.get("sensitivity", False):
-            dh = _sensitivity_map(mp, pts, options.get("wrt"), None, "auto", 1e-12, 2048)
-            sens = dh.reshape(P, -1).norm(dim=1).numpy()
+
+def _point_properties(
+    m0: LoopMap, pts: Tensor, psample: np.ndarray, *, spectra: bool, k: int | None,
+    spectrum_method: str, decode: bool, sensitivity: bool, wrt: Any,
+) -> dict[str, Any]:  # fmt: skip
+    """Spectrum, decoded output and input sensitivity at each unique point ``pts [P, n]``."""
+    P = pts.shape[0]
+    out: dict[str, Any] = {
+        "rho": np.full(P, np.nan),
+        "unstable_dim": np.full(P, -1, dtype=np.int64),
+        "eigenvalues": [np.zeros(0, dtype=complex)] * P,
+        "spectrum_status": ["not computed"] * P,
+        "decoded": None,
+        "sensitivity": None,
+    }
+    if not P:
+        return out
+    mp = m0.subset(torch.as_tensor(psample))
+    if spectra:
+        sp = spectrum_map(mp, pts, k=k, method=spectrum_method, sigma=False)
+        out["rho"] = np.asarray(sp.rho, dtype=float)
+        out["unstable_dim"] = np.asarray(sp.unstable, dtype=np.int64)
+        out["eigenvalues"] = list(sp.eigenvalues)
+        out["spectrum_status"] = list(sp.status)
+    if decode:
+        with torch.no_grad():
+            out["decoded"] = mp.loop.decode(mp.unflatten(pts), mp.ctx)
+    if sensitivity:
+        dh = _sensitivity_map(mp, pts, wrt, None, "auto", 1e-12, 2048)
+        out["sensitivity"] = dh.reshape(P, -1).norm(dim=1).numpy()
+    return out
+
+
+@did_you_mean
+def find_fixed_points(
+    loop: Loop,
+    inputs: Any,
+    seeds: Tensor | int,
+    method: str | SolverConfig = "auto",
+    q_tol_rel: float = 1e-10,
+    slow_tol_rel: float = 1e-3,
+    unique_tol: float | None = None,
+    *,
+    max_iter: int = 100,
+    seed: int = 0,
+    noise: float = 0.5,
+    traj_steps: int = 50,
+    spectra: bool = True,
+    k: int | None = None,
+    spectrum_method: str = "auto",
+    decode: bool = True,
+    sensitivity: bool = False,
+    wrt: Any = None,
+    t: int | None = None,
+    chunk: int | None = None,
+    state_shape: tuple[int, ...] | None = None,
+    dtype: torch.dtype = torch.float64,
+) -> FixedPointCensus:
+    """Census of fixed and slow points of ``h ↦ f(h; x)`` for every input sample.
+
+    Args:
+        loop: a :class:`loopscope.Loop`; analysed in float64 on a copy.
+        inputs: inputs for ``loop.encode`` (``None`` for autonomous maps); B input samples.
+        seeds: ``[S, *state]`` shared seeds, ``[B, S, *state]`` per-sample seeds, or an int S.
+        method: ``auto`` (default: ``capture`` for 32 ≤ n ≤ 1024 state numbers and at least
+            32 seeds per input, ``lm`` otherwise), ``capture`` or a :class:`Capture` config (warm
+            start, chord-Newton capture by known points, LM for the rest: see
+            :mod:`~loopscope.analysis.fixed_point_capture`), or any :func:`~loopscope.analysis.solve`
+            method name or config run per seed (``lm``, ``LM(mu0=1.0)``, ``newton_krylov``, …).
+            Seeds are solved to r_rel < 1e-3·q_tol_rel.
+        q_tol_rel: r_rel below which an end point is a fixed point (1e-10 in float64).
+        slow_tol_rel: upper r_rel of a slow point.
+        unique_tol: clustering radius (default 1e-3·(1 + max‖h‖) per sample and kind).
+        max_iter: solver iterations per seed.
+        seed: seed of the int-seeds generator (trajectory starts and noise).
+        noise: noise scale of int seeds, relative to the RMS of the visited states.
+        traj_steps: naive-iteration steps whose visited states seed an int census.
+        spectra: compute the Jacobian spectrum at every unique point.
+        k: eigenvalues kept per point (passed to the spectrum).
+        spectrum_method: ``auto | dense | arpack`` for the spectra.
+        decode: store ``loop.decode`` at every unique point.
+        sensitivity: also compute ‖dh*/dx‖_F (needs ``wrt`` unless the context is one tensor).
+        wrt: the context tensor differentiated by ``sensitivity``.
+        t: iteration index for non-autonomous loops.
+        chunk: seeds per solver call (default bounds the dense-Jacobian memory to ~256 MB).
+        state_shape: needed to tell ``[B, S, *state]`` seeds from ``[S, *state]`` when the loop
+            has no ``init_state`` (without it seeds are read as ``[S, *state]``).
+        dtype: analysis dtype.
+
+    Returns:
+        :class:`FixedPointCensus`.
+    """
+    _check_census_args(q_tol_rel, slow_tol_rel, unique_tol, max_iter, seed)
+    method = _census_method(method)
+    if chunk is not None:
+        check_positive_int("chunk", chunk)
+    t0 = time.perf_counter()
+    if isinstance(seeds, bool) or not isinstance(seeds, (int, Tensor)):
+        raise LoopscopeError(f"seeds must be a tensor or an int, got {type(seeds).__name__}")
+    if isinstance(seeds, int):
+        m0, Z = _int_seeds(loop, inputs, seeds, t, seed, noise, traj_steps, dtype)
+    else:
+        m0, Z = _tensor_seeds(loop, inputs, seeds, t, state_shape, dtype)
+    B, S, n = Z.shape
+    if S == 0:
+        raise LoopscopeError("seeds is empty")
+    chunk = chunk or max(1, 2**25 // max(1, n * n))
+    res, resolved = _solve_seeds(m0, Z, method, 1e-3 * q_tol_rel, max_iter, chunk)
+    ends = res.z_best.reshape(B * S, n)
+    r_rel = res.r_rel.numpy().reshape(B, S)
+    cls = _classify(r_rel, q_tol_rel, slow_tol_rel)
+    owner = torch.arange(B).repeat_interleave(S)
+    rel_grad = _rel_grad(m0, ends, owner, chunk).reshape(B, S)
+    u = _unique_points(ends.numpy().reshape(B, S, n), cls, r_rel, unique_tol)
+    P = len(u.rep_idx)
+    pts = ends[u.rep_idx] if P else torch.zeros(0, n, dtype=ends.dtype)
+    rep = torch.as_tensor(u.rep_idx, dtype=torch.long)
+    psample = np.asarray(u.sample, dtype=np.int64)
+    props = _point_properties(
+        m0, pts, psample, spectra=spectra, k=k, spectrum_method=spectrum_method, decode=decode,
+        sensitivity=sensitivity, wrt=wrt,
+    )  # fmt: skip
+    fz_abs = res.r_abs[rep].numpy() if P else np.zeros(0)
+    settings = {
+        "method": resolved,  # auto resolved
+        "q_tol_rel": q_tol_rel,
+        "slow_tol_rel": slow_tol_rel,
+        "unique_tol": unique_tol,
+        "n_seeds": S,
+        "jacobian_path": m0.jacobian_path,
+        "wall_time": time.perf_counter() - t0,
+    }
     return FixedPointCensus(
-        points=pts.reshape(P, *state_shape),
+        points=pts.reshape(P, *m0.state_shape),
         sample=psample,
-        kind=rep_kind,
+        kind=u.kind,
         q=0.5 * fz_abs**2,
         r_rel=res.r_rel[rep].numpy() if P else np.zeros(0),
-        multiplicity=np.asarray(mult, dtype=np.int64),
-        rho=rho,
-        unstable_dim=unstable,
-        eigenvalues=list(eigs),
-        decoded=decoded,
-        sensitivity=sens,
+        multiplicity=np.asarray(u.mult, dtype=np.int64),
+        **props,
         seed_class=cls,
-        seed_point=seed_point,
+        seed_point=u.seed_point,
         seed_r_rel=r_rel,
         seed_rel_grad=rel_grad,
-        end_states=ends.reshape(B, S, *state_shape),
+        end_states=ends.reshape(B, S, *m0.state_shape),
         solve=res,
-        meta={
-            "method": method,  # auto resolved
-            "q_tol_rel": q_tol_rel,
-            "slow_tol_rel": slow_tol_rel,
-            "unique_tol": unique_tol,
-            "seed": seed,
-            "n_seeds": S,
-            "wall_time": time.perf_counter() - t0,
-        },
+        meta=result_meta(m0.loop, seed=int(seed), settings=settings),
     )
 
 
@@ -641,66 +707,106 @@ def _sensitivity_map(
     return Y.reshape(B, *m.state_shape, *xs)
 
 
+@dataclass(kw_only=True, repr=False)
+class Sensitivity(Result):
+    """dh*/dx at fixed points (:func:`input_sensitivity`).
+
+    Attributes:
+        dh_dx: ``[B, *state, *xs]`` (full Jacobian) or ``[B, *state]`` (a directional derivative,
+            when ``direction`` was given).
+        r_rel: ``[B]`` relative residual of each ``h_star`` (checked below ``check_tol``).
+    """
+
+    dh_dx: Tensor
+    r_rel: Tensor
+
+    def norms(self) -> np.ndarray:
+        """``[B]`` Frobenius norm of each sample's dh*/dx."""
+        return self.dh_dx.reshape(self.dh_dx.shape[0], -1).norm(dim=1).numpy()
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per sample: ‖dh*/dx‖_F and the fixed point's r_rel."""
+        return pd.DataFrame(
+            {
+                "sample": np.arange(self.dh_dx.shape[0]),
+                "sensitivity": self.norms(),
+                "r_rel": self.r_rel.numpy(),
+            }
+        )
+
+    def summary(self) -> dict[str, float]:
+        """Mean and max ‖dh*/dx‖_F over samples."""
+        s = self.norms()
+        return float_summary({"mean_sensitivity": s.mean(), "max_sensitivity": s.max()})
+
+
+@did_you_mean
 def input_sensitivity(
-    loop: Any,
+    loop: Loop,
     inputs: Any,
     h_star: Tensor,
     wrt: Any = None,
-    **options: Any,
-) -> Tensor:
+    *,
+    direction: Tensor | None = None,
+    method: str = "auto",
+    tol: float = 1e-12,
+    dense_max: int = 2048,
+    t: int | None = None,
+    check_tol: float = 1e-6,
+    dtype: torch.dtype = torch.float64,
+) -> Sensitivity:
     """dh*/dx = (I − J)⁻¹ ∂f/∂x at fixed points ``h_star [B, *state]`` (implicit function thm).
 
     ``x`` is a tensor of the encoded context (``loop.encode(inputs)``): the context itself when it
     is a tensor (``wrt=None``), else ``ctx[wrt]`` / ``getattr(ctx, wrt)``. With a per-sample x
-    (``[B, *xs]``) the result is ``[B, *state, *xs]`` (sample b's fixed point depends only on its
+    (``[B, *xs]``) ``dh_dx`` is ``[B, *state, *xs]`` (sample b's fixed point depends only on its
     own x); with a shared x (no batch axis) it is ``[B, *state, *x.shape]``.
 
-    Options: ``direction`` (a tangent shaped like x: returns the directional derivative
-    ``[B, *state]`` instead of the full Jacobian), ``method`` ("auto" | "dense" | "gmres"),
-    ``tol`` (GMRES relative tolerance, 1e-12), ``dense_max`` (2048), ``t``, ``check_tol``
-    (1e-6: h_star must have r_rel below it).
+    Args:
+        loop: a :class:`loopscope.Loop`.
+        inputs: inputs for ``loop.encode``.
+        h_star: ``[B, *state]`` fixed points.
+        wrt: key, index or attribute of the context tensor x (None: the context itself).
+        direction: a tangent shaped like x: return the directional derivative ``[B, *state]``.
+        method: ``"auto" | "dense" | "gmres"``.
+        tol: GMRES relative tolerance.
+        dense_max: dense solve up to this state size (auto).
+        t: iteration index for non-autonomous loops.
+        check_tol: ``h_star`` must have r_rel below this.
+        dtype: analysis dtype.
 
     Example:
         >>> import torch
         >>> from loopscope import FnLoop
         >>> loop = FnLoop(step=lambda h, x: 0.5 * h + x)        # h* = 2x, dh*/dx = 2 I
         >>> x = torch.ones(1, 2, dtype=torch.float64)
-        >>> input_sensitivity(loop, x, 2 * x)[0]
+        >>> input_sensitivity(loop, x, 2 * x).dh_dx[0]
         tensor([[2., 0.],
                 [0., 2.]], dtype=torch.float64)
     """
-    reject_unknown_kwargs(
-        "input_sensitivity", options, ("direction", "method", "tol", "dense_max", "t", "check_tol")
-    )
-    method = options.get("method", "auto")
     if method not in ("auto", "dense", "gmres"):
         raise LoopscopeError(
             f"input_sensitivity method must be auto, dense or gmres, got {method!r}"
         )
     if not isinstance(h_star, Tensor) or h_star.dim() < 2:
         raise LoopscopeError("h_star must be a tensor [B, *state] with a batch axis")
+    if direction is not None and not isinstance(direction, Tensor):
+        raise LoopscopeError(f"direction must be a tensor, got {type(direction).__name__}")
+    check_positive_int("dense_max", dense_max)
     m = LoopMap(
-        loop,
-        inputs,
-        t=options.get("t"),
-        state_shape=tuple(h_star.shape[1:]),
-        batch_size=h_star.shape[0],
-    )
+        loop, inputs, t=t, state_shape=tuple(h_star.shape[1:]), batch_size=h_star.shape[0],
+        dtype=dtype,
+    )  # fmt: skip
     z = m.flatten(h_star.to(m.dtype or h_star.dtype))
     fz = m.f(z)
     r_rel = (fz - z).norm(dim=1) / (fz.norm(dim=1) + 1e-9)
-    check_tol = float(options.get("check_tol", 1e-6))
-    if bool((r_rel > check_tol).any()):
+    if not bool(torch.isfinite(r_rel).all()) or bool((r_rel > float(check_tol)).any()):
         raise LoopscopeError(
             f"h_star is not a fixed point: max r_rel = {float(r_rel.max()):.3g} > {check_tol:g} "
             "(solve first, or raise check_tol)"
         )
-    return _sensitivity_map(
-        m,
-        z,
-        wrt,
-        options.get("direction"),
-        method,
-        float(options.get("tol", 1e-12)),
-        int(options.get("dense_max", 2048)),
+    dh = _sensitivity_map(m, z, wrt, direction, method, float(tol), int(dense_max))
+    settings = {"method": method, "wrt": wrt, "jacobian_path": m.jacobian_path}
+    return Sensitivity(
+        dh_dx=dh, r_rel=r_rel.to(torch.float64), meta=result_meta(m.loop, settings=settings)
     )

@@ -58,7 +58,7 @@ import torch
 from torch import Tensor
 
 from loopscope.analysis.loopmap import LoopMap
-from loopscope.analysis.solvers import METHODS, solve_map
+from loopscope.analysis.solvers import METHODS, solve_map, solver_config
 from loopscope.analysis.spectra import spectrum_map
 from loopscope.core.errors import LoopscopeError, check_positive_int, reject_unknown_kwargs
 from loopscope.core.loop import Loop, batch_size_of
@@ -461,7 +461,8 @@ def _cycle(
     if o["fixed_points"]:
         lm = LoopMap(fast, ctx=fctx, dtype=o["dtype"], state_shape=n_z, batch_size=B)
         z0 = lm.flatten(zL_model if o["start"] == "end" else zL0)
-        res = solve_map(lm, z0, o["method"], o["tol"], o["max_iter"], **o["solver_options"])
+        method = solver_config(o["method"], o["solver_options"])
+        res = solve_map(lm, z0, method, o["tol"], o["max_iter"])
         zstar = res.z_best.to(zL0.dtype)
         status, reason = list(res.status), list(res.reason)
         iters, nfe, r_rel = res.iterations.numpy(), res.nfe.numpy(), res.r_rel.numpy()

@@ -108,6 +108,8 @@ class LoopMap:
         self.n_jvp = torch.zeros(self.B, dtype=torch.long)
         self.n_vjp = torch.zeros(self.B, dtype=torch.long)
         self._has_batch_ctx = batch_size_of(self.ctx) is not None
+        #: how Jacobian products were computed: "forward" (torch.func.jvp) so far
+        self.jacobian_path = "forward"
 
     # -- shapes -------------------------------------------------------------------------------
     def flatten(self, h: Tensor) -> Tensor:

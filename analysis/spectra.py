@@ -7,6 +7,15 @@ default ncv stalls on spectra clustered on a circle) and a fixed ``v0``; ``svds`
 for sigma_max. Complex leading pairs are exact on both paths. ``power_iteration_rho`` (the anchor
 that torchdeq uses) is provided only to show that a real Rayleigh quotient is *not* rho.
 
+Bad numbers stay per sample: a non-finite state or Jacobian is never handed to LAPACK / ARPACK
+(whose reaction to NaN ranges from a plausible number to a hang); that sample gets ``rho = NaN``
+and a ``status`` saying why, and the other samples are computed exactly as without it. When
+LAPACK's ``geev`` fails (ill-conditioned or heavily repeated eigenvalues) the eigenvalues come from
+``scipy.linalg.eig``, then a complex Schur form (``scipy.linalg.schur``), then a tiny shifted
+retry; ``path`` records per sample which one ran. ARPACK that does not converge is retried with
+a larger subspace, then falls back to the dense path where the state is small enough
+(``arpack_fallback_max``), else the sample is flagged.
+
 Example:
     >>> import torch
     >>> from loopscope import FnLoop
@@ -29,19 +38,28 @@ import torch
 from torch import Tensor
 
 from loopscope.analysis.loopmap import LoopMap
-from loopscope.core.errors import LoopscopeError, reject_unknown_kwargs
+from loopscope.core.errors import LoopscopeError, check_positive_int, check_seed, did_you_mean
+from loopscope.core.loop import Loop
+from loopscope.core.result import Result, float_summary, result_meta
 
-__all__ = ["spectrum", "spectrum_map", "Spectrum", "power_iteration_rho"]
+__all__ = ["spectrum", "spectrum_map", "Spectrum", "power_iteration_rho", "RayleighEstimate"]
+
+_OK = "ok"
 
 
-@dataclass
-class Spectrum:
+@dataclass(kw_only=True, repr=False)
+class Spectrum(Result):
     """Per-sample spectral summary of ``J(h)``.
 
     Attributes:
-        eigenvalues: per sample, the top-k eigenvalues by modulus (complex numpy arrays).
-        rho: spectral radius per sample; ``unstable``: number of |lambda| > 1;
+        eigenvalues: per sample, the top-k eigenvalues by modulus (complex numpy arrays; empty
+            for a flagged sample).
+        rho: spectral radius per sample (NaN for a flagged sample); ``unstable``: number of
+            |lambda| > 1 (-1 when flagged);
         sigma_max: largest singular value; ``method``: "dense" or "arpack"; ``matvecs``: jvps used.
+        status: per sample ``ok`` or why it has no spectrum (``non-finite state``, ...).
+        path: per sample, the eigen-solver that ran (``eigvals``, ``scipy.linalg.eig``,
+            ``schur``, ``shifted``, ``arpack``, ``dense fallback``, or ``none``).
     """
 
     eigenvalues: list[np.ndarray]
@@ -51,7 +69,13 @@ class Spectrum:
     method: str
     n: int
     matvecs: list[int] = field(default_factory=list)
-    meta: dict[str, Any] = field(default_factory=dict)
+    status: list[str] = field(default_factory=list)
+    path: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        B = len(self.rho)
+        self.status = self.status or [_OK] * B
+        self.path = self.path or ["eigvals" if self.method == "dense" else "arpack"] * B
 
     @property
     def margin(self) -> list[float]:
@@ -69,10 +93,27 @@ class Spectrum:
         with np.errstate(divide="ignore"):
             return -1.0 / np.log(m)
 
+    def _sample_row(self, b: int) -> dict[str, Any]:
+        return {
+            "rho": self.rho[b],
+            "margin": 1.0 - self.rho[b],
+            "unstable": self.unstable[b],
+            "sigma_max": self.sigma_max[b],
+            "nonnormality": self.nonnormality[b],
+            "method": self.method,
+            "status": self.status[b],
+            "path": self.path[b],
+        }
+
     def to_frame(self) -> pd.DataFrame:
-        """One row per (sample, eigenvalue rank)."""
+        """One row per (sample, eigenvalue rank); a flagged sample has one row of NaNs."""
         rows = []
+        nan = float("nan")
         for b, ev in enumerate(self.eigenvalues):
+            per = self._sample_row(b)
+            if len(ev) == 0:
+                rows.append({"sample": b, "rank": 0, "real": nan, "imag": nan, "modulus": nan,
+                             "angle": nan, "timescale": nan, **per})  # fmt: skip
             for i, lam in enumerate(ev):
                 rows.append(
                     {
@@ -83,15 +124,23 @@ class Spectrum:
                         "modulus": float(abs(lam)),
                         "angle": float(np.angle(lam)),
                         "timescale": _timescale(abs(lam)),
-                        "rho": self.rho[b],
-                        "margin": 1.0 - self.rho[b],
-                        "unstable": self.unstable[b],
-                        "sigma_max": self.sigma_max[b],
-                        "nonnormality": self.nonnormality[b],
-                        "method": self.method,
+                        **per,
                     }
                 )
         return pd.DataFrame(rows)
+
+    def summary(self) -> dict[str, float]:
+        """Mean / max rho over healthy samples, the stable fraction and the flagged count."""
+        rho = np.asarray(self.rho, dtype=float)
+        ok = np.isfinite(rho)
+        out = {
+            "mean_rho": rho[ok].mean() if ok.any() else math.nan,
+            "max_rho": rho[ok].max() if ok.any() else math.nan,
+            "stable_fraction": float((rho[ok] < 1).mean()) if ok.any() else math.nan,
+            "n_samples": len(rho),
+            "n_flagged": int((~ok).sum()),
+        }
+        return float_summary(out)
 
 
 def _timescale(mod: float) -> float:
@@ -103,131 +152,328 @@ def _timescale(mod: float) -> float:
     return -1.0 / math.log(mod)
 
 
-_OPTIONS = ("k", "method", "dense_max", "tol", "ncv", "seed", "t", "sigma")
+# ---------------------------------------------------------------------------------------------
+# eigenvalues that survive LAPACK failures
 
 
+def _eig_one(A: np.ndarray) -> tuple[np.ndarray, str]:
+    """Eigenvalues of one finite matrix, falling back on LAPACK failure; returns (eig, path)."""
+    import scipy.linalg
+
+    try:
+        return torch.linalg.eigvals(torch.from_numpy(A)).numpy(), "eigvals"
+    except RuntimeError:  # torch.linalg.LinAlgError: geev did not converge
+        pass
+    try:
+        return scipy.linalg.eig(A, right=False, check_finite=False), "scipy.linalg.eig"
+    except (np.linalg.LinAlgError, ValueError):
+        pass
+    try:  # a different LAPACK route (gees): the diagonal of the complex Schur form
+        T, _ = scipy.linalg.schur(A.astype(complex), output="complex", check_finite=False)
+        return np.diag(T), "schur"
+    except (np.linalg.LinAlgError, ValueError):
+        pass
+    # a tiny shift moves repeated eigenvalues apart without changing the spectrum visibly
+    eps = 1e-12 * max(1.0, float(np.abs(A).max()))
+    rng = np.random.default_rng(0)
+    P = A + eps * rng.standard_normal(A.shape)
+    return torch.linalg.eigvals(torch.from_numpy(P)).numpy(), "shifted"
+
+
+def _eigvals(J: Tensor) -> tuple[list[np.ndarray], list[str]]:
+    """Eigenvalues of finite ``J [b, n, n]``: one batched call, per-matrix fallbacks on failure."""
+    try:
+        return list(torch.linalg.eigvals(J).cpu().numpy()), ["eigvals"] * J.shape[0]
+    except RuntimeError:
+        out = [_eig_one(A) for A in J.detach().cpu().numpy()]
+        return [e for e, _ in out], [p for _, p in out]
+
+
+def _spectral_norms(J: Tensor) -> np.ndarray:
+    try:
+        return torch.linalg.matrix_norm(J, ord=2).cpu().numpy()
+    except RuntimeError:  # gesdd failed: scipy's gesvd driver
+        import scipy.linalg
+
+        return np.asarray(
+            [scipy.linalg.svdvals(A, lapack_driver="gesvd")[0] for A in J.cpu().numpy()]
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_spectrum_args(
+    method: Any, k: Any, n: int, dense_max: Any, tol: Any, ncv: Any, seed: Any
+) -> None:
+    if method not in ("auto", "dense", "arpack"):
+        raise LoopscopeError(f"spectrum method must be auto, dense or arpack, got {method!r}")
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1 or k > n):
+        raise LoopscopeError(f"k must be an integer in 1..{n} (the state dimension), got {k!r}")
+    check_positive_int("dense_max", dense_max)
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0:
+        raise LoopscopeError(f"tol must be a number >= 0, got {tol!r}")
+    if ncv is not None:
+        check_positive_int("ncv", ncv)
+    check_seed(seed)
+
+
+@did_you_mean
 def spectrum(
-    loop: Any,
+    loop: Loop,
     inputs: Any,
     state: Tensor,
     k: int | None = None,
     method: str = "auto",
-    **options: Any,
+    *,
+    dense_max: int = 2048,
+    tol: float = 1e-8,
+    ncv: int | None = None,
+    seed: int = 0,
+    t: int | None = None,
+    sigma: bool = True,
+    dtype: torch.dtype = torch.float64,
 ) -> Spectrum:
     """Eigenvalues of the step's Jacobian at ``state [B, ...]`` (per sample).
 
     Args:
+        loop: a :class:`loopscope.Loop`.
+        inputs: inputs for ``loop.encode`` (one context per sample of ``state``).
+        state: ``[B, *state]`` states at which J is taken.
         k: eigenvalues kept (default: all on the dense path, 6 on ARPACK).
         method: "auto" (dense for n ≤ ``dense_max``, else ARPACK) | "dense" | "arpack".
-        **options: ``dense_max`` (2048), ``tol`` (1e-8), ``ncv`` (max(64, 4k)), ``seed`` (ARPACK
-            ``v0``), ``t`` (iteration index for non-autonomous loops), ``sigma`` (compute
-            sigma_max, default True).
+        dense_max: largest state size of the dense path under ``auto``.
+        tol: ARPACK tolerance.
+        ncv: ARPACK subspace size (default max(64, 4k)).
+        seed: seed of ARPACK's start vectors.
+        t: iteration index for non-autonomous loops.
+        sigma: also compute sigma_max (the largest singular value).
+        dtype: analysis dtype (float64 default; float32 accepted).
+
+    Returns:
+        :class:`Spectrum` (a sample with a non-finite state or Jacobian has ``rho = NaN`` and a
+        ``status`` saying why).
     """
-    options = {**options, "method": method}
-    if k is not None:
-        options["k"] = k
-    reject_unknown_kwargs("spectrum", options, _OPTIONS)
     if not isinstance(state, Tensor) or state.dim() < 2:
         raise LoopscopeError("state must be a tensor [B, ...] with a batch axis")
+    if state.shape[0] == 0:
+        raise LoopscopeError("state is empty (batch size 0)")
     m = LoopMap(
         loop,
         inputs,
         state_shape=tuple(state.shape[1:]),
         batch_size=state.shape[0],
-        t=options.get("t"),
+        t=t,
+        dtype=dtype,
     )
     z = m.flatten(state.to(m.dtype or state.dtype))
-    return spectrum_map(m, z, **{k: v for k, v in options.items() if k != "t"})
+    return spectrum_map(
+        m, z, k=k, method=method, dense_max=dense_max, tol=tol, ncv=ncv, seed=seed, sigma=sigma
+    )
 
 
-def spectrum_map(m: LoopMap, z: Tensor, **options: Any) -> Spectrum:
+@did_you_mean
+def spectrum_map(
+    m: LoopMap,
+    z: Tensor,
+    *,
+    k: int | None = None,
+    method: str = "auto",
+    dense_max: int = 2048,
+    tol: float = 1e-8,
+    ncv: int | None = None,
+    seed: int = 0,
+    sigma: bool = True,
+    arpack_fallback_max: int = 4096,
+) -> Spectrum:
     """:func:`spectrum` on an existing :class:`LoopMap` at flat states ``z [b, n]`` (one row
-    per sample of the map; used by the fixed-point census)."""
-    reject_unknown_kwargs("spectrum", options, _OPTIONS)
-    method = options.get("method", "auto")
-    if method not in ("auto", "dense", "arpack"):
-        raise LoopscopeError(f"spectrum method must be auto, dense or arpack, got {method!r}")
+    per sample of the map; used by the fixed-point census).
+
+    Args:
+        m: the map; z: ``[b, n]`` flat states (see :func:`spectrum` for the rest).
+        arpack_fallback_max: a sample whose ARPACK run fails falls back to the dense path up to
+            this state size (above it the sample is flagged).
+    """
     n = m.n
-    k = options.get("k")
-    if k is not None and (not isinstance(k, int) or k < 1 or k > n):
-        raise LoopscopeError(f"k must be an integer in 1..{n} (the state dimension), got {k!r}")
-    dense_max = int(options.get("dense_max", 2048))
+    _check_spectrum_args(method, k, n, dense_max, tol, ncv, seed)
+    if not isinstance(z, Tensor) or z.dim() != 2 or z.shape[1] != n:
+        raise LoopscopeError(f"z must be flat states [b, {n}], got {getattr(z, 'shape', z)!r}")
     use_dense = method == "dense" or (method == "auto" and n <= dense_max)
-    want_sigma = bool(options.get("sigma", True))
     if use_dense:
-        J = m.jacobian(z)  # [B, n, n]
-        ev = torch.linalg.eigvals(J).cpu().numpy()
-        sig = (
-            torch.linalg.matrix_norm(J, ord=2).cpu().numpy()
-            if want_sigma
-            else np.full(len(ev), np.nan)
-        )
-        eig_sorted = [e[np.argsort(-np.abs(e), kind="stable")][: (k or n)] for e in ev]
-        rho = [float(np.abs(e).max()) for e in ev]
-        unstable = [int((np.abs(e) > 1).sum()) for e in ev]
-        return Spectrum(
-            eig_sorted, rho, unstable, [float(s) for s in sig], "dense", n, [n] * len(ev)
-        )
-    return _arpack(m, z, k or 6, options, want_sigma)
+        sp = _dense(m, z, k, bool(sigma))
+    else:
+        sp = _arpack(m, z, k or 6, ncv, float(tol), int(seed), bool(sigma), arpack_fallback_max)
+    sp.meta = result_meta(m.loop, settings={**sp.meta, "jacobian_path": m.jacobian_path})
+    return sp
 
 
-def _arpack(m: LoopMap, z: Tensor, k: int, options: dict, want_sigma: bool) -> Spectrum:
+def _dense(m: LoopMap, z: Tensor, k: int | None, want_sigma: bool) -> Spectrum:
+    """Dense eigenvalues of the finite samples; non-finite ones flagged and never decomposed."""
+    n, B = m.n, z.shape[0]
+    ok = torch.isfinite(z).all(1)
+    status = [_OK if bool(o) else "non-finite state" for o in ok]
+    ev: list[np.ndarray] = [np.zeros(0, dtype=complex)] * B
+    sig = np.full(B, np.nan)
+    path = ["none"] * B
+    good = ok.nonzero().flatten()
+    if good.numel():
+        J = m.jacobian(z) if good.numel() == B else m.jacobian(z[good], good)  # [b, n, n]
+        jok = torch.isfinite(J).flatten(1).all(1)
+        for b in good[~jok].tolist():
+            status[b] = "non-finite jacobian"
+        keep, Jk = good[jok], J[jok] if not bool(jok.all()) else J
+        if keep.numel():
+            vals, paths = _eigvals(Jk)
+            for i, b in enumerate(keep.tolist()):
+                ev[b], path[b] = vals[i], paths[i]
+            if want_sigma:
+                sig[keep.numpy()] = _spectral_norms(Jk)
+    top = [e[np.argsort(-np.abs(e), kind="stable")][: (k or n)] for e in ev]
+    rho = [float(np.abs(e).max()) if len(e) else math.nan for e in ev]
+    unstable = [int((np.abs(e) > 1).sum()) if len(e) else -1 for e in ev]
+    return Spectrum(
+        eigenvalues=top, rho=rho, unstable=unstable, sigma_max=[float(s) for s in sig],
+        method="dense", n=n, matvecs=[n] * B, status=status, path=path,
+    )  # fmt: skip
+
+
+class _NonFinite(ArithmeticError):
+    """A matvec produced non-finite values (the sample's Jacobian is not finite)."""
+
+
+def _arpack_one(
+    m: LoopMap, zb: Tensor, b: int, k: int, ncv: int, tol: float, v0: tuple[np.ndarray, ...]
+) -> tuple[np.ndarray, float, int, str]:
+    """ARPACK eigenvalues (and sigma_max) of sample ``b``; raises on failure."""
     from scipy.sparse.linalg import LinearOperator, eigs, svds
+
+    n, idx, count = m.n, torch.tensor([b]), [0]
+
+    def matvec(v: np.ndarray) -> np.ndarray:
+        count[0] += 1
+        vt = torch.as_tensor(np.real_if_close(v).astype(np.float64).reshape(1, n), dtype=zb.dtype)
+        out = m.jvp(zb, vt, idx)[1].reshape(n).cpu().numpy().astype(np.float64)
+        if not np.isfinite(out).all():
+            raise _NonFinite
+        return out
+
+    def rmatvec(u: np.ndarray) -> np.ndarray:
+        ut = torch.as_tensor(np.asarray(u, dtype=np.float64).reshape(1, n), dtype=zb.dtype)
+        out = m.vjp(zb, ut, idx)[1].reshape(n).cpu().numpy().astype(np.float64)
+        if not np.isfinite(out).all():
+            raise _NonFinite
+        return out
+
+    op = LinearOperator((n, n), matvec=matvec, rmatvec=rmatvec, dtype=np.float64)
+    vals = eigs(op, k=k, which="LM", ncv=ncv, tol=tol, v0=v0[0], return_eigenvectors=False)
+    vals = vals[np.argsort(-np.abs(vals), kind="stable")]
+    s = math.nan
+    if len(v0) > 1:  # sigma_max wanted
+        s = float(svds(op, k=1, tol=tol, v0=v0[1], return_singular_vectors=False)[0])
+    return vals, s, count[0], "arpack"
+
+
+def _arpack(
+    m: LoopMap, z: Tensor, k: int, ncv_opt: int | None, tol: float, seed: int, want_sigma: bool,
+    fallback_max: int,
+) -> Spectrum:  # fmt: skip
+    from scipy.sparse.linalg import ArpackError
 
     n = m.n
     if k >= n - 1:
         raise LoopscopeError(f"ARPACK needs k < n - 1 (k={k}, n={n}); use method='dense'")
-    ncv = int(options.get("ncv", max(64, 4 * k)))
+    ncv = int(ncv_opt) if ncv_opt is not None else max(64, 4 * k)
     ncv = min(max(ncv, k + 2), n)
-    tol = float(options.get("tol", 1e-8))
-    rng = np.random.default_rng(int(options.get("seed", 0)))
-    out_ev, rho, unstable, sig, mv = [], [], [], [], []
+    rng = np.random.default_rng(seed)
+    ev, rho, unstable, sig, mv, status, path = [], [], [], [], [], [], []
     for b in range(z.shape[0]):
-        idx = torch.tensor([b])
         zb = z[b : b + 1]
-        count = [0]
-
-        def matvec(
-            v: np.ndarray, zb: Tensor = zb, idx: Tensor = idx, count: list = count
-        ) -> np.ndarray:
-            count[0] += 1
-            vt = torch.as_tensor(
-                np.real_if_close(v).astype(np.float64).reshape(1, n), dtype=zb.dtype
-            )
-            return m.jvp(zb, vt, idx)[1].reshape(n).cpu().numpy()
-
-        def rmatvec(u: np.ndarray, zb: Tensor = zb, idx: Tensor = idx) -> np.ndarray:
-            ut = torch.as_tensor(np.asarray(u, dtype=np.float64).reshape(1, n), dtype=zb.dtype)
-            return m.vjp(zb, ut, idx)[1].reshape(n).cpu().numpy()
-
-        op = LinearOperator((n, n), matvec=matvec, rmatvec=rmatvec, dtype=np.float64)
-        vals = eigs(
-            op,
-            k=k,
-            which="LM",
-            ncv=ncv,
-            tol=tol,
-            v0=rng.standard_normal(n),
-            return_eigenvectors=False,
-        )
-        vals = vals[np.argsort(-np.abs(vals), kind="stable")]
-        out_ev.append(vals)
-        rho.append(float(np.abs(vals).max()))
-        unstable.append(int((np.abs(vals) > 1).sum()))
-        mv.append(count[0])
-        if want_sigma:
-            s = svds(op, k=1, tol=tol, v0=rng.standard_normal(n), return_singular_vectors=False)
-            sig.append(float(s[0]))
+        # start vectors drawn for every sample, flagged or not: the stream (and so every other
+        # sample's result) is the same as in a run without the bad sample
+        v0 = tuple(rng.standard_normal(n) for _ in range(2 if want_sigma else 1))
+        vals, s, count, p, st = np.zeros(0, dtype=complex), math.nan, 0, "none", _OK
+        if not bool(torch.isfinite(zb).all()):
+            st = "non-finite state"
         else:
-            sig.append(float("nan"))
-    return Spectrum(out_ev, rho, unstable, sig, "arpack", n, mv, {"ncv": ncv, "tol": tol})
+            try:
+                vals, s, count, p = _arpack_one(m, zb, b, k, ncv, tol, v0)
+            except _NonFinite:
+                st = "non-finite jacobian"
+            except ArpackError as e:  # ArpackNoConvergence included
+                vals, s, count, p, st = _arpack_fallback(m, zb, b, k, ncv, tol, v0, fallback_max, e)
+        ev.append(vals)
+        rho.append(float(np.abs(vals).max()) if len(vals) else math.nan)
+        unstable.append(int((np.abs(vals) > 1).sum()) if len(vals) else -1)
+        sig.append(s)
+        mv.append(count)
+        status.append(st)
+        path.append(p)
+    return Spectrum(
+        eigenvalues=ev, rho=rho, unstable=unstable, sigma_max=sig, method="arpack", n=n,
+        matvecs=mv, status=status, path=path, meta={"ncv": ncv, "tol": tol},
+    )  # fmt: skip
 
 
+def _arpack_fallback(
+    m: LoopMap, zb: Tensor, b: int, k: int, ncv: int, tol: float, v0: tuple[np.ndarray, ...],
+    fallback_max: int, err: Exception,
+) -> tuple[np.ndarray, float, int, str, str]:  # fmt: skip
+    """After an ARPACK failure: a doubled subspace, then the dense path, else a flagged sample."""
+    from scipy.sparse.linalg import ArpackError
+
+    n = m.n
+    try:
+        vals, s, count, _ = _arpack_one(m, zb, b, k, min(n, 2 * ncv), tol, v0)
+        return vals, s, count, "arpack (ncv doubled)", _OK
+    except (ArpackError, _NonFinite):
+        pass
+    if n <= fallback_max:
+        sub = _dense(m.subset(torch.tensor([b])), zb, k, len(v0) > 1)
+        return (
+            sub.eigenvalues[0],
+            sub.sigma_max[0],
+            n,
+            f"dense fallback ({sub.path[0]})",
+            sub.status[0],
+        )
+    msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return np.zeros(0, dtype=complex), math.nan, 0, "none", f"arpack failed: {msg}"
+
+
+@dataclass(kw_only=True, repr=False)
+class RayleighEstimate(Result):
+    """The power-iteration (real Rayleigh quotient) estimate of rho per sample."""
+
+    rho: list[float]
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per sample."""
+        return pd.DataFrame({"sample": np.arange(len(self.rho)), "rho": self.rho})
+
+    def summary(self) -> dict[str, float]:
+        """Mean estimate."""
+        return float_summary({"mean_rho": float(np.mean(self.rho)) if self.rho else math.nan})
+
+
+@did_you_mean
 def power_iteration_rho(
-    loop: Any, inputs: Any, state: Tensor, n_iter: int = 100, seed: int = 0
-) -> list[float]:
+    loop: Loop, inputs: Any, state: Tensor, *, n_iter: int = 100, seed: int = 0
+) -> RayleighEstimate:
     """The anchor's estimate: left power iteration with a real Rayleigh quotient (torchdeq
-    ``power_method``). A lower bound at best; wrong for a dominant complex pair (dynamics §12.3)."""
+    ``power_method``). A lower bound at best; wrong for a dominant complex pair (see
+    :func:`spectrum` for the exact rho).
+
+    Args:
+        loop: a :class:`loopscope.Loop`.
+        inputs: inputs for ``loop.encode``.
+        state: ``[B, *state]`` states.
+        n_iter: power iterations.
+        seed: seed of the start vectors.
+    """
+    if not isinstance(state, Tensor) or state.dim() < 2:
+        raise LoopscopeError("state must be a tensor [B, ...] with a batch axis")
+    check_positive_int("n_iter", n_iter)
+    check_seed(seed)
     m = LoopMap(loop, inputs, state_shape=tuple(state.shape[1:]), batch_size=state.shape[0])
     z = m.flatten(state.to(m.dtype or state.dtype))
     g = torch.Generator().manual_seed(seed)
@@ -236,4 +482,7 @@ def power_iteration_rho(
         v = m.vjp(z, v)[1]
         v = v / v.norm(dim=1, keepdim=True).clamp_min(1e-300)
     Jv = m.jvp(z, v)[1]
-    return ((v * Jv).sum(1) / (v * v).sum(1)).abs().tolist()
+    rho = ((v * Jv).sum(1) / (v * v).sum(1)).abs().tolist()
+    return RayleighEstimate(
+        rho=rho, meta=result_meta(m.loop, seed=seed, settings={"n_iter": n_iter})
+    )

@@ -10,7 +10,7 @@ Ours: :func:`loopscope.analysis.find_fixed_points` with its default ``method="au
 fixed / slow / non-converged classes, KD-tree de-duplication, spectra and decoding of every point
 included in the time): per-seed Levenberg–Marquardt for the tiny FPF test RNNs, the ``capture``
 solver (Adam warm start, chord-Newton capture by known points, LM for representatives and the
-rest; :mod:`loopscope.analysis.capture`) for n ≥ 32. With ``--lm`` the per-seed LM rows are
+rest; :mod:`loopscope.analysis.fixed_point_capture`) for n ≥ 32. With ``--lm`` the per-seed LM rows are
 printed as well, for what the capture solver buys. The baseline's time covers optimisation and
 uniqueness only (no Jacobians), which favours the baseline.
 

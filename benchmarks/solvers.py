@@ -29,7 +29,7 @@ import torch
 
 from loopscope import FnLoop
 from loopscope.analysis.loopmap import LoopMap
-from loopscope.analysis.solvers import solve_map
+from loopscope.analysis.solvers import Broyden, solve_map
 
 TOL = 1e-6
 DT = torch.float64
@@ -204,9 +204,9 @@ def anchors(loop, x, z0, tol, max_iter):
     return res
 
 
-def ours(loop, x, z0, tol, max_iter, method, **kw):
+def ours(loop, x, z0, tol, max_iter, method):
     m = LoopMap(loop, x, state_shape=tuple(z0.shape[1:]), batch_size=z0.shape[0])
-    r = solve_map(m, m.flatten(z0), method, tol, max_iter, **kw)
+    r = solve_map(m, m.flatten(z0), method, tol, max_iter)
     ok = all(s == "converged" for s in r.status)
     return int(r.nfe.max()), float(r.nfe.double().mean()), ok, r
 
@@ -239,7 +239,7 @@ def main() -> None:
         naive = ours(loop, x, z0, tol, args.max_iter, "picard")
         an = anchors(loop, x, z0, tol, args.max_iter)
         aa5 = ours(loop, x, z0, tol, args.max_iter, "anderson")
-        br = ours(loop, x, z0, tol, args.max_iter, "broyden", memory=200)
+        br = ours(loop, x, z0, tol, args.max_iter, Broyden(memory=200))
         auto = ours(loop, x, z0, tol, args.max_iter, "auto")
         cells = [f"{naive[0]:6d}"] + [f"{v[0]:13d}{'' if v[1] else '!'}" for v in an.values()]
         cells += [f"{aa5[0]:9d}", f"{br[0]:10d}", f"{auto[0]:8d}", f"{auto[1]:9.1f}"]

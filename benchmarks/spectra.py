@@ -67,7 +67,7 @@ def rotating(n: int, seed: int = 0):
 
 def power_rho(loop, x, h) -> float:
     if not HAVE_TD:
-        return power_iteration_rho(loop, x, h)[0]
+        return power_iteration_rho(loop, x, h).rho[0]
     z0 = h.clone().requires_grad_(True)
     f0 = loop.step(z0, x)
     torch.manual_seed(0)

@@ -12,6 +12,7 @@ import torch
 
 from loopscope import FnLoop
 from loopscope.analysis import find_fixed_points, input_sensitivity, solve
+from loopscope.analysis.solvers import LM
 from loopscope.core.errors import LoopscopeError
 
 F64 = torch.float64
@@ -190,7 +191,7 @@ def test_golden15_ift_matches_central_differences(method):
     loop, x = golden12_map()
     d = x.shape[1]
     hs = _fp(loop, x)
-    S = input_sensitivity(loop, x, hs, method=method)  # [1, d, d]
+    S = input_sensitivity(loop, x, hs, method=method).dh_dx  # [1, d, d]
     assert S.shape == (1, d, d)
     eps = 1e-5
     fd = torch.zeros(d, d, dtype=F64)
@@ -202,7 +203,7 @@ def test_golden15_ift_matches_central_differences(method):
     assert rel < 1e-6, rel
     # directional mode = the full Jacobian applied to the direction
     v = torch.randn(x.shape, dtype=F64, generator=torch.Generator().manual_seed(0))
-    Sv = input_sensitivity(loop, x, hs, direction=v, method=method)
+    Sv = input_sensitivity(loop, x, hs, direction=v, method=method).dh_dx
     assert torch.allclose(Sv[0], S[0] @ v[0], atol=1e-10)
 
 
@@ -212,11 +213,11 @@ def test_ift_batched_dict_context_and_census_sensitivity():
     dloop = FnLoop(step=lambda h, ctx: step(h, ctx["x"]), decode=lambda h, ctx: h)
     ctx = {"x": x, "tag": "not a tensor"}
     hs = solve(dloop, ctx, h0=torch.zeros(2, 6, dtype=F64), tol=1e-15, max_iter=300).z_best
-    S = input_sensitivity(dloop, ctx, hs, wrt="x")
+    S = input_sensitivity(dloop, ctx, hs, wrt="x").dh_dx
     assert S.shape == (2, 6, 6)
     # sample b's fixed point depends on its own x only: compare with the one-sample answer
     for b in range(2):
-        Sb = input_sensitivity(dloop, {"x": x[b : b + 1]}, hs[b : b + 1], wrt="x")
+        Sb = input_sensitivity(dloop, {"x": x[b : b + 1]}, hs[b : b + 1], wrt="x").dh_dx
         assert torch.allclose(S[b], Sb[0], atol=1e-12)
     c = find_fixed_points(
         dloop, ctx, hs[:, None] + 1e-3, sensitivity=True, wrt="x", state_shape=(6,)
@@ -243,7 +244,7 @@ def test_bad_input_is_rejected():
     with pytest.raises(LoopscopeError, match="unknown solver method"):
         find_fixed_points(loop, None, seeds, method="fpf")
     with pytest.raises(LoopscopeError, match="unknown option 'memory'"):
-        find_fixed_points(loop, None, seeds, solver_options={"memory": 3})  # LM has no memory
+        find_fixed_points(loop, None, seeds, method=LM(memory=3))  # LM has no memory
     loop2, x, _ = contraction(B=2, d=4)
     with pytest.raises(LoopscopeError, match="match neither"):
         find_fixed_points(loop2, x, torch.zeros(3, 5, dtype=F64))

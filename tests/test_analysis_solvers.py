@@ -15,7 +15,7 @@ from scipy.sparse.linalg import LinearOperator, gmres
 
 from loopscope import FnLoop, unroll
 from loopscope.analysis import LoopMap, solve, spectrum
-from loopscope.analysis.solvers import METHODS, solve_map
+from loopscope.analysis.solvers import METHODS, AdamQ, Anderson, solve_map
 from loopscope.core.errors import LoopscopeError
 
 F64 = torch.float64
@@ -45,7 +45,7 @@ def linear_loop(A: torch.Tensor) -> FnLoop:
 
 # per-method options for golden #1: adam_q is the FixedPointFinder baseline, whose |dq| stop
 # (tol_dq) ends it early by design; with that stop off it must reach the answer too
-GOLDEN1_OPTS = {"adam_q": {"tol_dq": 0.0}}
+GOLDEN1_OPTS = {"adam_q": AdamQ(tol_dq=0.0)}
 
 
 @pytest.mark.parametrize("case", ["a", "b"])
@@ -58,8 +58,7 @@ def test_golden1_every_solver_returns_hstar(case):
     loop = linear_loop(A)
     for method in METHODS:
         r = solve(
-            loop, b, h0=h0, method=method, tol=1e-13, max_iter=3000,
-            **GOLDEN1_OPTS.get(method, {}),
+            loop, b, h0=h0, method=GOLDEN1_OPTS.get(method, method), tol=1e-13, max_iter=3000,
         )  # fmt: skip
         err = float((r.z_best[0] - hstar).norm() / hstar.norm())
         assert r.status == ["converged"], (method, r.status, r.reason)
@@ -111,7 +110,7 @@ def test_golden3_anderson_is_gmres_with_full_memory():
     loop = linear_loop(A)
     h0 = torch.zeros(1, n, dtype=F64)
     tol = rtol * float(b.norm())
-    aa = solve(loop, b, h0=h0, method="anderson", m=n, tol=tol, stop_mode="abs", max_iter=500)
+    aa = solve(loop, b, h0=h0, method=Anderson(m=n), tol=tol, stop_mode="abs", max_iter=500)
     assert aa.status == ["converged"]
     assert int(aa.nfe[0]) <= g_mv + 2, (int(aa.nfe[0]), g_mv)
     assert float((aa.z_best[0] - torch.as_tensor(x)).norm() / b.norm()) < 1e-8

@@ -77,7 +77,7 @@ def did_you_mean(fn: F) -> F:
     >>> solve(1, tl=1)
     Traceback (most recent call last):
     ...
-    loopscope.core.errors.UnknownOptionError: solve() got an unexpected keyword argument 'tl' (did you mean: tol?)
+    loopscope.core.errors.UnknownOptionError: solve() got an unknown option 'tl' (did you mean: tol?)
     """
     params = inspect.signature(fn).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
@@ -90,7 +90,7 @@ def did_you_mean(fn: F) -> F:
         for key in kwargs:
             if key not in params:
                 raise UnknownOptionError(
-                    f"{where}() got an unexpected keyword argument {key!r}{suggest(key, names)}"
+                    f"{where}() got an unknown option {key!r}{suggest(key, names)}"
                 )
         return fn(*args, **kwargs)
 

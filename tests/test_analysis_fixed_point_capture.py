@@ -1,4 +1,4 @@
-"""analysis.capture (the census's default solver for 32 ≤ n ≤ 1024): every captured seed ends at
+"""analysis.fixed_point_capture (the census's default solver for 32 ≤ n ≤ 1024): every captured seed ends at
 its own verified fixed point; it recovers the ground truth that per-seed LM recovers (a 9-point
 map in 32 dimensions, the FixedPointFinder n = 4 RNN); fixed points never cross input samples;
 divergent seeds are flagged without crashing the batch; same seeds, same census; bad options."""
@@ -13,7 +13,7 @@ import torch
 
 from loopscope import FnLoop
 from loopscope.analysis import find_fixed_points
-from loopscope.analysis.capture import CAPTURE_OPTIONS, capture_solve
+from loopscope.analysis.fixed_point_capture import Capture, capture_solve
 from loopscope.analysis.loopmap import LoopMap
 from loopscope.core.errors import LoopscopeError
 
@@ -130,7 +130,7 @@ def test_capture_counts_every_iterate_and_evaluation():
     for b in range(40):
         assert len(res.residuals[b]) == int(res.iterations[b])
     # the warm start alone is adam_iters forward + vjp pairs per seed
-    assert bool((res.n_vjp >= CAPTURE_OPTIONS["adam_iters"]).all()) and bool(
+    assert bool((res.n_vjp >= Capture().adam_iters).all()) and bool(
         (res.nfe >= res.iterations).all()
     )
     best = torch.tensor([float(np.min(r)) for r in res.residuals], dtype=F64)
@@ -140,10 +140,12 @@ def test_capture_counts_every_iterate_and_evaluation():
 def test_bad_options_are_rejected():
     loop, _, _, seeds = two_rank_one_maps()
     with pytest.raises(LoopscopeError, match="unknown option"):
-        find_fixed_points(loop, None, seeds[:40], method="capture", solver_options={"k_reps": 3})
+        find_fixed_points(loop, None, seeds[:40], method=Capture(k_reps=3))
     for bad in ({"k_rep": 0}, {"rounds": 1.5}, {"lr": -0.1}, {"chord_steps": True}, {"settle": 0}):
         with pytest.raises(LoopscopeError, match=f"{next(iter(bad))} must be a positive"):
-            find_fixed_points(loop, None, seeds[:40], method="capture", solver_options=bad)
+            find_fixed_points(loop, None, seeds[:40], method=Capture(**bad))
     m = LoopMap(loop, None, state_shape=(32,), batch_size=4)
     with pytest.raises(LoopscopeError, match="dense_max"):
-        capture_solve(m, seeds[:4], torch.zeros(4, dtype=torch.long), 1e-13, dense_max=16)
+        capture_solve(
+            m, seeds[:4], torch.zeros(4, dtype=torch.long), 1e-13, config=Capture(dense_max=16)
+        )

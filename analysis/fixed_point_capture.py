@@ -49,28 +49,58 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from loopscope.analysis.loopmap import LoopMap
-from loopscope.analysis.solvers import SolveResult, _kappa, solve_map
-from loopscope.core.errors import LoopscopeError, check_positive_int
+from loopscope.analysis.solvers import LM, SolverConfig, SolveResult, _kappa, _positive, solve_map
+from loopscope.core.errors import LoopscopeError, check_positive_int, did_you_mean
+from loopscope.core.result import result_meta
 
-__all__ = ["capture_solve", "CAPTURE_OPTIONS"]
+__all__ = ["capture_solve", "Capture"]
 
-CAPTURE_OPTIONS: dict[str, Any] = {
-    "adam_iters": 70,
-    "lr": 0.05,
-    "rounds": 2,
-    "k_rep": 16,
-    "n_try": 3,
-    "chord_steps": 20,
-    "dense_max": 1024,
-    "settle": 1e-2,
-}
+
+@dataclass(frozen=True, kw_only=True)
+class Capture(SolverConfig):
+    """Settings of the census solver (see the module docstring).
+
+    Args:
+        adam_iters: Adam warm-start iterations per round.
+        lr: warm-start step, relative to the RMS of the input sample's seeds.
+        rounds: warm start + capture rounds (representatives are solved in all but the last).
+        k_rep: representatives per input sample and round (farthest-point sampling).
+        n_try: nearest known points tried per seed.
+        chord_steps: chord-Newton steps per capture attempt.
+        dense_max: largest state size (an n x n LU factor is kept per point).
+        settle: r_rel below which a seed leaves the warm start for the chord.
+        lm: settings of the LM sub-solves (representatives and the rest).
+    """
+
+    name: ClassVar[str] = "capture"
+    adam_iters: int = 70
+    lr: float = 0.05
+    rounds: int = 2
+    k_rep: int = 16
+    n_try: int = 3
+    chord_steps: int = 20
+    dense_max: int = 1024
+    settle: float = 1e-2
+    lm: LM = field(default_factory=LM)
+
+    def __post_init__(self) -> None:
+        for name in ("adam_iters", "rounds", "k_rep", "n_try", "chord_steps", "dense_max"):
+            check_positive_int(name, getattr(self, name))
+        for name in ("lr", "settle"):
+            _positive(name, getattr(self, name))
+        if not isinstance(self.lm, LM):
+            raise LoopscopeError(f"lm must be an LM config, got {type(self.lm).__name__}")
+
+
+Capture.__init__ = did_you_mean(Capture.__init__)  # type: ignore[method-assign]
 
 
 def _farthest(X: Tensor, k: int) -> Tensor:
@@ -155,83 +185,51 @@ class _Book:
         return [np.asarray(r) for r in rel], [np.asarray(a) for a in ab]
 
 
-def capture_solve(
-    m: LoopMap,
-    z0: Tensor,
-    owner: Tensor,
-    tol: float,
-    max_iter: int = 100,
-    lm_options: dict[str, Any] | None = None,
-    **options: Any,
-) -> SolveResult:
-    """Solve ``f(z) = z`` from seeds ``z0 [S, n]`` of a census (see the module docstring).
+class _CaptureRun:
+    """One census solve: the seeds' iterates ``z``, their book, the per-input library of known
+    fixed points ``{input: [(point, LU of J(h*) − I, pivots, seed that found it)]}``."""
 
-    Args:
-        m: LoopMap over the S seeds (sample i is seed i; its context that of input ``owner[i]``).
-        z0: ``[S, n]`` seeds in the analysis dtype.
-        owner: ``[S]`` long, the input sample of each seed: only seeds of the same input share
-            fixed points (the map differs between inputs).
-        tol: r_rel below which a seed has converged.
-        max_iter: the LM iteration budget per seed (warm-start and chord steps come on top).
-        lm_options: options for the LM sub-solves (``mu0``, ``stall_window``, ...).
-        **options: ``adam_iters`` (70), ``lr`` (0.05, relative to the RMS of the input's seeds),
-            ``rounds`` (2), ``k_rep`` (16), ``n_try`` (3), ``chord_steps`` (20), ``settle``
-            (1e-2), ``dense_max`` (1024; larger states cannot keep n × n factors per point and
-            raise).
+    def __init__(
+        self, m: LoopMap, z0: Tensor, owner: Tensor, tol: float, max_iter: int, cfg: Capture
+    ) -> None:
+        self.m, self.tol, self.max_iter, self.cfg = m, tol, max_iter, cfg
+        S, n = z0.shape
+        self.n = n
+        self.owner = torch.as_tensor(owner, dtype=torch.long)
+        self.z = z0.detach().clone()
+        self.book = _Book(self.z)
+        self.done = torch.zeros(S, dtype=torch.bool)
+        self.library: dict[int, list[tuple[Tensor, Tensor, Tensor, int]]] = {}
+        self.eye = torch.eye(n, dtype=self.z.dtype)
+        self.owners = self.owner.unique().tolist()
+        self.lr = self._step_sizes()
+        self.mom, self.vel = torch.zeros_like(self.z), torch.zeros_like(self.z)
+        self.steps = torch.zeros(S, dtype=torch.long)
+        self.chunk = max(1, 2**25 // max(1, n * n))
 
-    Returns:
-        :class:`~loopscope.analysis.solvers.SolveResult` over the S seeds; ``status`` is
-        ``converged`` for captured seeds (``reason`` names the seed whose point captured it) and
-        the LM's status for the others; ``iterations`` counts every evaluated iterate.
-    """
-    o = {**CAPTURE_OPTIONS, **options}
-    unknown = set(options) - set(CAPTURE_OPTIONS)
-    if unknown:
-        raise LoopscopeError(
-            f"capture got unknown option(s) {sorted(unknown)}; allowed: {sorted(CAPTURE_OPTIONS)}"
-        )
-    for name in ("adam_iters", "rounds", "k_rep", "n_try", "chord_steps", "dense_max"):
-        check_positive_int(name, o[name])
-    for name in ("lr", "settle"):
-        v = o[name]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
-            raise LoopscopeError(f"{name} must be a positive number, got {v!r}")
-    S, n = z0.shape
-    if n > int(o["dense_max"]):
-        raise LoopscopeError(
-            f"capture keeps an {n}x{n} LU factor per fixed point; states above dense_max="
-            f"{o['dense_max']} need method='lm' (Gauss-Newton-CG)"
-        )
-    t0 = time.perf_counter()
-    m.reset_counts()
-    lm_options = dict(lm_options or {})
-    owner = torch.as_tensor(owner, dtype=torch.long)
-    z = z0.detach().clone()
-    book = _Book(z)
-    done = torch.zeros(S, dtype=torch.bool)
-    # per input sample: [(point, LU, pivots, seed that found it)]
-    library: dict[int, list[tuple[Tensor, Tensor, Tensor, int]]] = {}
-    eye = torch.eye(n, dtype=z.dtype)
-    owners = owner.unique().tolist()
-    # the warm-start step is relative to each input's state scale
-    lr = torch.empty(S, dtype=z.dtype)
-    finite = torch.isfinite(z).all(1)
-    for b in owners:
-        sel = owner == b
-        ok = z[sel & finite]  # a NaN / inf seed must not poison its neighbours' step size
-        rms = float(ok.pow(2).mean().sqrt()) if len(ok) else 1.0
-        lr[sel] = float(o["lr"]) * max(rms, 1e-12)
-    mom, vel = torch.zeros_like(z), torch.zeros_like(z)
-    steps = torch.zeros(S, dtype=torch.long)
-    b1, b2 = 0.9, 0.999
+    def _step_sizes(self) -> Tensor:
+        """The warm-start step, relative to each input's state scale."""
+        z, owner = self.z, self.owner
+        lr = torch.empty(z.shape[0], dtype=z.dtype)
+        finite = torch.isfinite(z).all(1)
+        for b in self.owners:
+            sel = owner == b
+            ok = z[sel & finite]  # a NaN / inf seed must not poison its neighbours' step size
+            rms = float(ok.pow(2).mean().sqrt()) if len(ok) else 1.0
+            lr[sel] = float(self.cfg.lr) * max(rms, 1e-12)
+        return lr
 
-    def warm_start(idx: Tensor) -> None:
+    # -- phase 1: Adam warm start ---------------------------------------------------------------
+    def warm_start(self, idx: Tensor) -> None:
+        m, book, settle = self.m, self.book, float(self.cfg.settle)
+        b1, b2 = 0.9, 0.999
         # local contiguous copies: gathers / scatters per iteration cost more than the step
-        zi, mi, vi, ti, lri = z[idx], mom[idx], vel[idx], steps[idx], lr[idx, None]
+        zi, mi, vi, ti = self.z[idx], self.mom[idx], self.vel[idx], self.steps[idx]
+        lri = self.lr[idx, None]
         best_z, best_r = zi.clone(), torch.full((len(idx),), math.inf, dtype=torch.float64)
         count = torch.zeros(len(idx), dtype=torch.long)
         k = torch.arange(len(idx))
-        for _ in range(int(o["adam_iters"])):
+        for _ in range(int(self.cfg.adam_iters)):
             fz, grad = m.q_grad(zi[k], idx[k])
             r_abs = (fz - zi[k]).norm(dim=1).to(torch.float64)
             r_rel = r_abs / (fz.norm(dim=1).to(torch.float64) + 1e-9)
@@ -243,71 +241,75 @@ def capture_solve(
             ti[k] += 1
             mi[k] = b1 * mi[k] + (1 - b1) * grad
             vi[k] = b2 * vi[k] + (1 - b2) * grad * grad
-            bc1 = (1 - b1 ** ti[k].to(z.dtype))[:, None]
-            bc2 = (1 - b2 ** ti[k].to(z.dtype))[:, None]
+            bc1 = (1 - b1 ** ti[k].to(zi.dtype))[:, None]
+            bc2 = (1 - b2 ** ti[k].to(zi.dtype))[:, None]
             zi[k] = zi[k] - lri[k] * (mi[k] / bc1) / ((vi[k] / bc2).sqrt() + 1e-12)
             # a seed already near a fixed point is left for the chord
-            k = k[~(r_rel < float(o["settle"]))]
+            k = k[~(r_rel < settle)]
             if k.numel() == 0:
                 break
         book.n_rec[idx] += count
-        zi = torch.where((best_r < float(o["settle"]))[:, None], best_z, zi)
+        zi = torch.where((best_r < settle)[:, None], best_z, zi)
         fz = m.f(best_z, idx)
         book.record(idx, best_z, fz)
-        z[idx], mom[idx], vel[idx], steps[idx] = zi, mi, vi, ti
+        self.z[idx], self.mom[idx], self.vel[idx], self.steps[idx] = zi, mi, vi, ti
 
-    def chord(idx: Tensor, first: dict[int, int] | None = None) -> None:
+    # -- phase 2: chord-Newton capture ----------------------------------------------------------
+    def chord(self, idx: Tensor, first: dict[int, int] | None = None) -> None:
         """Try to capture seeds ``idx`` with their input's nearest known points, from library
         entry ``first[b]`` on (the older ones already failed from these positions); points the
         chord lands on that the library lacks join it and are tried on the rest."""
         first = dict(first or {})
+        done, owner = self.done, self.owner
         while True:
             was_done = done.clone()
-            for b in owners:
-                lib = library.get(b, [])[first.get(b, 0) :]
+            for b in self.owners:
+                lib = self.library.get(b, [])[first.get(b, 0) :]
                 sb = idx[(owner[idx] == b) & ~done[idx]]
                 if not lib or sb.numel() == 0:
                     continue
                 P = torch.stack([p for p, *_ in lib])
-                order = torch.cdist(z[sb], P).argsort(dim=1)
-                for rank in range(min(int(o["n_try"]), len(lib))):
+                order = torch.cdist(self.z[sb], P).argsort(dim=1)
+                for rank in range(min(int(self.cfg.n_try), len(lib))):
                     for j, (_, LU, piv, src) in enumerate(lib):
                         sel = sb[(order[:, rank] == j) & ~done[sb]]
                         if sel.numel():
-                            _chord_run(sel, LU, piv, src)
-            first = {b: len(library.get(b, [])) for b in owners}
-            if not add_points(idx[done[idx] & ~was_done[idx]]):
+                            self._chord_run(sel, LU, piv, src)
+            first = {b: len(self.library.get(b, [])) for b in self.owners}
+            if not self.add_points(idx[done[idx] & ~was_done[idx]]):
                 return
 
-    def add_points(cand: Tensor) -> int:
+    def add_points(self, cand: Tensor) -> int:
         """Add the converged end points of seeds ``cand`` that the library lacks (1e-6 relative);
         one Jacobian and LU factorisation per new point. Returns how many were added."""
+        book, owner = self.book, self.owner
         new: list[int] = []
-        for s in cand[book.rel_best[cand] < tol].tolist():
-            p, lib = book.z_best[s], library.get(int(owner[s]), [])
+        for s in cand[book.rel_best[cand] < self.tol].tolist():
+            p, lib = book.z_best[s], self.library.get(int(owner[s]), [])
             pts = [q for q, *_ in lib] + [book.z_best[t] for t in new if owner[t] == owner[s]]
             if all(float((p - q).norm()) > 1e-6 * (1 + float(q.norm())) for q in pts):
                 new.append(s)
         if not new:
             return 0
         found = torch.as_tensor(new, dtype=torch.long)
-        J = m.subset(found).jacobian(book.z_best[found]) - eye
-        book.extra["n_jvp"][found] += n
+        J = self.m.subset(found).jacobian(book.z_best[found]) - self.eye
+        book.extra["n_jvp"][found] += self.n
         added = 0
         for i, s in enumerate(new):
             LU, piv, info = torch.linalg.lu_factor_ex(J[i])
             if int(info) == 0:  # a singular J − I (a bifurcation point) cannot drive chords
-                library.setdefault(int(owner[s]), []).append((book.z_best[s], LU, piv, s))
+                self.library.setdefault(int(owner[s]), []).append((book.z_best[s], LU, piv, s))
                 added += 1
         return added
 
-    def _chord_run(sel: Tensor, LU: Tensor, piv: Tensor, src: int) -> None:
-        zz = z[sel].clone()
+    def _chord_run(self, sel: Tensor, LU: Tensor, piv: Tensor, src: int) -> None:
+        m, book, tol = self.m, self.book, self.tol
+        zz = self.z[sel].clone()
         fz = m.f(zz, sel)
         r_rel, r_abs = book.record(sel, zz, fz)
         live = torch.isfinite(r_abs) & (r_rel >= tol)
         r0 = r_abs.clone()
-        for _ in range(int(o["chord_steps"])):
+        for _ in range(int(self.cfg.chord_steps)):
             if not bool(live.any()):
                 break
             k = live.nonzero().flatten()
@@ -322,65 +324,124 @@ def capture_solve(
         for b in sel[got].tolist():
             book.status[b] = "converged"
             book.reason[b] = f"chord-Newton capture with the Jacobian of the point from seed {src}"
-        done[sel[got]] = True
+        self.done[sel[got]] = True
 
-    def lm(idx: Tensor, chunk: int) -> None:
-        for s0 in range(0, idx.numel(), chunk):
-            k = idx[s0 : s0 + chunk]
-            res = solve_map(m.subset(k), z[k].clone(), "lm", tol, max_iter, **lm_options)
-            book.absorb(k, res)
-            done[k] = True
+    # -- phase 3: LM for representatives and the rest -----------------------------------------
+    def lm(self, idx: Tensor) -> None:
+        for s0 in range(0, idx.numel(), self.chunk):
+            k = idx[s0 : s0 + self.chunk]
+            sub = self.m.subset(k)
+            res = solve_map(sub, self.z[k].clone(), self.cfg.lm, self.tol, self.max_iter)
+            self.book.absorb(k, res)
+            self.done[k] = True
 
-    chunk = max(1, 2**25 // max(1, n * n))
-    for r in range(int(o["rounds"])):
-        active = (~done).nonzero().flatten()
-        if active.numel() == 0:
-            break
-        warm_start(active)
-        chord(active)
-        if r == int(o["rounds"]) - 1:
-            break  # the final LM below solves every seed still uncaptured, representatives too
+    def representatives(self) -> Tensor | None:
+        """``k_rep`` uncaptured finite seeds per input sample, spread by farthest points."""
         reps = []
-        for b in owners:
+        for b in self.owners:
             # non-finite seeds are left to the final LM, which labels them diverged
-            sb = ((owner == b) & ~done & torch.isfinite(z).all(1)).nonzero().flatten()
+            ok = (self.owner == b) & ~self.done & torch.isfinite(self.z).all(1)
+            sb = ok.nonzero().flatten()
             if sb.numel():
-                reps.append(sb[_farthest(z[sb], int(o["k_rep"]))])
-        if not reps:
-            break
-        rep = torch.cat(reps)
-        lm(rep, chunk)
-        sizes = {b: len(library.get(b, [])) for b in owners}
-        if add_points(rep):
-            chord((~done).nonzero().flatten(), sizes)
-    rest = (~done).nonzero().flatten()
-    if rest.numel():
-        lm(rest, chunk)
+                reps.append(sb[_farthest(self.z[sb], int(self.cfg.k_rep))])
+        return torch.cat(reps) if reps else None
 
-    rel, ab = book.traces()
-    return SolveResult(
-        z_last=m.unflatten(book.z_last),
-        z_best=m.unflatten(book.z_best),
-        nfe=m.nfe + book.extra["nfe"],
-        n_jvp=m.n_jvp + book.extra["n_jvp"],
-        n_vjp=m.n_vjp + book.extra["n_vjp"],
-        iterations=book.n_rec.clone(),
-        status=list(book.status),
-        reason=list(book.reason),
-        r_rel=book.rel_best.clone(),
-        r_abs=book.abs_best.clone(),
-        r_rel_last=book.rel_last.clone(),
-        kappa=torch.tensor([_kappa(a) for a in ab], dtype=torch.float64),
-        best_is_last=book.best_at == (book.n_rec - 1),
-        residuals=rel,
-        residuals_abs=ab,
-        method="capture",
-        tol=float(tol),
-        wall_time=time.perf_counter() - t0,
-        meta={
+    def run(self) -> None:
+        rounds = int(self.cfg.rounds)
+        for r in range(rounds):
+            active = (~self.done).nonzero().flatten()
+            if active.numel() == 0:
+                break
+            self.warm_start(active)
+            self.chord(active)
+            if r == rounds - 1:
+                break  # the final LM below solves every seed still uncaptured, representatives too
+            rep = self.representatives()
+            if rep is None:
+                break
+            self.lm(rep)
+            sizes = {b: len(self.library.get(b, [])) for b in self.owners}
+            if self.add_points(rep):
+                self.chord((~self.done).nonzero().flatten(), sizes)
+        rest = (~self.done).nonzero().flatten()
+        if rest.numel():
+            self.lm(rest)
+
+    def result(self, wall: float) -> SolveResult:
+        book, m = self.book, self.m
+        rel, ab = book.traces()
+        settings = {
             "resolved": "capture",
-            "options": o,
-            "lm_options": lm_options,
-            "library": {b: [src for *_, src in lib] for b, lib in library.items()},
-        },
-    )
+            "options": self.cfg.options(),
+            "library": {b: [src for *_, src in lib] for b, lib in self.library.items()},
+        }
+        return SolveResult(
+            z_last=m.unflatten(book.z_last),
+            z_best=m.unflatten(book.z_best),
+            nfe=m.nfe + book.extra["nfe"],
+            n_jvp=m.n_jvp + book.extra["n_jvp"],
+            n_vjp=m.n_vjp + book.extra["n_vjp"],
+            iterations=book.n_rec.clone(),
+            status=list(book.status),
+            reason=list(book.reason),
+            r_rel=book.rel_best.clone(),
+            r_abs=book.abs_best.clone(),
+            r_rel_last=book.rel_last.clone(),
+            kappa=torch.tensor([_kappa(a) for a in ab], dtype=torch.float64),
+            best_is_last=book.best_at == (book.n_rec - 1),
+            residuals=rel,
+            residuals_abs=ab,
+            method="capture",
+            tol=float(self.tol),
+            wall_time=wall,
+            meta=result_meta(m.loop, settings=settings),
+        )
+
+
+@did_you_mean
+def capture_solve(
+    m: LoopMap,
+    z0: Tensor,
+    owner: Tensor,
+    tol: float,
+    max_iter: int = 100,
+    *,
+    config: Capture | None = None,
+) -> SolveResult:
+    """Solve ``f(z) = z`` from seeds ``z0 [S, n]`` of a census (see the module docstring).
+
+    Args:
+        m: LoopMap over the S seeds (sample i is seed i; its context that of input ``owner[i]``).
+        z0: ``[S, n]`` seeds in the analysis dtype.
+        owner: ``[S]`` long, the input sample of each seed: only seeds of the same input share
+            fixed points (the map differs between inputs).
+        tol: r_rel below which a seed has converged.
+        max_iter: the LM iteration budget per seed (warm-start and chord steps come on top).
+        config: :class:`Capture` settings (default ``Capture()``; its ``lm`` field configures
+            the LM sub-solves).
+
+    Returns:
+        :class:`~loopscope.analysis.solvers.SolveResult` over the S seeds; ``status`` is
+        ``converged`` for captured seeds (``reason`` names the seed whose point captured it) and
+        the LM's status for the others; ``iterations`` counts every evaluated iterate.
+    """
+    cfg = Capture() if config is None else config
+    if not isinstance(cfg, Capture):
+        raise LoopscopeError(f"config must be a Capture config, got {type(cfg).__name__}")
+    if not isinstance(m, LoopMap):
+        raise LoopscopeError(f"m must be a LoopMap, got {type(m).__name__}")
+    if not isinstance(z0, Tensor) or z0.dim() != 2 or z0.shape != (m.B, m.n):
+        raise LoopscopeError(f"z0 must be a tensor [{m.B}, {m.n}] (the map's seeds)")
+    _positive("tol", tol)
+    check_positive_int("max_iter", max_iter)
+    S, n = z0.shape
+    if n > int(cfg.dense_max):
+        raise LoopscopeError(
+            f"capture keeps an {n}x{n} LU factor per fixed point; states above dense_max="
+            f"{cfg.dense_max} need method='lm' (Gauss-Newton-CG)"
+        )
+    t0 = time.perf_counter()
+    m.reset_counts()
+    run = _CaptureRun(m, z0, owner, tol, max_iter, cfg)
+    run.run()
+    return run.result(time.perf_counter() - t0)
