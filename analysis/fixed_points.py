@@ -542,35 +542,46 @@ def find_fixed_points(
         m0, Z = _int_seeds(loop, inputs, seeds, t, seed, noise, traj_steps, dtype)
     else:
         m0, Z = _tensor_seeds(loop, inputs, seeds, t, state_shape, dtype)
-    B, S, n = Z.shape
-    if S == 0:
+    if Z.shape[1] == 0:
         raise LoopscopeError("seeds is empty")
-    chunk = chunk or max(1, 2**25 // max(1, n * n))
+    chunk = chunk or max(1, 2**25 // max(1, Z.shape[2] ** 2))
     res, resolved = _solve_seeds(m0, Z, method, 1e-3 * q_tol_rel, max_iter, chunk)
-    ends = res.z_best.reshape(B * S, n)
-    r_rel = res.r_rel.numpy().reshape(B, S)
-    cls = _classify(r_rel, q_tol_rel, slow_tol_rel)
-    owner = torch.arange(B).repeat_interleave(S)
-    rel_grad = _rel_grad(m0, ends, owner, chunk).reshape(B, S)
-    u = _unique_points(ends.numpy().reshape(B, S, n), cls, r_rel, unique_tol)
-    P = len(u.rep_idx)
-    pts = ends[u.rep_idx] if P else torch.zeros(0, n, dtype=ends.dtype)
-    rep = torch.as_tensor(u.rep_idx, dtype=torch.long)
-    psample = np.asarray(u.sample, dtype=np.int64)
-    props = _point_properties(
-        m0, pts, psample, spectra=spectra, k=k, spectrum_method=spectrum_method, decode=decode,
-        sensitivity=sensitivity, wrt=wrt,
-    )  # fmt: skip
-    fz_abs = res.r_abs[rep].numpy() if P else np.zeros(0)
     settings = {
         "method": resolved,  # auto resolved
         "q_tol_rel": q_tol_rel,
         "slow_tol_rel": slow_tol_rel,
         "unique_tol": unique_tol,
-        "n_seeds": S,
-        "jacobian_path": m0.jacobian_path,
-        "wall_time": time.perf_counter() - t0,
+        "n_seeds": Z.shape[1],
     }
+    point_options = dict(
+        spectra=spectra, k=k, spectrum_method=spectrum_method, decode=decode,
+        sensitivity=sensitivity, wrt=wrt,
+    )  # fmt: skip
+    census = _assemble(m0, Z.shape, res, chunk, settings, point_options)
+    census.meta = result_meta(
+        m0.loop, seed=int(seed), settings={**census.meta, "wall_time": time.perf_counter() - t0}
+    )
+    return census
+
+
+def _assemble(
+    m0: LoopMap, shape: tuple[int, ...], res: SolveResult, chunk: int, settings: dict,
+    point_options: dict,
+) -> FixedPointCensus:  # fmt: skip
+    """Classify the seeds' end points, de-duplicate them, and measure every unique point."""
+    B, S, n = shape
+    ends = res.z_best.reshape(B * S, n)
+    r_rel = res.r_rel.numpy().reshape(B, S)
+    cls = _classify(r_rel, settings["q_tol_rel"], settings["slow_tol_rel"])
+    owner = torch.arange(B).repeat_interleave(S)
+    rel_grad = _rel_grad(m0, ends, owner, chunk).reshape(B, S)
+    u = _unique_points(ends.numpy().reshape(B, S, n), cls, r_rel, settings["unique_tol"])
+    P = len(u.rep_idx)
+    pts = ends[u.rep_idx] if P else torch.zeros(0, n, dtype=ends.dtype)
+    rep = torch.as_tensor(u.rep_idx, dtype=torch.long)
+    psample = np.asarray(u.sample, dtype=np.int64)
+    props = _point_properties(m0, pts, psample, **point_options)
+    fz_abs = res.r_abs[rep].numpy() if P else np.zeros(0)
     return FixedPointCensus(
         points=pts.reshape(P, *m0.state_shape),
         sample=psample,
@@ -585,7 +596,7 @@ def find_fixed_points(
         seed_rel_grad=rel_grad,
         end_states=ends.reshape(B, S, *m0.state_shape),
         solve=res,
-        meta=result_meta(m0.loop, seed=int(seed), settings=settings),
+        meta={**settings, "jacobian_path": m0.jacobian_path},
     )
 
 
