@@ -50,3 +50,7 @@ __all__ += [
     "capture_forward",
     "hrm_text_loop",
 ]
+
+from loopscope.models.hf import from_hf, load_hf  # noqa: E402
+
+__all__ += ["from_hf", "load_hf"]

@@ -23,7 +23,10 @@ gradients there).
 
 from __future__ import annotations
 
+import copy
+import os
 import tempfile
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,16 +38,46 @@ from loopscope.core.errors import LoopscopeError, reject_unknown_kwargs
 from loopscope.core.interventions import Intervention
 from loopscope.core.loop import Loop
 from loopscope.core.trace import Trace
+from loopscope.models.hf import promote_float32
 
 _TOKENIZER_DIR: tempfile.TemporaryDirectory | None = None
 
 __all__ = [
     "build_tiny_hrm_text",
     "bridge_hrm_text",
+    "local_tokenizer",
     "hrm_text_loop",
     "HrmTextLoops",
     "capture_forward",
 ]
+
+
+def local_tokenizer(vocab_size: int):
+    """An offline word-level tokenizer over ``vocab_size`` ids: ``"0" .. str(n - 5)`` then
+    ``<pad> <bos> <eos> <unk>`` (a stand-in where the model's own tokenizer is not on disk)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    n = vocab_size - 4
+    vocab = {str(i): i for i in range(n)}
+    vocab.update({"<pad>": n, "<bos>": n + 1, "<eos>": n + 2, "<unk>": n + 3})
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        pad_token="<pad>",
+        bos_token="<bos>",
+        eos_token="<eos>",
+        unk_token="<unk>",
+    )
+    # save + reload: the bridge needs a real fast tokenizer, and re-reads it from its folder
+    # later (add_bos_token), so the folder lives as long as the process
+    global _TOKENIZER_DIR
+    if _TOKENIZER_DIR is None:
+        _TOKENIZER_DIR = tempfile.TemporaryDirectory(prefix="loopscope-hrm-tok-")
+    folder = os.path.join(_TOKENIZER_DIR.name, str(vocab_size))
+    tok.save_pretrained(folder)
+    return PreTrainedTokenizerFast.from_pretrained(folder)
 
 
 def build_tiny_hrm_text(seed: int = 0, **overrides: Any):
@@ -52,8 +85,7 @@ def build_tiny_hrm_text(seed: int = 0, **overrides: Any):
 
     Returns ``(hf_model, tokenizer)``; defaults: d=64, 1 layer per stack, H=3, L=4, vocab 64.
     """
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import HrmTextConfig, HrmTextForCausalLM, PreTrainedTokenizerFast
+    from transformers import HrmTextConfig, HrmTextForCausalLM
 
     kw = dict(
         vocab_size=64,
@@ -75,34 +107,21 @@ def build_tiny_hrm_text(seed: int = 0, **overrides: Any):
     cfg.architectures = ["HrmTextForCausalLM"]  # the bridge picks its adapter from this
     torch.manual_seed(seed)
     model = HrmTextForCausalLM(cfg).eval()
-    n = cfg.vocab_size - 4
-    vocab = {str(i): i for i in range(n)}
-    vocab.update({"<pad>": n, "<bos>": n + 1, "<eos>": n + 2, "<unk>": n + 3})
-    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=tk,
-        pad_token="<pad>",
-        bos_token="<bos>",
-        eos_token="<eos>",
-        unk_token="<unk>",
-    )
-    # save + reload: the bridge needs a real fast tokenizer, and re-reads it from its folder
-    # later (add_bos_token), so the folder lives as long as the process
-    global _TOKENIZER_DIR
-    if _TOKENIZER_DIR is None:
-        _TOKENIZER_DIR = tempfile.TemporaryDirectory(prefix="loopscope-hrm-tok-")
-    tok.save_pretrained(_TOKENIZER_DIR.name)
-    tok = PreTrainedTokenizerFast.from_pretrained(_TOKENIZER_DIR.name)
-    return model, tok
+    return model, local_tokenizer(cfg.vocab_size)
 
 
 def bridge_hrm_text(hf_model: Any, tokenizer: Any = None):
-    """Wrap an ``HrmTextForCausalLM`` in a TransformerLens ``TransformerBridge`` (no download)."""
+    """Wrap an ``HrmTextForCausalLM`` in a TransformerLens ``TransformerBridge`` (no download).
+
+    Without ``tokenizer`` the bridge gets :func:`local_tokenizer` (ids only; TransformerLens would
+    otherwise fetch one by name); pass the model's own tokenizer for text.
+    """
     from transformer_lens.model_bridge import TransformerBridge
 
     if getattr(hf_model.config, "architectures", None) is None:
         hf_model.config.architectures = ["HrmTextForCausalLM"]
+    if tokenizer is None:
+        tokenizer = local_tokenizer(hf_model.config.vocab_size)
     return TransformerBridge.boot_transformers(
         "local-hrm-text", hf_model=hf_model, tokenizer=tokenizer
     )
@@ -110,6 +129,11 @@ def bridge_hrm_text(hf_model: Any, tokenizer: Any = None):
 
 class _BridgeLoop(Loop):
     """A Loop that runs through a bridge's modules and exposes the bridge's hook points."""
+
+    #: run HF's hard-coded float32 casts (RMSNorm, rotary) in float64. False replicates HF's
+    #: own forward bit for bit; a Loop cast to float64 by ``.to`` / ``.double()`` (what every
+    #: float64 analysis does to its copy) switches it on.
+    promote: bool = False
 
     def __init__(self, bridge: Any) -> None:
         super().__init__()
@@ -125,6 +149,32 @@ class _BridgeLoop(Loop):
     def parameters(self, recurse: bool = True):
         return self.bridge.parameters(recurse)
 
+    def __deepcopy__(self, memo: dict) -> _BridgeLoop:
+        # TL blocks keep the last pre-LN residual on the attention bridge through a weakref
+        # closure that a deep copy shares with the original: after a torch.func transform on a
+        # copy it holds a dead functorch wrapper that cannot be copied again, so drop it first
+        for mod in self.bridge.modules():
+            if getattr(mod, "_captured_pre_ln_residual", None) is not None:
+                mod._captured_pre_ln_residual = None
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for k, v in self.__dict__.items():
+            new.__dict__[k] = copy.deepcopy(v, memo)
+        return new
+
+    def _apply(self, fn: Any, recurse: bool = True) -> _BridgeLoop:
+        # the bridge is not a submodule (its hook names stay unprefixed), so .to(dtype) and
+        # .to(device) must reach it here, or a float64 analysis copy mixes dtypes
+        before = self.hf.embed_tokens.weight.dtype
+        self.bridge._apply(fn, recurse)
+        after = self.hf.embed_tokens.weight.dtype
+        if after == torch.float64 and before != after:
+            self.promote = True  # an analysis copy: float64 end to end (see promote)
+        return super()._apply(fn, recurse)
+
+    def _numerics(self):
+        return promote_float32() if self.promote else nullcontext()
+
     def encode(self, input_ids: Tensor) -> dict[str, Any]:
         from transformers.masking_utils import create_causal_mask
 
@@ -137,7 +187,8 @@ class _BridgeLoop(Loop):
         mask = create_causal_mask(
             config=cfg, inputs_embeds=x, attention_mask=None, cache=None, position_ids=position_ids
         )
-        pos_emb = self.hf.rotary_emb(x, position_ids)
+        with self._numerics():
+            pos_emb = self.hf.rotary_emb(x, position_ids)
         return {
             "input_ids": ids,
             "x": x,
@@ -160,23 +211,26 @@ class _BridgeLoop(Loop):
         return ctx["x"].shape[0]
 
     def _L(self, h: Tensor, ctx: dict[str, Any]) -> Tensor:
-        return self.hf.L_module(
-            h,
-            attention_mask=ctx["mask"],
-            position_embeddings=ctx["pos_emb"],
-            position_ids=ctx["position_ids"],
-        )
+        with self._numerics():
+            return self.hf.L_module(
+                h,
+                attention_mask=ctx["mask"],
+                position_embeddings=ctx["pos_emb"],
+                position_ids=ctx["position_ids"],
+            )
 
     def _H(self, h: Tensor, ctx: dict[str, Any]) -> Tensor:
-        return self.hf.H_module(
-            h,
-            attention_mask=ctx["mask"],
-            position_embeddings=ctx["pos_emb"],
-            position_ids=ctx["position_ids"],
-        )
+        with self._numerics():
+            return self.hf.H_module(
+                h,
+                attention_mask=ctx["mask"],
+                position_embeddings=ctx["pos_emb"],
+                position_ids=ctx["position_ids"],
+            )
 
     def _lm_head(self, z_H: Tensor) -> Tensor:
-        return self.bridge.original_model.lm_head(z_H)
+        with self._numerics():
+            return self.bridge.original_model.lm_head(z_H)
 
 
 class HrmTextSlowLoop(_BridgeLoop):
@@ -198,6 +252,12 @@ class HrmTextSlowLoop(_BridgeLoop):
 
     def decode(self, h: Tensor, ctx: dict[str, Any]) -> Tensor:
         return self._lm_head(h[:, 0])
+
+    def fast_loop(self, z_H: Tensor | None = None) -> HrmTextFastLoop:
+        """The fast loop (L passes) with the slow state held at ``z_H`` (default: the embedding)."""
+        fast = HrmTextFastLoop(self.bridge, z_H)
+        fast.promote = self.promote
+        return fast
 
 
 class HrmTextFastLoop(_BridgeLoop):

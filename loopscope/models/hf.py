@@ -1,0 +1,137 @@
+"""``from_hf``: a supported HF looped LM -> a loopscope Loop; ``load_hf``: a local HF directory.
+
+Supported classes (one adapter module each, limitations in its docstring):
+
+* ``Inkling2LoopForCausalLM`` -> :class:`loopscope.models.inkling2.Inkling2Loop` (one step = one
+  pass; hooks ``core.hook_*`` labelled ``(pass, layer)``).
+* ``HrmTextForCausalLM`` -> the slow Loop of :mod:`loopscope.models.hrm_text` (one step = one
+  H-cycle, through a TransformerLens ``TransformerBridge``; L hooks labelled
+  ``(h_cycle, l_cycle)``); ``loop.fast_loop(z_H)`` gives the L-pass Loop.
+
+Example:
+    >>> from loopscope.models.inkling2 import build_tiny_inkling2
+    >>> loop = from_hf(build_tiny_inkling2())
+    >>> type(loop).__name__, loop.label_names
+    ('Inkling2Loop', ('pass', 'layer'))
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.overrides import TorchFunctionMode
+
+from loopscope.core.errors import LoopscopeError, did_you_mean
+from loopscope.core.loop import Loop
+
+__all__ = ["from_hf", "load_hf", "is_hf_dir", "promote_float32", "SUPPORTED"]
+
+#: HF class name -> the loopscope adapter module
+SUPPORTED = {
+    "Inkling2LoopForCausalLM": "loopscope.models.inkling2",
+    "HrmTextForCausalLM": "loopscope.models.hrm_text",
+}
+
+
+@did_you_mean
+def from_hf(model: Any, *, tokenizer: Any = None) -> Loop:
+    """The loopscope Loop of a supported HF looped LM (weights shared, never copied).
+
+    Args:
+        model: an HF model instance of one of :data:`SUPPORTED`.
+        tokenizer: the model's tokenizer (HRM-Text's bridge holds one; a local id-only stand-in
+            is used when None, never a download).
+    """
+    name = type(model).__name__
+    if name == "Inkling2LoopForCausalLM":
+        from loopscope.models.inkling2 import Inkling2Loop
+
+        return Inkling2Loop(model)
+    if name == "HrmTextForCausalLM":
+        from loopscope.models.hrm_text import bridge_hrm_text, hrm_text_loop
+
+        return hrm_text_loop(bridge_hrm_text(model, tokenizer)).slow
+    raise LoopscopeError(
+        f"from_hf does not support {name}; supported: {', '.join(SUPPORTED)} "
+        "(any other looped module: loopscope.wrap)"
+    )
+
+
+def is_hf_dir(path: str | Path) -> bool:
+    """True if ``path`` is a directory with an HF ``config.json`` (one naming ``architectures``)."""
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        data = json.loads(cfg.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "architectures" in data
+
+
+@did_you_mean
+def load_hf(path: str | Path, *, device: str = "cpu", dtype: str | None = None) -> Loop:
+    """Load a local HF checkpoint directory (safetensors only, offline) and return its Loop.
+
+    Args:
+        path: directory with ``config.json`` and ``*.safetensors`` (a tokenizer there is used).
+        device: torch device for the weights.
+        dtype: "float32" | "float64" | "bfloat16" | "float16" (default: the checkpoint's).
+    """
+    import transformers
+
+    p = Path(path)
+    if not is_hf_dir(p):
+        raise LoopscopeError(f"{p} is not an HF checkpoint directory (no config.json)")
+    if not list(p.glob("*.safetensors")):
+        found = "a .bin checkpoint" if list(p.glob("*.bin")) else "no weights"
+        raise LoopscopeError(f"{p} has {found}; loopscope loads safetensors only (never unpickles)")
+    arch = json.loads((p / "config.json").read_text())["architectures"][0]
+    if arch not in SUPPORTED:
+        raise LoopscopeError(f"{p}: {arch} is not supported; supported: {', '.join(SUPPORTED)}")
+    torch_dtype = None if dtype is None else getattr(torch, dtype, None)
+    if dtype is not None and not isinstance(torch_dtype, torch.dtype):
+        raise LoopscopeError(f"unknown dtype {dtype!r}; use float32, float64, bfloat16 or float16")
+    cls = getattr(transformers, arch)
+    # load in the checkpoint's dtype, then cast everything: HF's keep-in-fp32 lists would
+    # otherwise leave float32 modules in a float64 model
+    model = cls.from_pretrained(p, local_files_only=True, use_safetensors=True)
+    model = model.to(device=device, dtype=torch_dtype) if torch_dtype else model.to(device)
+    tok = None
+    if (p / "tokenizer.json").is_file() or (p / "tokenizer_config.json").is_file():
+        tok = transformers.AutoTokenizer.from_pretrained(p, local_files_only=True)
+    loop = from_hf(model.eval(), tokenizer=tok)
+    loop.tokenizer = tok
+    return loop
+
+
+class _PromoteFloat32(TorchFunctionMode):
+    """Inside: ``.float()`` and every ``dtype=torch.float32`` request mean float64."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is Tensor.float:
+            return args[0].double()
+        if kwargs.get("dtype") is torch.float32:
+            kwargs["dtype"] = torch.float64
+        args = tuple(torch.float64 if a is torch.float32 else a for a in args)
+        return func(*args, **kwargs)
+
+
+@contextmanager
+def promote_float32():
+    """Run HF code that hard-codes float32 casts in float64 (for a model cast with ``.double()``).
+
+    Example:
+        >>> import torch
+        >>> with promote_float32():
+        ...     torch.ones(2, dtype=torch.float64).float().dtype
+        torch.float64
+    """
+    with _PromoteFloat32():
+        yield
