@@ -207,3 +207,61 @@ def test_a_run_dir_of_another_config_is_refused(tiny_run, tmp_path):
     self_improve(tiny(), run_dir=tmp_path / "r", progress=False, stop_after_round=0)
     with pytest.raises(LoopscopeError, match="another config"):
         self_improve(tiny(seed=1), run_dir=tmp_path / "r", progress=False)
+
+
+# -- figures and CLI -------------------------------------------------------------------------------
+def test_figures_draw_one_line_per_round_from_the_table(tiny_run):
+    import matplotlib.pyplot as plt
+
+    from loopscope.experiments import self_improve_figures as figs
+
+    fig = figs.accuracy_by_length(tiny_run)
+    lines = fig.axes[0].get_lines()
+    solid = [ln for ln in lines if ln.get_linestyle() == "-"]
+    assert len(solid) == 3  # rounds 0, 1, 2
+    assert list(solid[2].get_ydata()) == list(
+        tiny_run.to_frame().query("round == 2").sort_values("length")["acc"]
+    )
+    p = figs.panels(tiny_run, noisy=tiny_run)
+    assert len(p.axes) == 4
+    plt.close("all")
+
+
+def test_frontier_is_the_longest_prefix_of_accurate_lengths():
+    from loopscope.experiments.self_improve import frontier
+
+    f = pd.DataFrame(
+        {
+            "round": [0, 0, 0, 1, 1, 1],
+            "length": [1, 2, 3, 3, 1, 2],  # unsorted on purpose
+            "acc": [1.0, 0.5, 1.0, 0.995, 0.2, 1.0],
+        }
+    )
+    assert frontier(f).to_dict() == {0: 1, 1: 0}
+
+
+def _cli(argv, capsys):
+    from loopscope.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    out = capsys.readouterr()
+    return e.value.code, out.out, out.err
+
+
+def test_cli_help_has_an_example_and_bad_rounds_are_a_one_line_error(capsys, tmp_path):
+    code, out, _ = _cli(["self-improve", "--help"], capsys)
+    assert code == 0 and "Example:" in out
+    code, _, err = _cli(["self-improve", "--rounds", "0", "--out", str(tmp_path)], capsys)
+    assert code == 2 and "rounds must be a positive integer" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_cli_quick_writes_table_summary_and_figures(capsys, tmp_path):
+    code, out, _ = _cli(["self-improve", "--quick", "--quiet", "--out", str(tmp_path)], capsys)
+    assert code in (0, None)
+    f = pd.read_csv(tmp_path / "table.csv")
+    cfg = SelfImproveConfig.quick()
+    assert len(f) == (cfg.rounds + 1) * cfg.max_digits
+    for name in ("accuracy", "fixed_points", "labels", "panels"):
+        assert (tmp_path / f"{name}.png").stat().st_size > 0

@@ -7,7 +7,7 @@ in :mod:`loopscope.cli.app`; each module below registers its commands on it. Com
 import torch, TransformerLens and the analyses late, so ``--help`` starts fast.
 """
 
-from loopscope.cli import circuits, dynamics, paper, sweep, train, zoo  # noqa: F401  (register commands)
+from loopscope.cli import circuits, dynamics, paper, self_improve, sweep, train, zoo  # noqa: F401  (register commands)
 from loopscope.cli.app import app, main, model_and_task
 
 __all__ = ["app", "main", "model_and_task"]

@@ -615,6 +615,51 @@ def fig_memory(ctx: PaperContext):
     )
 
 
+def fig_self_improve(ctx: PaperContext):
+    import dataclasses
+    import tempfile
+
+    from loopscope.experiments import self_improve as si
+    from loopscope.experiments.self_improve_figures import panels
+
+    cfg = si.SelfImproveConfig.tiny() if ctx.quick else si.SelfImproveConfig.full()
+    cfg = dataclasses.replace(cfg, seed=ctx.seed)
+    noisy_cfg = dataclasses.replace(cfg, noise="uniform", noise_rate=0.3, noise_from_round=1)
+    with tempfile.TemporaryDirectory() as tmp:  # the two runs share round 0's training
+        root = ctx.model_dir.parent / "runs" if ctx.model_dir is not None else Path(tmp)
+        train_dir = root / "self_improve_round0"
+        clean = si.self_improve(
+            cfg, run_dir=root / "self_improve", train_dir=train_dir, progress=False
+        )
+        noisy = si.self_improve(
+            noisy_cfg, run_dir=root / "self_improve_noise", train_dir=train_dir, progress=False
+        )
+    df = pd.concat(
+        [clean.to_frame().assign(run="clean"), noisy.to_frame().assign(run="noisy")],
+        ignore_index=True,
+    )
+    cap = (
+        f"Self-improvement rounds on carry addition ({cfg.recipe} recipe, {cfg.n_models} seed models, "
+        f"round 0 on 1-{cfg.d0} digits for {cfg.base_steps} steps, then +{cfg.step_digits} digit per round "
+        f"labelled by the models' majority vote (>= {cfg.vote_threshold:.0%} of the votes) and the length "
+        f"filter, {cfg.round_steps} steps per round). Accuracy vs length per round; converged-and-correct "
+        "vs converged-and-wrong (residual < 1e-3 on a wrong answer); label error before the filters, "
+        "filter yield and error of the kept labels per round; the accuracy frontier per round, clean vs 30 % "
+        "uniform label noise."
+        + (
+            " Quick mode: a tiny smoke-sized run; measured results are in docs/self_improve.md."
+            if ctx.quick
+            else ""
+        )
+    )
+    return PaperFigure(
+        draw=lambda: panels(clean, noisy=noisy),
+        frame=df,
+        title="Self-improvement rounds: accuracy, labels and fixed points",
+        caption=cap,
+    )
+
+
 FIGURES: dict[str, Callable[[PaperContext], PaperFigure]] = {
     "convergence": fig_convergence,
     "spectra": fig_spectra,
@@ -626,6 +671,7 @@ FIGURES: dict[str, Callable[[PaperContext], PaperFigure]] = {
     "memorization": fig_memorization,
     "verdict": fig_verdict,
     "memory": fig_memory,
+    "self_improve": fig_self_improve,
 }
 
 EXPECTED_FIGURES = list(FIGURES)

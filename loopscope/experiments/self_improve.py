@@ -64,6 +64,7 @@ __all__ = [
     "majority_vote",
     "length_filter",
     "inject_noise",
+    "frontier",
     "NOISE_KINDS",
     "LENGTH_FILTERS",
 ]
@@ -163,25 +164,40 @@ class SelfImproveConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def quick(cls) -> SelfImproveConfig:
-        """The CI setting (seconds): 2-digit start, 3 tiny rounds, 3 models (change fields with
-        :func:`dataclasses.replace`)."""
-        base = dict(
+    def tiny(cls) -> SelfImproveConfig:
+        """The paper's ``--quick`` setting (seconds): 2-digit start, 2 tiny rounds, 3 models."""
+        return cls(
             d0=2,
-            rounds=3,
-            base_steps=250,
-            round_steps=30,
+            rounds=2,
+            base_steps=60,
+            round_steps=10,
             batch_size=32,
-            n_models=3,
-            n_label=64,
+            n_label=32,
+            margin=1,
+            n_eval=32,
+            n_dynamics=16,
+            n_basin=2,
+            basin_seeds=2,
+            n_rho=1,
+        )
+
+    @classmethod
+    def quick(cls) -> SelfImproveConfig:
+        """The CI setting (about a minute on one core): 3-digit start, 4 rounds, 3 models
+        (change fields with :func:`dataclasses.replace`)."""
+        return cls(
+            d0=3,
+            rounds=4,
+            base_steps=500,
+            round_steps=100,
+            n_label=128,
             margin=2,
-            n_eval=64,
+            n_eval=128,
             n_dynamics=32,
-            n_basin=4,
+            n_basin=8,
             basin_seeds=4,
             n_rho=1,
         )
-        return cls(**base)
 
     @classmethod
     def full(cls) -> SelfImproveConfig:
@@ -311,11 +327,7 @@ class SelfImproveResult(Result):
 
     def frontier(self, threshold: float = 0.99) -> pd.Series:
         """Per round: the largest D with ``acc >= threshold`` at every length <= D (0 if none)."""
-        out = {}
-        for r, g in self.frame.sort_values("length").groupby("round"):
-            ok = (g["acc"] >= threshold).to_numpy()
-            out[int(r)] = int(g["length"].to_numpy()[ok.cumprod().sum() - 1]) if ok[0] else 0
-        return pd.Series(out, name="frontier")
+        return frontier(self.frame, threshold=threshold)
 
     def summary(self) -> dict[str, float]:
         f = self.frame
@@ -334,6 +346,17 @@ class SelfImproveResult(Result):
                 "conv_wrong_final_mean": last["conv_wrong"].mean(),
             }
         )
+
+
+@did_you_mean
+def frontier(frame: pd.DataFrame, *, threshold: float = 0.99) -> pd.Series:
+    """Per round of a self-improvement table: the largest length D with ``acc >= threshold`` at
+    every length <= D (0 if length 1 already fails), as a Series indexed by round."""
+    out = {}
+    for r, g in frame.sort_values("length").groupby("round"):
+        ok = (g["acc"] >= threshold).to_numpy()
+        out[int(r)] = int(g["length"].to_numpy()[ok.cumprod().sum() - 1]) if ok[0] else 0
+    return pd.Series(out, name="frontier")
 
 
 # -- helpers -------------------------------------------------------------------------------------
@@ -388,13 +411,13 @@ def _progress(enabled: bool, total: int, label: str):
 
 
 # -- one round -----------------------------------------------------------------------------------
-def _round0(cfg: SelfImproveConfig, run_dir: Path | None, progress: bool) -> list:
+def _round0(cfg: SelfImproveConfig, train_dir: Path | None, progress: bool) -> list:
     """Round 0: every model trained on true labels of [1, d0] (resumable inside the round)."""
     from loopscope.train import train
 
     models = []
     for k in range(cfg.n_models):
-        out = None if run_dir is None else run_dir / "round-000" / f"train-{k}"
+        out = None if train_dir is None else train_dir / f"train-{k}"
         model, _ = train(_train_config(cfg, k), out_dir=out, progress=progress)
         models.append(model)
     return models
@@ -639,6 +662,7 @@ def self_improve(
     run_dir: str | Path | None = None,
     progress: bool = True,
     stop_after_round: int | None = None,
+    train_dir: str | Path | None = None,
 ) -> SelfImproveResult:
     """Run (or resume) the self-improvement rounds of ``config``; see the module docstring.
 
@@ -647,6 +671,8 @@ def self_improve(
         run_dir: checkpoint directory; an existing one is resumed from its last finished round.
         progress: show a progress bar per round.
         stop_after_round: end after this round (the checkpoint then resumes the run).
+        train_dir: round 0's training checkpoints (default ``run_dir/round-000``); runs whose
+            round 0 is the same (e.g. a clean and a label-noise run) can share it.
 
     Returns:
         :class:`SelfImproveResult` with one row per (round, length).
@@ -655,6 +681,9 @@ def self_improve(
     if not isinstance(cfg, SelfImproveConfig):
         raise LoopscopeError(f"config must be a SelfImproveConfig, got {type(cfg).__name__}")
     run_dir = Path(run_dir) if run_dir is not None else None
+    if train_dir is None and run_dir is not None:
+        train_dir = _round_dir(run_dir, 0)
+    train_dir = Path(train_dir) if train_dir is not None else None
     last = cfg.rounds if stop_after_round is None else min(cfg.rounds, stop_after_round)
     data: dict = {}
     rows: list[dict] = []
@@ -665,7 +694,7 @@ def self_improve(
             models, new, round_rows = done
         else:
             if r == 0:
-                models, new, label_rows = _round0(cfg, run_dir, progress), {}, []
+                models, new, label_rows = _round0(cfg, train_dir, progress), {}, []
             else:
                 new, label_rows = _label(models, cfg, r)
                 _train_round(models, {**data, **new}, cfg, r, progress)
