@@ -375,8 +375,8 @@ def _memorization_row(model: Any, task: Any, n: int, seed: int, factor: float) -
         df_all.append(digit_df(x, y, nd, tx, ty))
     ok, dfm = np.concatenate(ok_all), np.concatenate(df_all)
     fit = logistic_slope(ok.ravel(), dfm.ravel(), None, op=np.tile(np.arange(nd), len(ok)))
-    explained = bool(fit["ci_low"] > 0)  # False for NaN (every digit right, or every one wrong)
-    if np.isnan(fit["slope"]):
+    explained = bool(fit.ci_low > 0)  # False for NaN (every digit right, or every one wrong)
+    if np.isnan(fit.slope):
         reading = f"every digit {'right' if ok.all() else 'wrong'}: df cannot explain correctness"
     elif explained:
         reading = "correct where training covered the computation (df explains correctness)"
@@ -385,9 +385,9 @@ def _memorization_row(model: Any, task: Any, n: int, seed: int, factor: float) -
     return dict(
         evidence="correctness vs subgraph frequency (slope on log1p df | digit)",
         split="train+id",
-        value=fit["slope"],
-        ci_low=fit["ci_low"],
-        ci_high=fit["ci_high"],
+        value=fit.slope,
+        ci_low=fit.ci_low,
+        ci_high=fit.ci_high,
         n=int(ok.size),
         reading=reading,
         supports="memorized/heuristic" if explained else "neutral",

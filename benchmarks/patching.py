@@ -80,7 +80,7 @@ def main() -> None:
             n_iter=T,
             batch_size=args.batch_size,
             seed=args.seed,
-        )
+        ).frame
 
     # warm-up (first-call allocations), then the median of a few timed runs: the batched sweep
     # is short, so one burst of load on the shared box would otherwise dominate its timing

@@ -34,7 +34,7 @@ from loopscope.circuits.corruptions import (
 )
 from loopscope.circuits.graph import CircuitGraph, circuit_graph, jaccard_by_iteration
 from loopscope.circuits.metrics import AnswerMetric, logit_diff_metric
-from loopscope.circuits.patching import SweepFrame, patch_sweep, state_transplant
+from loopscope.circuits.patching import SweepResult, patch_sweep, state_transplant
 from loopscope.circuits.path_patching import (
     PathNode,
     PathTraces,
@@ -46,7 +46,7 @@ from loopscope.circuits.path_patching import (
 __all__ = [
     "patch_sweep",
     "state_transplant",
-    "SweepFrame",
+    "SweepResult",
     "path_patch",
     "path_patch_sweep",
     "path_traces",

@@ -28,7 +28,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -39,9 +39,18 @@ from torch import Tensor
 
 from loopscope.circuits.corruptions import as_corruption
 from loopscope.circuits.engine import canonical_sites, site_info
-from loopscope.circuits.patching import _base_runs, _meta, _positions, resolve_metric, run_jobs
-from loopscope.core.errors import LoopscopeError, check_positive_int, reject_unknown_kwargs
+from loopscope.circuits.patching import (
+    _base_runs,
+    _check_run_args,
+    _meta,
+    _positions,
+    resolve_metric,
+    run_jobs,
+)
+from loopscope.core.errors import LoopscopeError, check_positive_int, did_you_mean
 from loopscope.core.interventions import Patch
+from loopscope.core.loop import Loop
+from loopscope.core.result import Result, float_summary
 from loopscope.core.unroll import unroll
 
 __all__ = ["attribution", "AttributionResult", "node_table"]
@@ -49,8 +58,8 @@ __all__ = ["attribution", "AttributionResult", "node_table"]
 NODE_COLS = ["site", "iteration", "position", "unit"]
 
 
-@dataclass
-class AttributionResult:
+@dataclass(kw_only=True, repr=False)
+class AttributionResult(Result):
     """AtP per node and example, exact re-checks and their agreement.
 
     Attributes:
@@ -65,7 +74,6 @@ class AttributionResult:
     per_example: pd.DataFrame
     nodes: pd.DataFrame
     agreement: dict[str, float]
-    meta: dict[str, Any] = field(default_factory=dict)
 
     def to_frame(self) -> pd.DataFrame:
         """Node table with the agreement numbers as constant columns."""
@@ -73,6 +81,10 @@ class AttributionResult:
         for k, v in self.agreement.items():
             f[f"agreement_{k}"] = v
         return f
+
+    def summary(self) -> dict[str, float]:
+        """The agreement numbers plus the node count."""
+        return float_summary({**self.agreement, "n_nodes": len(self.nodes)})
 
 
 def _grad_run(
@@ -144,8 +156,9 @@ def node_table(keys: list[tuple], values: dict[str, np.ndarray]) -> pd.DataFrame
     return f
 
 
+@did_you_mean
 def attribution(
-    loop: Any,
+    loop: Loop,
     clean: Any,
     corrupt: Any,
     sites: Sequence[str] | str,
@@ -162,7 +175,6 @@ def attribution(
     seed: int = 0,
     batch_size: int = 256,
     measure_at: int | None = None,
-    **options: Any,
 ) -> AttributionResult:
     """Per-iteration attribution patching with exact re-check (see module docstring).
 
@@ -171,6 +183,8 @@ def attribution(
             measure_at: as in :func:`~loopscope.circuits.patch_sweep`.
         method: "atp" (gradient at the clean run) or "ig" (gradient averaged along the
             interpolation of ``ig_hook``, ``ig_steps`` points).
+        ig_hook: the hook interpolated corrupt -> clean for ``method="ig"``.
+        ig_steps: interpolation points for ``method="ig"``.
         top_k: nodes (by |mean AtP| over examples) re-checked by exact patching.
         validate: extra random nodes re-checked for the agreement report (int, seeded by
             ``seed``), or "all" to re-check every node.
@@ -179,9 +193,7 @@ def attribution(
         :class:`AttributionResult`. Node effects are noising effects: m(clean run with the node
         set to its corrupted value) - m(clean run).
     """
-    reject_unknown_kwargs("attribution", options)
-    n_iter = check_positive_int("n_iter", n_iter)
-    read_at = n_iter if measure_at is None else check_positive_int("measure_at", measure_at)
+    n_iter, read_at, batch_size = _check_run_args(n_iter, measure_at, batch_size)
     if method not in ("atp", "ig"):
         raise LoopscopeError(f"method must be 'atp' or 'ig', got {method!r}")
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
@@ -190,6 +202,7 @@ def attribution(
     corruption = as_corruption(corrupt)
     names = canonical_sites(loop, sites)
     units = dict(units or {})
+    ig_name = None
     if method == "ig":
         if ig_hook is None:
             raise LoopscopeError(
@@ -197,34 +210,70 @@ def attribution(
             )
         ig_steps = check_positive_int("ig_steps", ig_steps)
         ig_name = canonical_sites(loop, [ig_hook])[0]
-        cap = list(dict.fromkeys([*names, ig_name]))
-    else:
-        cap = names
+    cap = names if ig_name is None else list(dict.fromkeys([*names, ig_name]))
     base = _base_runs(loop, clean, corruption, cap, n_iter, seed, read_at)
     base["clean_inputs"] = clean
-    B = base["B"]
     infos = {s: site_info(loop, base["src_clean"], s, units.get(s)) for s in names}
+    run = (loop, clean, base, names, metric, n_iter, read_at)
+    acts, grads = _gradients(*run) if ig_name is None else _ig_gradients(*run, ig_name, ig_steps)
+    per = _atp_table(base, names, infos, positions, acts, grads)
+    nodes = per.groupby(NODE_COLS, sort=False, as_index=False)["atp"].mean()
+    nodes["rank"] = nodes["atp"].abs().rank(ascending=False, method="first").astype(int)
+    chosen = _recheck_nodes(nodes, top_k, validate, seed)
+    ex_frame = _exact_effects(loop, base, corruption, infos, metric, nodes, chosen, run, batch_size)
+    per = per.merge(ex_frame, on=[*NODE_COLS, "example"], how="left")
+    node_exact = ex_frame.groupby(NODE_COLS, sort=False, as_index=False)["exact"].mean()
+    nodes = nodes.merge(node_exact, on=NODE_COLS, how="left")
+    nodes["checked"] = nodes["exact"].notna()
+    nodes["top_k"] = nodes["rank"] <= top_k
+    agreement = _agreement(nodes[nodes["checked"]], top_k)
+    meta = {**_meta(loop, corruption, seed, n_iter, read_at), "method": method}
+    if ig_name is not None:
+        meta.update(ig_hook=ig_name, ig_steps=ig_steps)
+    return AttributionResult(per_example=per, nodes=nodes, agreement=agreement, meta=meta)
 
-    # gradients at the clean run (or averaged along the IG path)
-    if method == "atp":
-        acts, grads = _grad_run(
-            loop, clean, base["h0_clean"], names, metric, n_iter, read_at, [], None
-        )
-    else:
-        acts, grads = {}, {}
-        for k in range(ig_steps):
-            interp = (ig_name, base["src_clean"], base["src_corrupt"], k / ig_steps)
-            _, g = _grad_run(
-                loop, clean, base["h0_clean"], names, metric, n_iter, read_at, [], interp
-            )
-            for key, v in g.items():
-                grads[key] = grads.get(key, 0) + v / ig_steps
-        acts = {
-            (s, lab): base["src_clean"].firing(s, lab)
-            for s in names
-            for lab in base["src_clean"].index[s]
-        }
 
+def _gradients(
+    loop: Loop,
+    clean: Any,
+    base: dict,
+    names: list[str],
+    metric: Callable,
+    n_iter: int,
+    read_at: int,
+) -> tuple[dict, dict]:
+    """AtP: activations and metric gradients at the clean run."""
+    return _grad_run(loop, clean, base["h0_clean"], names, metric, n_iter, read_at, [], None)
+
+
+def _ig_gradients(
+    loop: Loop,
+    clean: Any,
+    base: dict,
+    names: list[str],
+    metric: Callable,
+    n_iter: int,
+    read_at: int,
+    ig_name: str,
+    ig_steps: int,
+) -> tuple[dict, dict]:
+    """IG: gradients averaged along the corrupt -> clean interpolation of ``ig_name``."""
+    grads: dict = {}
+    for k in range(ig_steps):
+        interp = (ig_name, base["src_clean"], base["src_corrupt"], k / ig_steps)
+        _, g = _grad_run(loop, clean, base["h0_clean"], names, metric, n_iter, read_at, [], interp)
+        for key, v in g.items():
+            grads[key] = grads.get(key, 0) + v / ig_steps
+    src = base["src_clean"]
+    acts = {(s, lab): src.firing(s, lab) for s in names for lab in src.index[s]}
+    return acts, grads
+
+
+def _atp_table(
+    base: dict, names: list[str], infos: dict, positions: Any, acts: dict, grads: dict
+) -> pd.DataFrame:
+    """One row per (node, example) with its AtP estimate ``atp``."""
+    B = base["B"]
     keys: list[tuple] = []
     vals: list[np.ndarray] = []
     for s in names:
@@ -241,11 +290,11 @@ def attribution(
             keys += [(s, lab[0], p, u, b) for p in pos_list for u in unit_list for b in range(B)]
     if not keys:
         raise LoopscopeError("no firings of the sites were recorded")
-    per = node_table(keys, {"atp": np.concatenate(vals)})
-    nodes = per.groupby(NODE_COLS, sort=False, as_index=False)["atp"].mean()
-    nodes["rank"] = nodes["atp"].abs().rank(ascending=False, method="first").astype(int)
+    return node_table(keys, {"atp": np.concatenate(vals)})
 
-    # exact re-check: top-k plus a validation subset
+
+def _recheck_nodes(nodes: pd.DataFrame, top_k: int, validate: Any, seed: int) -> list[int]:
+    """Row indices of the nodes re-checked exactly: the top-k plus a seeded validation subset."""
     n = len(nodes)
     chosen = set(np.flatnonzero(nodes["rank"].to_numpy() <= top_k).tolist())
     if validate == "all":
@@ -256,8 +305,24 @@ def attribution(
         chosen |= {rest[i] for i in pick}
     else:
         raise LoopscopeError(f"validate must be a non-negative int or 'all', got {validate!r}")
-    chosen_idx = sorted(chosen)
-    node_keys = [tuple(nodes.loc[i, NODE_COLS]) for i in chosen_idx]
+    return sorted(chosen)
+
+
+def _exact_effects(
+    loop: Loop,
+    base: dict,
+    corruption: Any,
+    infos: dict,
+    metric: Callable,
+    nodes: pd.DataFrame,
+    chosen: list[int],
+    run: tuple,
+    batch_size: int,
+) -> pd.DataFrame:
+    """Exact noising effect per (chosen node, example): m(noised) - m(clean), column ``exact``."""
+    n_iter, read_at = run[5], run[6]
+    B = base["B"]
+    node_keys = [tuple(nodes.loc[i, NODE_COLS]) for i in chosen]
     jobs = [(b, [(s, int(t), int(p), int(u))]) for (s, t, p, u) in node_keys for b in range(B)]
     clean_m = torch.as_tensor(metric(base["lg_clean"], torch.arange(B))).double().numpy()
     exact = np.zeros(0)
@@ -266,19 +331,9 @@ def attribution(
             loop, base, corruption, "noise", jobs, infos, metric, n_iter, read_at, batch_size
         )
         exact = cols["metric"] - np.tile(clean_m, len(node_keys))
-    ex_frame = pd.DataFrame(
+    return pd.DataFrame(
         [(*k, b) for k in node_keys for b in range(B)], columns=[*NODE_COLS, "example"]
     ).assign(exact=exact)
-    per = per.merge(ex_frame, on=[*NODE_COLS, "example"], how="left")
-    node_exact = ex_frame.groupby(NODE_COLS, sort=False, as_index=False)["exact"].mean()
-    nodes = nodes.merge(node_exact, on=NODE_COLS, how="left")
-    nodes["checked"] = nodes["exact"].notna()
-    nodes["top_k"] = nodes["rank"] <= top_k
-    agreement = _agreement(nodes[nodes["checked"]], top_k)
-    meta = {**_meta(loop, corruption, seed, n_iter, read_at), "method": method}
-    if method == "ig":
-        meta.update(ig_hook=ig_name, ig_steps=ig_steps)
-    return AttributionResult(per_example=per, nodes=nodes, agreement=agreement, meta=meta)
 
 
 def _agreement(checked: pd.DataFrame, k: int) -> dict[str, float]:

@@ -40,7 +40,8 @@ import numpy as np
 import pandas as pd
 from scipy import optimize
 
-from loopscope.core.errors import LoopscopeError
+from loopscope.core.errors import LoopscopeError, did_you_mean
+from loopscope.core.result import Result, float_summary, result_meta
 
 __all__ = [
     "graph_metrics",
@@ -58,6 +59,7 @@ __all__ = [
     "relative_ig",
     "relative_ig_table",
     "logistic_slope",
+    "SlopeFit",
     "null_model",
     "NullModel",
 ]
@@ -408,13 +410,42 @@ def relative_ig_table(
 # -- correctness vs df ---------------------------------------------------------------------------
 
 
+@dataclass(kw_only=True, repr=False)
+class SlopeFit(Result):
+    """A :func:`logistic_slope` fit: the slope on log1p(df) with its 95 % Wald CI.
+
+    Attributes:
+        slope, ci_low, ci_high, se: the log1p(df) coefficient, its CI and standard error
+            (NaN when the outcome has one class).
+        intercept: the constant term. depth_coef: the depth coefficient (NaN without depth).
+        n: observations.
+    """
+
+    slope: float
+    ci_low: float
+    ci_high: float
+    se: float = float("nan")
+    intercept: float = float("nan")
+    depth_coef: float = float("nan")
+    n: int = 0
+
+    def summary(self) -> dict[str, float]:
+        names = ("slope", "ci_low", "ci_high", "se", "intercept", "depth_coef", "n")
+        return float_summary({k: getattr(self, k) for k in names})
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row: the summary's numbers."""
+        return pd.DataFrame([self.summary()])
+
+
+@did_you_mean
 def logistic_slope(
     correct: np.ndarray,
     df: np.ndarray,
     depth: np.ndarray | None,
     op: Sequence[Any] | None = None,
     l2: float = 1e-6,
-) -> dict[str, float]:
+) -> SlopeFit:
     """Logistic regression correct ~ 1 + log1p(df) + depth (+ one dummy per op but the first) by
     maximum likelihood (L-BFGS, a negligible ``l2`` for separable data); slope on log1p(df) with
     a 95 % Wald CI from the observed information.
@@ -424,8 +455,15 @@ def logistic_slope(
     ends): a linear term would then leave the contrast to df, and a df that differs between the
     positions would pick up a spurious slope. ``depth_coef`` is NaN when ``depth`` is None.
 
+    Args:
+        correct: ``[n]`` 1/0 outcomes. df: ``[n]`` document frequencies.
+        depth: ``[n]`` linear control, or None.
+        op: ``[n]`` categorical control (one dummy per level but the first), or None.
+        l2: ridge penalty that keeps separable data finite.
+
     Example:
         >>> fit = logistic_slope(correct, df, None, op=digit)  # doctest: +SKIP
+        >>> fit.slope, fit.ci_low, fit.ci_high  # doctest: +SKIP
     """
     yv = np.asarray(correct, dtype=float).ravel()
     cols = [np.ones_like(yv), np.log1p(np.asarray(df, dtype=float).ravel())]
@@ -436,14 +474,10 @@ def logistic_slope(
         for level in sorted(set(ops.tolist()), key=str)[1:]:
             cols.append((ops == level).astype(float))
     X = np.stack(cols, 1)
+    meta = result_meta(settings={"l2": l2, "depth": depth is not None, "op": op is not None})
     if len(np.unique(yv)) < 2:
-        return {
-            "slope": float("nan"),
-            "ci_low": float("nan"),
-            "ci_high": float("nan"),
-            "depth_coef": float("nan"),
-            "n": len(yv),
-        }
+        nan = float("nan")
+        return SlopeFit(slope=nan, ci_low=nan, ci_high=nan, n=len(yv), meta=meta)
 
     def nll(w: np.ndarray) -> tuple[float, np.ndarray]:
         z = X @ w
@@ -457,15 +491,16 @@ def logistic_slope(
     p = 1 / (1 + np.exp(-(X @ w)))
     H = X.T @ (X * (p * (1 - p))[:, None]) + l2 * np.eye(X.shape[1])
     se = float(np.sqrt(np.linalg.pinv(H)[1, 1]))
-    return {
-        "slope": float(w[1]),
-        "ci_low": float(w[1] - 1.96 * se),
-        "ci_high": float(w[1] + 1.96 * se),
-        "se": se,
-        "intercept": float(w[0]),
-        "depth_coef": float(w[2]) if depth is not None else float("nan"),
-        "n": len(yv),
-    }
+    return SlopeFit(
+        slope=float(w[1]),
+        ci_low=float(w[1] - 1.96 * se),
+        ci_high=float(w[1] + 1.96 * se),
+        se=se,
+        intercept=float(w[0]),
+        depth_coef=float(w[2]) if depth is not None else float("nan"),
+        n=len(yv),
+        meta=meta,
+    )
 
 
 # -- error-accumulation null model ---------------------------------------------------------------
@@ -480,8 +515,8 @@ def null_model(eps: float | np.ndarray, n: int | np.ndarray) -> np.ndarray | flo
     return float(out) if out.ndim == 0 else out
 
 
-@dataclass
-class NullModel:
+@dataclass(kw_only=True, repr=False)
+class NullModel(Result):
     """Per-op local error rates eps_op (fitted, not hard-coded) and the predicted accuracy
     prod_v (1 - eps_op(v)) over the non-source nodes of a graph."""
 
@@ -492,7 +527,7 @@ class NullModel:
         """eps_op = fraction of ``local`` labels among the nodes with that op
         (``frame`` from :func:`taxonomy_frame`)."""
         rates = frame.assign(local=frame["label"] == "local").groupby("op")["local"].mean()
-        return cls({str(k): float(v) for k, v in rates.items()})
+        return cls(eps={str(k): float(v) for k, v in rates.items()})
 
     def predict(self, G: nx.DiGraph) -> float:
         p = 1.0
@@ -506,4 +541,12 @@ class NullModel:
         return p
 
     def to_frame(self) -> pd.DataFrame:
+        """One row per op: op, eps."""
         return pd.DataFrame({"op": list(self.eps), "eps": list(self.eps.values())})
+
+    def summary(self) -> dict[str, float]:
+        """Number of ops and their mean error rate."""
+        eps = list(self.eps.values())
+        return float_summary(
+            {"n_ops": len(eps), "mean_eps": float(np.mean(eps)) if eps else float("nan")}
+        )

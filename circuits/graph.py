@@ -28,7 +28,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import networkx as nx
@@ -40,16 +40,25 @@ from torch import Tensor
 from loopscope.circuits.attribution import NODE_COLS, attribution
 from loopscope.circuits.corruptions import as_corruption
 from loopscope.circuits.engine import canonical_sites, site_info
-from loopscope.circuits.patching import _base_runs, _meta, patch_sweep, resolve_metric, run_jobs
-from loopscope.core.errors import LoopscopeError, check_positive_int, reject_unknown_kwargs
+from loopscope.circuits.patching import (
+    _base_runs,
+    _check_run_args,
+    _meta,
+    patch_sweep,
+    resolve_metric,
+    run_jobs,
+)
+from loopscope.core.errors import LoopscopeError, did_you_mean
+from loopscope.core.loop import Loop
+from loopscope.core.result import Result, float_summary
 
 __all__ = ["circuit_graph", "CircuitGraph", "jaccard_by_iteration"]
 
 Node = tuple[int, str, int, int]
 
 
-@dataclass
-class CircuitGraph:
+@dataclass(kw_only=True, repr=False)
+class CircuitGraph(Result):
     """Unrolled graph, node effects, pruned circuit and faithfulness curve.
 
     Attributes:
@@ -66,7 +75,6 @@ class CircuitGraph:
     nodes: pd.DataFrame
     circuit: set[Node]
     faithfulness: pd.DataFrame
-    meta: dict[str, Any] = field(default_factory=dict)
 
     def pruned(self) -> nx.DiGraph:
         """Subgraph on the circuit nodes, the state chain and the input node."""
@@ -86,7 +94,22 @@ class CircuitGraph:
         return float(off.mean()) if len(off) else float("nan")
 
     def to_frame(self) -> pd.DataFrame:
+        """The node table (site, iteration, position, unit, effect, rank, in_circuit)."""
         return self.nodes.copy()
+
+    def summary(self) -> dict[str, float]:
+        """Node and circuit sizes, faithfulness of the kept circuit, same-circuit score."""
+        size = len(self.circuit)
+        f = self.faithfulness
+        at = f.loc[f["size"] == size, "faithfulness"]
+        return float_summary(
+            {
+                "n_nodes": len(self.nodes),
+                "circuit_size": size,
+                "faithfulness": float(at.iloc[0]) if len(at) else float("nan"),
+                "same_circuit_score": self.same_circuit_score(),
+            }
+        )
 
 
 def jaccard_by_iteration(
@@ -116,8 +139,9 @@ def _default_sizes(n: int) -> list[int]:
     return sorted(sizes)
 
 
+@did_you_mean
 def circuit_graph(
-    loop: Any,
+    loop: Loop,
     clean: Any,
     corrupt: Any,
     sites: Sequence[str] | str,
@@ -134,7 +158,6 @@ def circuit_graph(
     seed: int = 0,
     batch_size: int = 256,
     measure_at: int | None = None,
-    **options: Any,
 ) -> CircuitGraph:
     """Unrolled circuit graph with effects, pruning and faithfulness (see module docstring).
 
@@ -142,15 +165,14 @@ def circuit_graph(
         loop, clean, corrupt, sites, metric, n_iter, positions, units, seed, batch_size,
             measure_at: as in :func:`~loopscope.circuits.patch_sweep`.
         effects: "exact" (noising patch per node, batched) or "atp" (attribution patching).
-        threshold / top_n: circuit = nodes with |effect| >= threshold, or the top_n by |effect|
-            (default: the top-n set of the smallest size on the curve reaching faithfulness >= 0.9).
+        threshold: circuit = nodes with |effect| >= threshold.
+        top_n: circuit = the top_n nodes by |effect| (default, with no threshold either: the
+            top-n set of the smallest size on the curve reaching faithfulness >= 0.9).
         sizes: circuit sizes of the faithfulness curve (default 0, 1, 2, 4, ..., N; 0 and N are
             always included).
         injection: add the input node and injection edges.
     """
-    reject_unknown_kwargs("circuit_graph", options)
-    n_iter = check_positive_int("n_iter", n_iter)
-    read_at = n_iter if measure_at is None else check_positive_int("measure_at", measure_at)
+    n_iter, read_at, batch_size = _check_run_args(n_iter, measure_at, batch_size)
     if effects not in ("exact", "atp"):
         raise LoopscopeError(f"effects must be 'exact' or 'atp', got {effects!r}")
     if threshold is not None and top_n is not None:
@@ -165,21 +187,65 @@ def circuit_graph(
         batch_size=batch_size,
         measure_at=measure_at,
     )
+    nodes = _node_effects(loop, clean, corrupt, names, metric, effects, common)
+    keys: list[Node] = [
+        (int(r.iteration), str(r.site), int(r.unit), int(r.position)) for r in nodes.itertuples()
+    ]
+    corruption = as_corruption(corrupt)
+    faith = _faithfulness(
+        loop, clean, corruption, names, metric, keys, sizes, units, seed, n_iter, read_at,
+        batch_size,
+    )  # fmt: skip
+    circuit = _choose_circuit(keys, nodes["effect"], faith, threshold, top_n)
+    nodes["in_circuit"] = [k in circuit for k in keys]
+    G = _unrolled_graph(keys, nodes["effect"], circuit, read_at, injection)
+    meta = {
+        **_meta(loop, corruption, seed, n_iter, read_at),
+        "effects": effects,
+        "threshold": threshold,
+        "top_n": top_n,
+        "ablation": corruption.kind,
+        "n_nodes": len(keys),
+    }
+    return CircuitGraph(graph=G, nodes=nodes, circuit=circuit, faithfulness=faith, meta=meta)
+
+
+def _node_effects(
+    loop: Loop,
+    clean: Any,
+    corrupt: Any,
+    names: list[str],
+    metric: Callable,
+    effects: str,
+    common: dict[str, Any],
+) -> pd.DataFrame:
+    """Node table ``NODE_COLS + effect + rank``, sorted by rank (|effect| descending)."""
     if effects == "exact":
         sw = patch_sweep(loop, clean, corrupt, names, "all", metric, direction="noise", **common)
-        sw = sw.assign(effect=sw["metric"] - sw["clean"])
+        sw = sw.frame.assign(effect=sw.frame["metric"] - sw.frame["clean"])
         nodes = sw.groupby(NODE_COLS, sort=False, as_index=False)["effect"].mean()
     else:
         res = attribution(loop, clean, corrupt, names, metric, top_k=0, validate=0, **common)
         nodes = res.nodes[NODE_COLS + ["atp"]].rename(columns={"atp": "effect"})
     nodes["rank"] = nodes["effect"].abs().rank(ascending=False, method="first").astype(int)
-    nodes = nodes.sort_values("rank", ignore_index=True)
-    keys: list[Node] = [
-        (int(r.iteration), str(r.site), int(r.unit), int(r.position)) for r in nodes.itertuples()
-    ]
+    return nodes.sort_values("rank", ignore_index=True)
 
-    # faithfulness curve: keep the top-n nodes clean, patch the rest to their corrupted values
-    corruption = as_corruption(corrupt)
+
+def _faithfulness(
+    loop: Loop,
+    clean: Any,
+    corruption: Any,
+    names: list[str],
+    metric: Callable,
+    keys: list[Node],
+    sizes: Sequence[int] | None,
+    units: dict[str, int] | None,
+    seed: int,
+    n_iter: int,
+    read_at: int,
+    batch_size: int,
+) -> pd.DataFrame:
+    """F(n): keep the top-n nodes clean, patch the rest to their corrupted values."""
     base = _base_runs(loop, clean, corruption, names, n_iter, seed, read_at)
     base["clean_inputs"] = clean
     infos = {s: site_info(loop, base["src_clean"], s, (units or {}).get(s)) for s in names}
@@ -204,18 +270,28 @@ def circuit_graph(
         }
     )
     faith.attrs.update(m_full=m_full, m_empty=m_empty)
+    return faith
 
+
+def _choose_circuit(
+    keys: list[Node], effect: pd.Series, faith: pd.DataFrame, threshold: Any, top_n: Any
+) -> set[Node]:
+    """The kept nodes: by threshold, by top_n, or the smallest set reaching F >= 0.9."""
+    N = len(keys)
     if threshold is not None:
-        circuit = {k for k, e in zip(keys, nodes["effect"], strict=True) if abs(e) >= threshold}
-    elif top_n is not None:
+        return {k for k, e in zip(keys, effect, strict=True) if abs(e) >= threshold}
+    if top_n is not None:
         if isinstance(top_n, bool) or not isinstance(top_n, int) or not 0 <= top_n <= N:
             raise LoopscopeError(f"top_n must be an int in 0..{N}, got {top_n!r}")
-        circuit = set(keys[:top_n])
-    else:
-        ok = faith[faith["faithfulness"] >= 0.9]
-        circuit = set(keys[: int(ok["size"].min())]) if len(ok) else set(keys)
-    nodes["in_circuit"] = [k in circuit for k in keys]
+        return set(keys[:top_n])
+    ok = faith[faith["faithfulness"] >= 0.9]
+    return set(keys[: int(ok["size"].min())]) if len(ok) else set(keys)
 
+
+def _unrolled_graph(
+    keys: list[Node], effect: pd.Series, circuit: set[Node], read_at: int, injection: bool
+) -> nx.DiGraph:
+    """State chain h_0..h_T, the input node and one component node per key (module docstring)."""
     G = nx.DiGraph()
     for t in range(read_at + 1):
         G.add_node(("state", t), kind="state", iteration=t)
@@ -223,7 +299,7 @@ def circuit_graph(
             G.add_edge(("state", t - 1), ("state", t), kind="residual")
     if injection:
         G.add_node(("input",), kind="input")
-    for k, e in zip(keys, nodes["effect"], strict=True):
+    for k, e in zip(keys, effect, strict=True):
         t = k[0]
         G.add_node(
             k,
@@ -240,12 +316,4 @@ def circuit_graph(
         G.add_edge(k, ("state", t + 1), kind="write")
         if injection:
             G.add_edge(("input",), k, kind="injection")
-    meta = {
-        **_meta(loop, corruption, seed, n_iter, read_at),
-        "effects": effects,
-        "threshold": threshold,
-        "top_n": top_n,
-        "ablation": corruption.kind,
-        "n_nodes": N,
-    }
-    return CircuitGraph(graph=G, nodes=nodes, circuit=circuit, faithfulness=faith, meta=meta)
+    return G

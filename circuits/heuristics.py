@@ -18,7 +18,7 @@ Families (configurable grids, recorded in ``Heuristic.params``):
 * identical operands (op1 == op2); any custom mask (:class:`Heuristic` with ``mask_fn``).
 
 Looped mapping: :func:`grid_activations` records ``[T, units, n1, n2]`` grids per iteration,
-:func:`classify_neurons` gives the census per (iteration, neuron), and :func:`heuristic_knockout` /
+:func:`heuristic_census` gives the census per (iteration, neuron), and :func:`heuristic_knockout` /
 :func:`prompt_guided_knockout` zero the associated neurons at chosen iterations against equal-size
 random baselines.
 
@@ -26,7 +26,7 @@ Example:
     >>> import numpy as np
     >>> g = OperandGrid(np.arange(20), np.arange(20), "+")
     >>> A = ((g.result >= 10) & (g.result < 20)).astype(float)
-    >>> classify(A, g, range_heuristics(g, "result", lengths=[10])).best.name
+    >>> classify_heuristics(A, g, range_heuristics(g, "result", lengths=[10])).best.name
     'result in [10, 20)'
 """
 
@@ -41,8 +41,10 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from loopscope.core.errors import LoopscopeError, check_positive_int
+from loopscope.core.errors import LoopscopeError, check_positive_int, did_you_mean
 from loopscope.core.interventions import Patch
+from loopscope.core.loop import Loop
+from loopscope.core.result import FrameResult, Result, float_summary, result_meta
 from loopscope.core.unroll import unroll
 
 __all__ = [
@@ -55,10 +57,10 @@ __all__ = [
     "default_heuristics",
     "heuristic_score",
     "direct_grid",
-    "classify",
+    "classify_heuristics",
     "Classification",
     "grid_activations",
-    "classify_neurons",
+    "heuristic_census",
     "heuristic_knockout",
     "prompt_guided_knockout",
 ]
@@ -223,8 +225,8 @@ def direct_grid(
     return np.asarray(A, dtype=float) * lv[res]
 
 
-@dataclass
-class Classification:
+@dataclass(kw_only=True, repr=False)
+class Classification(Result):
     """Scores of one grid against a heuristic list: ``scores`` frame, ``best`` (argmax) and
     ``matches`` (every heuristic with score >= threshold)."""
 
@@ -246,16 +248,35 @@ class Classification:
         return [h for h, m in zip(self.heuristics, ok, strict=True) if m]
 
     def to_frame(self) -> pd.DataFrame:
+        """One row per heuristic: heuristic, family, on, params, score, matched."""
         return self.scores.assign(matched=self.scores["score"] >= self.threshold)
 
+    def summary(self) -> dict[str, float]:
+        """Best score, number of matches, heuristics scored."""
+        return float_summary(
+            {
+                "best_score": self.best_score,
+                "n_matches": len(self.matches),
+                "n_heuristics": len(self.heuristics),
+            }
+        )
 
-def classify(
+
+@did_you_mean
+def classify_heuristics(
     A: np.ndarray,
     grid: OperandGrid,
     heuristics: Sequence[Heuristic] | None = None,
     threshold: float = THRESHOLD,
 ) -> Classification:
-    """Score grid ``A`` ``[n1, n2]`` against every heuristic (default: :func:`default_heuristics`)."""
+    """Score grid ``A`` ``[n1, n2]`` against every heuristic (default: :func:`default_heuristics`).
+
+    Args:
+        A: activation grid ``[n1, n2]`` of one neuron over the operand grid.
+        grid: the :class:`OperandGrid` (operands and results).
+        heuristics: heuristics to score (default: :func:`default_heuristics` of ``grid``).
+        threshold: a heuristic matches at score >= threshold (Nikankin et al.: 0.6).
+    """
     A = np.asarray(A, dtype=float)
     if A.shape != grid.shape:
         raise LoopscopeError(
@@ -274,11 +295,11 @@ def classify(
             "score": scores,
         }
     )
-    return Classification(frame, hs, threshold)
+    return Classification(scores=frame, heuristics=hs, threshold=threshold)
 
 
 def grid_activations(
-    loop: Any,
+    loop: Loop,
     tokens: Tensor,
     grid: OperandGrid,
     site: str,
@@ -305,15 +326,28 @@ def grid_activations(
     return x.permute(0, 3, 1, 2).contiguous()
 
 
-def classify_neurons(
+@did_you_mean
+def heuristic_census(
     acts: Tensor | np.ndarray,
     grid: OperandGrid,
     heuristics: Sequence[Heuristic] | None = None,
     threshold: float = THRESHOLD,
     neurons: Sequence[int] | None = None,
-) -> pd.DataFrame:
+) -> FrameResult:
     """Heuristic census: one row per (iteration, neuron) with the best heuristic, its score, the
-    number of matches and their names. ``acts`` ``[T, units, n1, n2]`` (or ``[units, n1, n2]``)."""
+    number of matches and their names.
+
+    Args:
+        acts: ``[T, units, n1, n2]`` grids (or ``[units, n1, n2]``), e.g. :func:`grid_activations`.
+        grid: the :class:`OperandGrid`.
+        heuristics: heuristics to score (default: :func:`default_heuristics` of ``grid``).
+        threshold: a heuristic matches at score >= threshold.
+        neurons: the neurons to classify (default: every unit).
+
+    Returns:
+        :class:`~loopscope.core.result.FrameResult`; columns iteration, neuron, best,
+        best_score, n_matches, matches, classified (summary: ``mean_classified`` ...).
+    """
     a = np.asarray(acts.detach().cpu() if isinstance(acts, Tensor) else acts, dtype=float)
     if a.ndim == 3:
         a = a[None]
@@ -336,7 +370,12 @@ def classify_neurons(
                     "classified": len(match) > 0,
                 }
             )
-    return pd.DataFrame(rows)
+    frame = pd.DataFrame(rows)
+    return FrameResult(
+        frame=frame,
+        summary_columns=("best_score", "n_matches", "classified"),
+        meta=result_meta(settings={"threshold": threshold, "n_heuristics": len(hs)}),
+    )
 
 
 # -- knockouts -----------------------------------------------------------------------------------
@@ -375,13 +414,14 @@ def _neurons_for(census: pd.DataFrame, name: str, t: int) -> list[int]:
     return sorted(rows["neuron"].astype(int).tolist())
 
 
+@did_you_mean
 def heuristic_knockout(
-    loop: Any,
+    loop: Loop,
     tokens: Tensor,
     answers: Tensor,
     grid: OperandGrid,
     site: str,
-    census: pd.DataFrame,
+    census: FrameResult | pd.DataFrame,
     heuristic: Heuristic,
     *,
     n_iter: int,
@@ -396,7 +436,24 @@ def heuristic_knockout(
     """Zero the neurons classified as ``heuristic`` (per iteration, from ``census``) at
     ``iterations`` (default every iteration of the census) and compare accuracy on associated
     prompts (in the heuristic's set) vs the others, against ``n_random`` equal-count random sets of
-    non-associated neurons. Rows: condition, prompts, accuracy, baseline, drop, n_neurons."""
+    non-associated neurons.
+
+    Args:
+        loop: a Loop. tokens: the grid's prompts ``[n1 * n2, pos]`` (row-major). answers: ``[B]``.
+        grid: the :class:`OperandGrid`. site: the hook whose units are zeroed.
+        census: :func:`heuristic_census` (or its frame).
+        heuristic: the heuristic whose neurons are knocked out.
+        n_iter: loop iterations. n_units: units along ``unit_dim``.
+        iterations: iterations to knock out at (default: every iteration of the census).
+        position: position of the zeroed activation. answer_position: position read out.
+        unit_dim: the unit axis of the activation.
+        n_random: equal-count random baselines. seed: baseline and initial-state seed.
+
+    Returns:
+        :class:`~loopscope.core.result.FrameResult`; rows condition, prompts, accuracy,
+        baseline, drop, n_neurons, heuristic.
+    """
+    census = _census_frame(census)
     its = sorted(census["iteration"].unique().tolist()) if iterations is None else list(iterations)
     B = tokens.shape[0]
     assoc = heuristic.mask(grid).ravel()
@@ -444,16 +501,18 @@ def heuristic_knockout(
                     "heuristic": heuristic.name,
                 }
             )
-    return pd.DataFrame(rows)
+    meta = result_meta(loop, seed=seed, settings={"heuristic": heuristic.name, "site": site})
+    return FrameResult(frame=pd.DataFrame(rows), summary_columns=("drop",), meta=meta)
 
 
+@did_you_mean
 def prompt_guided_knockout(
-    loop: Any,
+    loop: Loop,
     tokens: Tensor,
     answers: Tensor,
     grid: OperandGrid,
     site: str,
-    census: pd.DataFrame,
+    census: FrameResult | pd.DataFrame,
     heuristics: Sequence[Heuristic],
     *,
     n_iter: int,
@@ -466,7 +525,17 @@ def prompt_guided_knockout(
 ) -> pd.DataFrame:
     """Per prompt, zero the neurons whose matched heuristics contain that prompt (per iteration),
     vs an equal-count random set of the other neurons. One batched run per condition; rows:
-    condition, accuracy, baseline, drop, mean_neurons."""
+    condition, accuracy, baseline, drop, mean_neurons.
+
+    Args:
+        loop, tokens, answers, grid, site, census, n_iter, n_units, iterations, position,
+            answer_position, unit_dim, seed: as in :func:`heuristic_knockout`.
+        heuristics: the heuristics whose prompt sets guide the knockout.
+
+    Returns:
+        :class:`~loopscope.core.result.FrameResult` with one row per condition.
+    """
+    census = _census_frame(census)
     its = sorted(census["iteration"].unique().tolist()) if iterations is None else list(iterations)
     B = tokens.shape[0]
     by_name = {h.name: h.mask(grid).ravel() for h in heuristics}
@@ -505,4 +574,16 @@ def prompt_guided_knockout(
                 "mean_neurons": float(np.mean(counts)) if counts else 0.0,
             }
         )
-    return pd.DataFrame(rows)
+    meta = result_meta(loop, seed=seed, settings={"site": site})
+    return FrameResult(frame=pd.DataFrame(rows), summary_columns=("drop",), meta=meta)
+
+
+def _census_frame(census: FrameResult | pd.DataFrame) -> pd.DataFrame:
+    """The census table of a :func:`heuristic_census` result (or the table itself)."""
+    if isinstance(census, Result):
+        return census.to_frame()
+    if not isinstance(census, pd.DataFrame):
+        raise LoopscopeError(
+            f"census must be a heuristic_census result or its frame, got {type(census).__name__}"
+        )
+    return census

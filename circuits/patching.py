@@ -40,6 +40,7 @@ import itertools
 import json
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -64,27 +65,58 @@ from loopscope.core.errors import (
     CheckpointError,
     LoopscopeError,
     check_positive_int,
-    reject_unknown_kwargs,
+    did_you_mean,
 )
 from loopscope.core.interventions import Transplant
 from loopscope.core.io import ChunkCheckpoint, fingerprint
-from loopscope.core.loop import batch_size_of, select_batch
+from loopscope.core.loop import Loop, batch_size_of, select_batch
+from loopscope.core.result import Result, result_meta
 from loopscope.core.unroll import unroll
 
-__all__ = ["patch_sweep", "state_transplant", "SweepFrame", "resolve_metric"]
+__all__ = ["patch_sweep", "state_transplant", "SweepResult", "resolve_metric"]
 
 
-class SweepFrame(pd.DataFrame):
-    """A tidy pandas DataFrame (one row per patch and example) that is also a loopscope result:
-    ``.to_frame()`` returns a plain DataFrame; run facts (seed, n_iter, corruption) are in
-    ``.attrs``."""
+@dataclass(kw_only=True, repr=False)
+class SweepResult(Result):
+    """A patching sweep: a tidy table, one row per (patch, example), plus run facts.
 
-    @property
-    def _constructor(self) -> type:
-        return SweepFrame
+    Attributes:
+        frame: the table (see :func:`patch_sweep` for its columns); ``to_frame()`` returns a copy
+            with ``sample`` (= ``example``) as a column.
+        checkpoint: with ``checkpoint_dir``, the chunk counts ``{"dir", "total", "resumed",
+            "computed"}``; otherwise None.
+        meta: model, seed, n_iter, measured_at, corruption kind and flags (``result_meta``).
+
+    Example::
+
+        res = patch_sweep(loop, clean, corrupt, ["hook_A"], n_iter=3, metric=m)
+        res.to_frame().groupby("iteration")["recovery"].mean()
+    """
+
+    frame: pd.DataFrame
+    checkpoint: dict[str, Any] | None = None
 
     def to_frame(self) -> pd.DataFrame:
-        return pd.DataFrame(self)
+        f = self.frame.copy()
+        if "example" in f and "sample" not in f:
+            f.insert(f.columns.get_loc("example"), "sample", f["example"].to_numpy())
+        return f
+
+    def summary(self) -> dict[str, float]:
+        """Mean recovery (per direction when there are several), diverged fraction, rows."""
+        f = self.frame
+        out: dict[str, float] = {"n_rows": float(len(f))}
+        if "recovery" in f:
+            out["mean_recovery"] = float(f["recovery"].astype(float).mean())
+            if "direction" in f and f["direction"].nunique() > 1:
+                for d, g in f.groupby("direction", sort=True):
+                    out[f"mean_recovery_{d}"] = float(g["recovery"].astype(float).mean())
+        if "diverged" in f:
+            out["diverged_fraction"] = float(f["diverged"].astype(float).mean())
+        return out
+
+    def __len__(self) -> int:
+        return len(self.frame)
 
 
 def resolve_metric(metric: Any, corrupt: Any) -> Callable[[Tensor, Tensor], Tensor]:
@@ -306,8 +338,9 @@ def _load_chunk(store: ChunkCheckpoint, key: str, part: np.ndarray) -> dict[str,
     return vals
 
 
+@did_you_mean
 def patch_sweep(
-    loop: Any,
+    loop: Loop,
     clean: Any,
     corrupt: Any,
     sites: Sequence[str] | str,
@@ -324,8 +357,7 @@ def patch_sweep(
     reuse_prefix: bool = True,
     checkpoint_dir: str | os.PathLike | None = None,
     max_bytes: int | None = None,
-    **options: Any,
-) -> SweepFrame:
+) -> SweepResult:
     """Sweep single-site, single-iteration, single-position patches (see module docstring).
 
     Args:
@@ -347,51 +379,25 @@ def patch_sweep(
         reuse_prefix: start a row patched at iteration t from the unpatched run's h_t instead
             of recomputing iterations < t (identical by construction; off for corruptions with
             interventions and for sites that fire in ``encode``).
-        checkpoint_dir: folder for a resumable sweep: each finished chunk of ``batch_size`` rows
-            is written there atomically (``chunk-<direction>-<k>.safetensors``, with a
-            ``manifest.json`` fingerprinting the model weights, inputs, corruption, sites,
-            iterations, positions, units, direction, seed, batch_size, n_iter, measure_at and the
-            metric's clean / corrupt values); re-running with the same folder skips finished
-            chunks and returns the same frame as an uninterrupted run, bit for bit. A folder
-            holding another sweep raises :class:`~loopscope.core.errors.CheckpointError`. The metric
-            and custom loops' Python code are fingerprinted by name only.
-        max_bytes: memory budget of the sweep (default: half the free memory of the state's
-            device, as for captures). The sweep's bytes (source captures of the clean and
-            corrupted runs, their states, one forward chunk) are estimated from a 1-example,
-            2-iteration probe run before anything big runs; over budget raises
-            :class:`~loopscope.core.errors.CaptureMemoryError` with the estimate and the way out.
+        checkpoint_dir: folder for a resumable sweep (module docstring): finished chunks are
+            written there atomically and skipped on a re-run; another sweep's folder raises
+            :class:`~loopscope.core.errors.CheckpointError`.
+        max_bytes: memory budget (default: half the free memory of the state's device);
+            an estimate over it raises :class:`~loopscope.core.errors.CaptureMemoryError`.
 
     Returns:
-        :class:`SweepFrame` with columns direction, site, iteration, position, unit, example,
-        metric, clean, corrupt, recovery, diverged (the patched run blew up / went non-finite;
-        its metric is read from the frozen state), and kl / kl_delta (plus logprob, prob, logprob_wrong,
-        accuracy, nl and Nikankin's effect_E for answer metrics). With ``checkpoint_dir``,
-        ``attrs["checkpoint"]`` counts the chunks: ``total``, ``resumed`` (read back) and
-        ``computed``.
+        :class:`SweepResult`; its frame has columns direction, site, iteration, position, unit,
+        example, metric, clean, corrupt, recovery, diverged (the patched run blew up / went
+        non-finite; its metric is read from the frozen state), kl / kl_delta (plus logprob,
+        prob, logprob_wrong, accuracy, nl, effect_E for answer metrics). With
+        ``checkpoint_dir``, ``.checkpoint`` counts the chunks (total, resumed, computed).
     """
-    reject_unknown_kwargs("patch_sweep", options)
-    n_iter = check_positive_int("n_iter", n_iter)
-    batch_size = check_positive_int("batch_size", batch_size)
-    read_at = n_iter if measure_at is None else check_positive_int("measure_at", measure_at)
-    if direction not in ("denoise", "noise", "both"):
-        raise LoopscopeError(f"direction must be 'denoise', 'noise' or 'both', got {direction!r}")
-    metric = resolve_metric(metric, corrupt)
-    corruption = as_corruption(corrupt)
-    if isinstance(corrupt, STRPairs) and isinstance(clean, Tensor):
-        if not torch.equal(clean, corrupt.clean):
-            raise LoopscopeError("clean inputs differ from the STR pairs' clean tokens")
+    n_iter, read_at, batch_size = _check_run_args(n_iter, measure_at, batch_size)
+    metric, corruption = _check_pair(clean, corrupt, metric, direction)
     its = _iterations(iterations, n_iter)
-    names = canonical_sites(loop, sites)
-    units = dict(units or {})
-    for s in units:
-        if s not in names:
-            raise LoopscopeError(f"units names site {s!r}, which is not among the sites {names}")
-    if max_bytes is not None:
-        max_bytes = check_positive_int("max_bytes", max_bytes)
-    dirs = ["denoise", "noise"] if direction == "both" else [direction]
-    budget = _check_sweep_memory(
-        loop, clean, names, max(n_iter, read_at), batch_size, seed, max_bytes
-    )
+    names, units = _check_sites(loop, sites, units)
+    T = max(n_iter, read_at)
+    budget = _check_sweep_memory(loop, clean, names, T, batch_size, seed, max_bytes)
     store = None
     if checkpoint_dir is not None:
         store = ChunkCheckpoint(
@@ -405,6 +411,74 @@ def patch_sweep(
     base = _base_runs(loop, clean, corruption, names, n_iter, seed, read_at, budget)
     base["clean_inputs"] = clean
     infos = {s: site_info(loop, base["src_clean"], s, units.get(s)) for s in names}
+    keys = _sweep_keys(names, infos, its, positions, base["B"])
+    jobs = [(b, [(s, t, p, u)]) for s, t, p, u, b in keys]
+    clean_m, corr_m = _reference_metrics(metric, base)
+    if store is not None:  # the same metric on the same runs, or refuse to mix
+        store.check_values("metric_clean", clean_m)
+        store.check_values("metric_corrupt", corr_m)
+    frames = []
+    for d in ["denoise", "noise"] if direction == "both" else [direction]:
+        cols = run_jobs(
+            loop, base, corruption, d, jobs, infos, metric, n_iter, read_at, batch_size,
+            reuse_prefix, store,
+        )  # fmt: skip
+        frames.append(_sweep_frame(d, keys, cols, clean_m, corr_m))
+    checkpoint = None
+    if store is not None:
+        checkpoint = {
+            "dir": str(store.dir),
+            "total": store.resumed + store.computed,
+            "resumed": store.resumed,
+            "computed": store.computed,
+        }
+    return SweepResult(
+        frame=pd.concat(frames, ignore_index=True),
+        checkpoint=checkpoint,
+        meta=_meta(loop, corruption, seed, n_iter, read_at),
+    )
+
+
+def _check_pair(
+    clean: Any, corrupt: Any, metric: Any, direction: str, both: bool = True
+) -> tuple[Callable, Any]:
+    """Validated ``(metric, corruption)`` of a clean / corrupt pair and the patch direction."""
+    allowed = ("denoise", "noise", "both") if both else ("denoise", "noise")
+    if direction not in allowed:
+        names = ", ".join(repr(a) for a in allowed)
+        raise LoopscopeError(f"direction must be one of {names}, got {direction!r}")
+    metric = resolve_metric(metric, corrupt)
+    corruption = as_corruption(corrupt)
+    if isinstance(corrupt, STRPairs) and isinstance(clean, Tensor):
+        if not torch.equal(clean, corrupt.clean):
+            raise LoopscopeError("clean inputs differ from the STR pairs' clean tokens")
+    return metric, corruption
+
+
+def _check_sites(
+    loop: Loop, sites: Sequence[str] | str, units: dict[str, int] | None
+) -> tuple[list[str], dict[str, int]]:
+    """Canonical site names and the ``{site: unit axis}`` map (every key among the sites)."""
+    names = canonical_sites(loop, sites)
+    units = dict(units or {})
+    for s in units:
+        if s not in names:
+            raise LoopscopeError(f"units names site {s!r}, which is not among the sites {names}")
+    return names, units
+
+
+def _check_run_args(n_iter: Any, measure_at: Any, batch_size: Any) -> tuple[int, int, int]:
+    """Validated ``(n_iter, readout iteration, batch_size)``."""
+    n_iter = check_positive_int("n_iter", n_iter)
+    batch_size = check_positive_int("batch_size", batch_size)
+    read_at = n_iter if measure_at is None else check_positive_int("measure_at", measure_at)
+    return n_iter, read_at, batch_size
+
+
+def _sweep_keys(
+    names: list[str], infos: dict, its: list[int] | None, positions: Any, B: int
+) -> list[tuple[str, int, int, int, int]]:
+    """Every ``(site, iteration, position, unit, example)`` the sweep patches, in frame order."""
     keys: list[tuple[str, int, int, int, int]] = []
     for s in names:
         info = infos[s]
@@ -414,64 +488,48 @@ def patch_sweep(
             raise LoopscopeError(f"site {s!r} does not fire at iterations {missing}")
         pos = [-1] if info.pos_dim is None else _positions(positions, info.n_pos, s)
         uns = [-1] if info.unit_dim is None else list(range(info.n_units))
-        keys += [
-            (s, t, p, u, b) for t, p, u, b in itertools.product(s_its, pos, uns, range(base["B"]))
-        ]
-    jobs = [(b, [(s, t, p, u)]) for s, t, p, u, b in keys]
-    clean_m = _metric_columns(
-        metric, base["lg_clean"], torch.arange(base["B"]), base["lg_clean"], base["lg_corrupt"]
-    )["metric"].numpy()
-    corr_m = _metric_columns(
-        metric, base["lg_corrupt"], torch.arange(base["B"]), base["lg_clean"], base["lg_corrupt"]
-    )["metric"].numpy()
-    if store is not None:  # the same metric on the same runs, or refuse to mix
-        store.check_values("metric_clean", clean_m)
-        store.check_values("metric_corrupt", corr_m)
-    frames = []
-    for d in dirs:
-        cols = run_jobs(
-            loop,
-            base,
-            corruption,
-            d,
-            jobs,
-            infos,
-            metric,
-            n_iter,
-            read_at,
-            batch_size,
-            reuse_prefix,
-            store,
-        )
-        ex = np.array([k[4] for k in keys], dtype=np.int64)
-        f = pd.DataFrame(
-            {
-                "direction": d,
-                "site": [k[0] for k in keys],
-                "iteration": np.array([k[1] for k in keys], dtype=np.int64),
-                "position": np.array([k[2] for k in keys], dtype=np.int64),
-                "unit": np.array([k[3] for k in keys], dtype=np.int64),
-                "example": ex,
-            }
-        )
-        f["metric"] = cols.pop("metric")
-        f["clean"] = clean_m[ex]
-        f["corrupt"] = corr_m[ex]
-        f["recovery"] = normalised(f["metric"], f["clean"], f["corrupt"])
-        f["diverged"] = cols.pop("diverged").astype(bool)
-        for k, v in cols.items():
-            f[k] = v
-        frames.append(f)
-    out = SweepFrame(pd.concat(frames, ignore_index=True))
-    out.attrs.update(_meta(loop, corruption, seed, n_iter, read_at))
-    if store is not None:
-        out.attrs["checkpoint"] = {
-            "dir": str(store.dir),
-            "total": store.resumed + store.computed,
-            "resumed": store.resumed,
-            "computed": store.computed,
+        keys += [(s, t, p, u, b) for t, p, u, b in itertools.product(s_its, pos, uns, range(B))]
+    return keys
+
+
+def _reference_metrics(metric: Callable, base: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """The metric of the unpatched clean and corrupted runs, ``[B]`` each."""
+    every = torch.arange(base["B"])
+    lg_clean, lg_corrupt = base["lg_clean"], base["lg_corrupt"]
+    return tuple(
+        _metric_columns(metric, lg, every, lg_clean, lg_corrupt)["metric"].numpy()
+        for lg in (lg_clean, lg_corrupt)
+    )  # type: ignore[return-value]
+
+
+def _sweep_frame(
+    direction: str,
+    keys: list[tuple[str, int, int, int, int]],
+    cols: dict[str, np.ndarray],
+    clean_m: np.ndarray,
+    corr_m: np.ndarray,
+) -> pd.DataFrame:
+    """One direction's rows: keys, metric, clean, corrupt, recovery, diverged, extra columns."""
+    ex = np.array([k[4] for k in keys], dtype=np.int64)
+    f = pd.DataFrame(
+        {
+            "direction": direction,
+            "site": [k[0] for k in keys],
+            "iteration": np.array([k[1] for k in keys], dtype=np.int64),
+            "position": np.array([k[2] for k in keys], dtype=np.int64),
+            "unit": np.array([k[3] for k in keys], dtype=np.int64),
+            "example": ex,
         }
-    return out
+    )
+    cols = dict(cols)
+    f["metric"] = cols.pop("metric")
+    f["clean"] = clean_m[ex]
+    f["corrupt"] = corr_m[ex]
+    f["recovery"] = normalised(f["metric"], f["clean"], f["corrupt"])
+    f["diverged"] = cols.pop("diverged").astype(bool)
+    for k, v in cols.items():
+        f[k] = v
+    return f
 
 
 def _nbytes(n: float) -> str:
@@ -496,6 +554,8 @@ def _check_sweep_memory(
     example), both runs' states and readouts, and one forward chunk (``batch_size`` rows with
     their states). Returns the budget (None: the default, half the free memory).
     """
+    if max_bytes is not None:
+        max_bytes = check_positive_int("max_bytes", max_bytes)
     B = batch_size_of(clean)
     if B is None:
         return max_bytes  # _base_runs names the problem
@@ -573,20 +633,23 @@ def _sweep_fingerprint(
 
 
 def _meta(loop: Any, corruption: Any, seed: int, n_iter: int, read_at: int) -> dict[str, Any]:
+    """``result_meta`` of a patching run: model, seed, n_iter, readout, corruption facts."""
     cfg = getattr(loop, "cfg", None)
-    return {
-        "model": getattr(cfg, "name", type(loop).__name__),
-        "seed": int(seed),
+    settings = {
         "n_iter": int(n_iter),
         "measured_at": int(read_at),
         "corruption": corruption.kind,
         "flagged": bool(corruption.flagged),
         **{f"corruption_{k}": v for k, v in corruption.meta.items() if np.isscalar(v)},
     }
+    return result_meta(
+        loop, seed=int(seed), model=getattr(cfg, "name", type(loop).__name__), settings=settings
+    )
 
 
+@did_you_mean
 def state_transplant(
-    loop: Any,
+    loop: Loop,
     clean: Any,
     corrupt: Any,
     metric: Callable[[Tensor, Tensor], Tensor] | None = None,
@@ -595,8 +658,7 @@ def state_transplant(
     extra: int = 0,
     iterations: Sequence[int] | str = "all",
     seed: int = 0,
-    **options: Any,
-) -> SweepFrame:
+) -> SweepResult:
     """Recovery R(t) when the clean state h_t replaces the corrupted run's state at iteration t.
 
     For each t the corrupted run is repeated with ``Transplant(iteration=t, source=clean_run)``
@@ -604,12 +666,18 @@ def state_transplant(
     a contracting block the effect decays back to the corrupted attractor (distance <=
     L^(T-t) x gap); without injection the transplanted answer persists (recovery 1).
 
+    Args:
+        loop: a Loop. clean / corrupt / metric: as in :func:`patch_sweep`.
+        n_iter: loop iterations T (the first readout).
+        extra: further iterations after T for a second readout at T + extra (0: none).
+        iterations: the transplant iterations t (default "all": 0..T-1).
+        seed: seed of the initial states (shared by every run).
+
     Returns:
-        :class:`SweepFrame`, one row per (t, measured_at, example): metric, clean, corrupt,
+        :class:`SweepResult`, one row per (t, measured_at, example): metric, clean, corrupt,
         recovery, ``gap`` = ||h_t^clean - h_t^corrupt||, ``dist_corrupt`` / ``dist_clean`` = distance
         of the transplanted state at measured_at to the corrupted / clean run's state.
     """
-    reject_unknown_kwargs("state_transplant", options)
     n_iter = check_positive_int("n_iter", n_iter)
     if isinstance(extra, bool) or not isinstance(extra, int) or extra < 0:
         raise LoopscopeError(f"extra must be a non-negative int, got {extra!r}")
@@ -618,14 +686,13 @@ def state_transplant(
     T = n_iter + extra
     base = _base_runs(loop, clean, corruption, [], T, seed, T)
     c, k = base["clean"], base["corrupt"]
-    B = base["B"]
-    idx = torch.arange(B)
+    idx = torch.arange(base["B"])
     its = _iterations(iterations, n_iter)
     its = list(range(n_iter)) if its is None else its
     ivs0 = corruption.interventions(idx) if corruption.interventions is not None else []
     at_list = sorted({n_iter, T})
-    m_c = {a: torch.as_tensor(metric(c.decode(a), idx)).double() for a in at_list}
-    m_k = {a: torch.as_tensor(metric(k.decode(a), idx)).double() for a in at_list}
+    m_c = {a: torch.as_tensor(metric(c.decode(a), idx)).double().numpy() for a in at_list}
+    m_k = {a: torch.as_tensor(metric(k.decode(a), idx)).double().numpy() for a in at_list}
     frames = []
     for t in its:
         tr = unroll(
@@ -635,33 +702,21 @@ def state_transplant(
             init=base["h0_corrupt"],
             interventions=[*ivs0, Transplant(iteration=t, source=c)],
         )
-        gap = (c.states[t] - k.states[t]).reshape(B, -1).double().norm(dim=1)
+        gap = _row_norm(c.states[t] - k.states[t])
         for a in at_list:
-            m_pt = torch.as_tensor(metric(tr.decode(a), idx)).double()
-            frames.append(
-                pd.DataFrame(
-                    {
-                        "t": t,
-                        "measured_at": a,
-                        "example": idx.numpy(),
-                        "metric": m_pt.numpy(),
-                        "clean": m_c[a].numpy(),
-                        "corrupt": m_k[a].numpy(),
-                        "recovery": normalised(m_pt.numpy(), m_c[a].numpy(), m_k[a].numpy()),
-                        "gap": gap.numpy(),
-                        "dist_corrupt": (tr.states[a] - k.states[a])
-                        .reshape(B, -1)
-                        .double()
-                        .norm(dim=1)
-                        .numpy(),
-                        "dist_clean": (tr.states[a] - c.states[a])
-                        .reshape(B, -1)
-                        .double()
-                        .norm(dim=1)
-                        .numpy(),
-                    }
-                )
-            )
-    out = SweepFrame(pd.concat(frames, ignore_index=True))
-    out.attrs.update(_meta(loop, corruption, seed, n_iter, T))
-    return out
+            m_pt = torch.as_tensor(metric(tr.decode(a), idx)).double().numpy()
+            f = pd.DataFrame({"t": t, "measured_at": a, "example": idx.numpy(), "metric": m_pt})
+            f["clean"], f["corrupt"] = m_c[a], m_k[a]
+            f["recovery"] = normalised(m_pt, m_c[a], m_k[a])
+            f["gap"] = gap
+            f["dist_corrupt"] = _row_norm(tr.states[a] - k.states[a])
+            f["dist_clean"] = _row_norm(tr.states[a] - c.states[a])
+            frames.append(f)
+    return SweepResult(
+        frame=pd.concat(frames, ignore_index=True), meta=_meta(loop, corruption, seed, n_iter, T)
+    )
+
+
+def _row_norm(x: Tensor) -> np.ndarray:
+    """Euclidean norm of each example's entry of ``x [B, ...]`` (float64), ``[B]``."""
+    return x.reshape(x.shape[0], -1).double().norm(dim=1).numpy()

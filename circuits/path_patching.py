@@ -37,7 +37,7 @@ last one it reaches). As in ``patch_sweep``, a node is every firing of its site 
 ``measure_at - 1`` and the metric is read in pass 1 (no pass 2). With ``freeze=[]`` this is ordinary
 activation patching of s. ``hook_state`` cannot be frozen (it would cut every route).
 
-**Output**: a :class:`~loopscope.circuits.SweepFrame`, one row per (direction, sender, receiver
+**Output**: a :class:`~loopscope.circuits.SweepResult`, one row per (direction, sender, receiver
 set, example): ``site, iteration, position, unit`` (the sender, as in ``patch_sweep``),
 ``receiver`` (``"readout"`` or ``"site@t[:pP][:uU]"`` joined by ``" + "``), ``receiver_iteration``
 (latest receiver iteration, or ``measure_at``), ``example``, ``metric``, ``clean``, ``corrupt``,
@@ -97,7 +97,7 @@ from loopscope.circuits.engine import (
 )
 from loopscope.circuits.metrics import normalised
 from loopscope.circuits.patching import (
-    SweepFrame,
+    SweepResult,
     _base_runs,
     _iterations,
     _meta,
@@ -109,17 +109,17 @@ from loopscope.core.errors import (
     LoopscopeError,
     UnknownHookError,
     check_positive_int,
-    reject_unknown_kwargs,
+    did_you_mean,
 )
 from loopscope.core.interventions import Intervention, Patch
-from loopscope.core.loop import select_batch
+from loopscope.core.loop import Loop, select_batch
+from loopscope.core.result import Result
 from loopscope.core.trace import Trace
 from loopscope.core.unroll import unroll
 
 __all__ = ["path_patch", "path_patch_sweep", "path_traces", "PathNode", "PathTraces"]
 
 _READOUT = ("readout", "state")
-_OPTIONS = ("direction", "measure_at", "units", "batch_size", "seed", "reuse_prefix")
 
 
 @dataclass(frozen=True)
@@ -142,8 +142,8 @@ class PathNode:
 Receivers = tuple[PathNode, ...]  # () = the readout
 
 
-@dataclass
-class PathTraces:
+@dataclass(kw_only=True, repr=False)
+class PathTraces(Result):
     """The runs of one path (see :func:`path_traces`): ``base`` and ``source`` reference runs,
     ``pass1`` (sender patched, freeze sites frozen) and ``pass2`` (receivers patched; None for
     the readout receiver)."""
@@ -152,6 +152,43 @@ class PathTraces:
     source: Trace
     pass1: Trace
     pass2: Trace | None
+
+    def runs(self) -> dict[str, Trace]:
+        """The traces by name (``pass2`` left out when there is none)."""
+        out = {"base": self.base, "source": self.source, "pass1": self.pass1}
+        return out if self.pass2 is None else {**out, "pass2": self.pass2}
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per (run, sample, iteration): ``state_norm`` and, for the patched runs,
+        ``dist_base`` (distance of the state to the base run's)."""
+        frames = []
+        ref = self.base.states
+        for name, tr in self.runs().items():
+            T1, B = tr.states.shape[:2]
+            h = tr.states.reshape(T1, B, -1).double()
+            dist = (h - ref.reshape(T1, B, -1).double()).norm(dim=-1)
+            frames.append(
+                pd.DataFrame(
+                    {
+                        "run": name,
+                        "sample": np.tile(np.arange(B), T1),
+                        "iteration": np.repeat(np.arange(T1), B),
+                        "state_norm": h.norm(dim=-1).reshape(-1).numpy(),
+                        "dist_base": dist.reshape(-1).numpy(),
+                    }
+                )
+            )
+        return pd.concat(frames, ignore_index=True)
+
+    def summary(self) -> dict[str, float]:
+        """Final-iteration mean distance of each patched run's state to the base run's."""
+        f = self.to_frame()
+        last = f[f["iteration"] == f["iteration"].max()]
+        return {
+            f"final_dist_{name}": float(g["dist_base"].mean())
+            for name, g in last.groupby("run", sort=False)
+            if name != "base"
+        }
 
 
 # -- parsing ------------------------------------------------------------------------------------
@@ -648,8 +685,7 @@ def _frame(st: _Setup, direction: str, rows: list, cols: dict, m_cl, m_co) -> pd
 
 
 def _sweep(
-    where: str,
-    loop: Any,
+    loop: Loop,
     clean: Any,
     corrupt: Any,
     senders: Sequence[Any],
@@ -657,17 +693,17 @@ def _sweep(
     metric: Any,
     n_iter: Any,
     freeze: Any,
-    options: dict[str, Any],
-) -> SweepFrame:
-    reject_unknown_kwargs(where, options, _OPTIONS)
-    direction = options.get("direction", "denoise")
-    if direction not in ("denoise", "noise", "both"):
-        raise LoopscopeError(f"direction must be 'denoise', 'noise' or 'both', got {direction!r}")
-    batch_size = check_positive_int("batch_size", options.get("batch_size", 256))
-    seed = options.get("seed", 0)
+    run: _RunOptions,
+) -> SweepResult:
+    """Every (sender, receiver set, example) row, for one or both directions."""
+    if run.direction not in ("denoise", "noise", "both"):
+        raise LoopscopeError(
+            f"direction must be 'denoise', 'noise' or 'both', got {run.direction!r}"
+        )
+    batch_size = check_positive_int("batch_size", run.batch_size)
     st = _setup(
         loop, clean, corrupt, senders, receiver_sets, metric, n_iter, freeze,
-        options.get("measure_at"), options.get("units"), seed,
+        run.measure_at, run.units, run.seed,
     )  # fmt: skip
     B = st.base["B"]
     rows = list(itertools.product(range(len(st.senders)), range(len(st.rsets)), range(B)))
@@ -679,20 +715,32 @@ def _sweep(
         for lg in (st.base["lg_clean"], st.base["lg_corrupt"])
     )
     frames = []
-    for d in ["denoise", "noise"] if direction == "both" else [direction]:
-        cols = _evaluate(st, d, rows, batch_size, bool(options.get("reuse_prefix", True)))
+    for d in ["denoise", "noise"] if run.direction == "both" else [run.direction]:
+        cols = _evaluate(st, d, rows, batch_size, bool(run.reuse_prefix))
         frames.append(_frame(st, d, rows, cols, m_cl, m_co))
-    out = SweepFrame(pd.concat(frames, ignore_index=True))
-    out.attrs.update(_meta(loop, st.corruption, seed, st.n_iter, st.read_at))
-    out.attrs["freeze"] = list(st.freeze)
-    return out
+    meta = _meta(loop, st.corruption, run.seed, st.n_iter, st.read_at)
+    meta["freeze"] = list(st.freeze)
+    return SweepResult(frame=pd.concat(frames, ignore_index=True), meta=meta)
+
+
+@dataclass(frozen=True)
+class _RunOptions:
+    """The options :func:`path_patch` and :func:`path_patch_sweep` share."""
+
+    direction: str = "denoise"
+    measure_at: int | None = None
+    units: dict[str, int] | None = None
+    batch_size: int = 256
+    seed: int = 0
+    reuse_prefix: bool = True
 
 
 # -- public API ---------------------------------------------------------------------------------
 
 
+@did_you_mean
 def path_patch(
-    loop: Any,
+    loop: Loop,
     clean: Any,
     corrupt: Any,
     sender: Any,
@@ -701,8 +749,13 @@ def path_patch(
     *,
     n_iter: int,
     freeze: Sequence[str] | str | None = None,
-    **options: Any,
-) -> SweepFrame:
+    direction: str = "denoise",
+    measure_at: int | None = None,
+    units: dict[str, int] | None = None,
+    batch_size: int = 256,
+    seed: int = 0,
+    reuse_prefix: bool = True,
+) -> SweepResult:
     """Path-patched effect of ``sender`` on the readout through ``receivers`` (module docstring).
 
     Args:
@@ -719,21 +772,23 @@ def path_patch(
         freeze: hook names / globs of the components held at their base values after the sender
             (e.g. ``["core.blocks.*.attn.hook_z", "core.blocks.*.mlp.hook_post"]``); ``[]`` freezes
             nothing (ordinary patching for the readout receiver).
-
-    Keyword options: ``direction`` ("denoise" | "noise" | "both"), ``measure_at`` (readout
-    iteration, default T), ``units`` (``{site: axis}`` for unit-level nodes), ``batch_size`` (rows
-    per forward, default 256), ``seed`` (initial states), ``reuse_prefix`` (default True).
+        direction: "denoise", "noise" or "both".
+        measure_at: readout iteration (default T).
+        units: ``{site: axis}`` for unit-level nodes.
+        batch_size: rows per forward.
+        seed: seed of the initial states.
+        reuse_prefix: start rows from the unpatched run's state at the first patched iteration.
 
     Returns:
-        :class:`~loopscope.circuits.SweepFrame`, one row per (direction, sender, example).
+        :class:`~loopscope.circuits.SweepResult`, one row per (direction, sender, example).
     """
-    return _sweep(
-        "path_patch", loop, clean, corrupt, [sender], [receivers], metric, n_iter, freeze, options
-    )
+    run = _RunOptions(direction, measure_at, units, batch_size, seed, reuse_prefix)
+    return _sweep(loop, clean, corrupt, [sender], [receivers], metric, n_iter, freeze, run)
 
 
+@did_you_mean
 def path_patch_sweep(
-    loop: Any,
+    loop: Loop,
     clean: Any,
     corrupt: Any,
     senders: Sequence[Any],
@@ -742,13 +797,25 @@ def path_patch_sweep(
     *,
     n_iter: int,
     freeze: Sequence[str] | str | None = None,
-    **options: Any,
-) -> SweepFrame:
-    """Many senders x many receiver sets, batched (same options as :func:`path_patch`).
+    direction: str = "denoise",
+    measure_at: int | None = None,
+    units: dict[str, int] | None = None,
+    batch_size: int = 256,
+    seed: int = 0,
+    reuse_prefix: bool = True,
+) -> SweepResult:
+    """Many senders x many receiver sets, batched (the parameters are :func:`path_patch`'s).
 
-    ``senders``: a list of sender specs (or one spec); ``receiver_sets``: a list whose entries are
-    each one receiver set (``"readout"``, a node, or a list of nodes). One row per (direction,
-    sender, receiver set, example), in that order.
+    Args:
+        loop, clean, corrupt, metric, n_iter, freeze: as in :func:`path_patch`.
+        senders: a list of sender specs (or one spec).
+        receiver_sets: a list whose entries are each one receiver set (``"readout"``, a node, or
+            a list of nodes).
+        direction, measure_at, units, batch_size, seed, reuse_prefix: as in :func:`path_patch`.
+
+    Returns:
+        :class:`~loopscope.circuits.SweepResult`, one row per (direction, sender, receiver set,
+        example), in that order.
     """
     if isinstance(senders, tuple) and senders and isinstance(senders[0], str):
         senders = [senders]
@@ -756,22 +823,15 @@ def path_patch_sweep(
         receiver_sets = [receiver_sets]
     if not senders or not receiver_sets:
         raise LoopscopeError("path_patch_sweep needs at least one sender and one receiver set")
+    run = _RunOptions(direction, measure_at, units, batch_size, seed, reuse_prefix)
     return _sweep(
-        "path_patch_sweep",
-        loop,
-        clean,
-        corrupt,
-        list(senders),
-        list(receiver_sets),
-        metric,
-        n_iter,
-        freeze,
-        options,
+        loop, clean, corrupt, list(senders), list(receiver_sets), metric, n_iter, freeze, run
     )
 
 
+@did_you_mean
 def path_traces(
-    loop: Any,
+    loop: Loop,
     clean: Any,
     corrupt: Any,
     sender: Any,
@@ -784,12 +844,20 @@ def path_traces(
     measure_at: int | None = None,
     units: dict[str, int] | None = None,
     seed: int = 0,
-    **options: Any,
 ) -> PathTraces:
     """The runs of one path for inspection: every example, from iteration 0, capturing ``capture``
     (plus the receivers) for max(T, measure_at) iterations, with the same interventions as
-    :func:`path_patch`. ``sender`` must name exactly one node."""
-    reject_unknown_kwargs("path_traces", options)
+    :func:`path_patch`. ``sender`` must name exactly one node.
+
+    Args:
+        loop, clean, corrupt, sender, receivers, n_iter, freeze: as in :func:`path_patch`.
+        capture: hook names / globs to capture in every run (the receivers are always captured).
+        direction: "denoise" or "noise" (one direction: these are runs, not a sweep).
+        measure_at, units, seed: as in :func:`path_patch`.
+
+    Returns:
+        :class:`PathTraces` (``base``, ``source``, ``pass1``, ``pass2`` traces).
+    """
     if direction not in ("denoise", "noise"):
         raise LoopscopeError(f"direction must be 'denoise' or 'noise', got {direction!r}")
     st = _setup(

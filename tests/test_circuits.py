@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from toy_pairs import lp0, tiny_pair
@@ -15,7 +16,7 @@ from toy_pairs import lp0, tiny_pair
 import loopscope as ls
 from loopscope import tasks
 from loopscope.circuits import (
-    SweepFrame,
+    SweepResult,
     gaussian_noise,
     logit_diff_metric,
     mean_ablation,
@@ -42,7 +43,7 @@ def gate_table(kind, clean, corrupt):
         toys.gate_metric,
         n_iter=1,
         direction="both",
-    )
+    ).to_frame()
     assert len(df) == 6 and (df["position"] == -1).all()  # [B, 1] hooks are patched whole
     return {(r.site[-1], r.direction): r.recovery for r in df.itertuples()}
 
@@ -82,7 +83,7 @@ def test_batched_sweep_equals_one_forward_per_patch_exactly():
         direction="both",
         units={"blocks.0.attn.hook_z": 2},
         batch_size=7,
-    )
+    ).to_frame()
     # 3 iterations x 4 positions x 2 examples (+ x 2 heads for hook_z), both directions
     assert len(fast) == 2 * (3 * 4 * 2 + 3 * 4 * 2 * 2)
     refs = {
@@ -112,7 +113,8 @@ def test_batched_sweep_equals_one_forward_per_patch_exactly():
     assert np.allclose(
         fast["recovery"], (fast["metric"] - fast["corrupt"]) / (fast["clean"] - fast["corrupt"])
     )
-    assert isinstance(fast, SweepFrame) and type(fast.to_frame()) is not SweepFrame
+    res = patch_sweep(model, clean, corrupt, sites, [0], lp0, n_iter=T, batch_size=7)
+    assert isinstance(res, SweepResult) and type(res.to_frame()) is pd.DataFrame
 
 
 def _one_patch(model, inputs, r, src, T, read_at=None):
@@ -132,21 +134,22 @@ def _one_patch(model, inputs, r, src, T, read_at=None):
 
 def test_measure_at_reads_out_later():
     model, clean, corrupt = tiny_pair(B=2)
-    df = patch_sweep(model, clean, corrupt, ["hook_state"], [1], lp0, n_iter=2, measure_at=5)
+    res = patch_sweep(model, clean, corrupt, ["hook_state"], [1], lp0, n_iter=2, measure_at=5)
+    df = res.to_frame()
     src = ls.unroll(model, clean, 5, capture=["hook_state"])["hook_state"][1]
     for r in df.itertuples():
         assert (
             lp0(_one_patch(model, corrupt, r, src, 2, read_at=5), torch.tensor([0])).item()
             == r.metric
         )
-    assert df.attrs["measured_at"] == 5
+    assert res.meta["measured_at"] == 5
 
 
 def test_answer_metric_columns_match_a_direct_computation():
     model, clean, corrupt = tiny_pair(B=3)
     ans, wrong = torch.tensor([0, 1, 2]), torch.tensor([3, 4, 5])
     metric = logit_diff_metric(ans, wrong, position=-1)
-    df = patch_sweep(model, clean, corrupt, ["hook_state"], [0, 2], metric, n_iter=3)
+    df = patch_sweep(model, clean, corrupt, ["hook_state"], [0, 2], metric, n_iter=3).to_frame()
     cols = ("metric", "recovery", "logprob", "prob", "logprob_wrong", "kl", "kl_delta", "accuracy")
     for col in (*cols, "nl", "effect_E"):
         assert col in df and df[col].notna().all()
@@ -178,7 +181,9 @@ def test_generic_metric_gets_kl_columns_and_position_whole_for_flat_states():
     # the input sets h_0 only (no injection): restoring the whole state restores the run
     loop = ls.FnLoop(step=lambda h: torch.tanh(h @ W + 0.1), init_state=lambda x, gen: x.clone())
     clean = torch.ones(2, 3, dtype=torch.float64)
-    df = patch_sweep(loop, clean, -clean, ["hook_state"], "all", lambda lg, i: lg[:, 0], n_iter=2)
+    df = patch_sweep(
+        loop, clean, -clean, ["hook_state"], "all", lambda lg, i: lg[:, 0], n_iter=2
+    ).to_frame()
     assert (df["position"] == -1).all() and len(df) == 2 * 2
     assert {"kl", "kl_delta"} <= set(df.columns)
     assert (df["recovery"] == 1.0).all() and (df["kl"].abs() < 1e-15).all()
@@ -198,13 +203,13 @@ def test_golden30_transplant_persists_without_injection_and_obeys_bound_with_it(
     Q = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))[0]
     # no injection: an orthogonal map carries the state, the input only sets h_0
     no_inj = ls.FnLoop(step=lambda h, x: h @ Q, init_state=lambda x, gen: x.clone())
-    rec = state_transplant(no_inj, clean, corrupt, metric, n_iter=5, extra=4)
+    rec = state_transplant(no_inj, clean, corrupt, metric, n_iter=5, extra=4).to_frame()
     assert len(rec) == 5 * 2 * 3 and np.allclose(rec["recovery"], 1.0)
     inj = ls.FnLoop(
         step=lambda h, x: torch.tanh(h @ W.T + x), init_state=lambda x, gen: torch.zeros_like(x)
     )
     T = 10
-    rec = state_transplant(inj, clean, corrupt, metric, n_iter=T, extra=5)
+    rec = state_transplant(inj, clean, corrupt, metric, n_iter=T, extra=5).to_frame()
     for r in rec.itertuples():
         assert r.dist_corrupt <= 0.5 ** (r.measured_at - r.t) * r.gap + 1e-12
     # the transplanted effect decays back to the corrupted attractor
@@ -264,9 +269,10 @@ def test_sweep_with_str_pairs_metric_and_model():
     model = toys.TinyLoopedTransformer(
         vocab_size=s3.vocab_size, n_ctx=8, d_model=16, n_heads=2, d_mlp=16, n_classes=6
     )
-    df = patch_sweep(model, p.clean, p, ["hook_state"], [1], n_iter=2)
+    res = patch_sweep(model, p.clean, p, ["hook_state"], [1], n_iter=2)
+    df = res.to_frame()
     assert {"logprob", "accuracy"} <= set(df.columns) and len(df) == 5 * 3
-    assert df.attrs["corruption"] == "str"
+    assert res.meta["corruption"] == "str"
 
 
 def test_resample_and_ablation_corruptions():
@@ -282,7 +288,7 @@ def test_resample_and_ablation_corruptions():
     z = zero_ablation(clean, ["blocks.0.hook_mlp_out"])
     df = patch_sweep(
         model, clean, z, ["blocks.0.hook_mlp_out"], [0], lp0, n_iter=2, direction="noise"
-    )
+    ).to_frame()
     # noising with the zero source = zeroing one position of mlp_out at iteration 0
     r = df.iloc[5]
 
@@ -318,8 +324,9 @@ def test_gaussian_noise_needs_replication_flag():
         gaussian_noise(model, clean)
     c = gaussian_noise(model, clean, positions=[1], replication=True, seed=0)
     assert c.flagged and c.meta["nu"] > 0
-    df = patch_sweep(model, clean, c, ["hook_state"], [0], lp0, n_iter=2)
-    assert df.attrs["flagged"] and df.attrs["corruption"] == "gaussian"
+    res = patch_sweep(model, clean, c, ["hook_state"], [0], lp0, n_iter=2)
+    df = res.to_frame()
+    assert res.meta["flagged"] and res.meta["corruption"] == "gaussian"
     tr = ls.unroll(
         model, clean, 1, capture=["hook_embed"], interventions=c.interventions(torch.arange(2))
     )
@@ -341,7 +348,7 @@ def test_bad_inputs():
         patch_sweep(
             gate, one, two, ["hook_A"], [0], toys.gate_metric, n_iter=1, direction="sideways"
         )
-    with pytest.raises(LoopscopeError, match="unknown option 'batchsize'"):
+    with pytest.raises(LoopscopeError, match="unexpected keyword argument 'batchsize'"):
         patch_sweep(gate, one, two, ["hook_A"], [0], toys.gate_metric, n_iter=1, batchsize=3)
     with pytest.raises(LoopscopeError, match="hook_Q"):
         patch_sweep(gate, one, two, ["hook_Q"], [0], toys.gate_metric, n_iter=1)
@@ -358,9 +365,9 @@ def test_bad_inputs():
     with pytest.raises(LoopscopeError, match="position 9 out of range"):
         patch_sweep(model, clean, corrupt, ["hook_state"], [0], lp0, n_iter=1, positions=[9])
     assert math.isfinite(
-        patch_sweep(model, clean, corrupt, ["hook_state"], [0], lp0, n_iter=1, positions=[-1])[
-            "metric"
-        ].iloc[0]
+        patch_sweep(model, clean, corrupt, ["hook_state"], [0], lp0, n_iter=1, positions=[-1])
+        .to_frame()["metric"]
+        .iloc[0]
     )
 
 
@@ -378,10 +385,12 @@ def test_prefix_reuse_on_a_looped_transformer_with_random_init_and_encode_hooks(
     corrupt = clean.clone()
     corrupt[:, 1] = (corrupt[:, 1] + 1) % 7
     sites = ["core.blocks.0.hook_resid_pre", "hook_embed"]  # hook_embed fires in encode
-    fast = patch_sweep(model, clean, corrupt, sites, "all", lp0, n_iter=4, seed=3, batch_size=9)
+    fast = patch_sweep(
+        model, clean, corrupt, sites, "all", lp0, n_iter=4, seed=3, batch_size=9
+    ).to_frame()
     slow = patch_sweep(
         model, clean, corrupt, sites, "all", lp0, n_iter=4, seed=3, reuse_prefix=False
-    )
+    ).to_frame()
     assert len(fast) == (4 + 1) * 5 * 2 and set(fast[fast.site == "hook_embed"].iteration) == {0}
     # equal up to float64 rounding of batched vs single-row BLAS matmuls
     assert np.allclose(fast["metric"], slow["metric"], rtol=1e-12, atol=1e-12)
@@ -418,7 +427,9 @@ def test_prefix_reuse_keeps_absolute_iterations_for_non_autonomous_loops():
     def m(lg, i):
         return lg[:, 0]
 
-    fast = patch_sweep(loop, clean, corrupt, ["hook_state"], "all", m, n_iter=4, direction="both")
+    fast = patch_sweep(
+        loop, clean, corrupt, ["hook_state"], "all", m, n_iter=4, direction="both"
+    ).to_frame()
     slow = patch_sweep(
         loop,
         clean,
@@ -429,7 +440,7 @@ def test_prefix_reuse_keeps_absolute_iterations_for_non_autonomous_loops():
         n_iter=4,
         direction="both",
         reuse_prefix=False,
-    )
+    ).to_frame()
     assert np.array_equal(fast["metric"].to_numpy(), slow["metric"].to_numpy())
     # denoising h_t restores sum_{s<t}(s+1) x_clean, the rest comes from the corrupted input
     for r in fast[fast.direction == "denoise"].itertuples():
@@ -458,7 +469,7 @@ def test_diverging_rows_are_flagged_not_raised():
             n_iter=3,
             direction="both",
             reuse_prefix=reuse,
-        )
+        ).to_frame()
         den = df[df.direction == "denoise"].sort_values("iteration")
         # the corrupted run blows up at its second step, before any patch at t >= 2 can act
         assert den["diverged"].tolist() == [True, True, True]

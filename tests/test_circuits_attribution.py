@@ -125,7 +125,7 @@ def test_exact_recheck_equals_noising_sweep_and_agreement_report():
     )
     sw = patch_sweep(
         model, clean, corrupt, sites, "all", lp0, n_iter=3, units=units, direction="noise"
-    )
+    ).to_frame()
     sw = sw.assign(effect=sw["metric"] - sw["clean"])
     merged = res.per_example.merge(sw, on=["site", "iteration", "position", "unit", "example"])
     assert len(merged) == len(sw) == len(res.per_example)
@@ -215,7 +215,7 @@ def test_bad_inputs():
         attribution(loop, x, y, ["hook_A"], toys.first_logit, n_iter=1, method="ig")
     with pytest.raises(LoopscopeError, match="validate"):
         attribution(loop, x, y, ["hook_A"], toys.first_logit, n_iter=1, validate="some")
-    with pytest.raises(LoopscopeError, match="unknown option"):
+    with pytest.raises(LoopscopeError, match="unexpected keyword argument"):
         attribution(loop, x, y, ["hook_A"], toys.first_logit, n_iter=1, topk=3)
     with pytest.raises(LoopscopeError, match="not both"):
         circuit_graph(loop, x, y, ["hook_A"], toys.first_logit, n_iter=1, threshold=0.1, top_n=1)

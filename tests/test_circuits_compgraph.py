@@ -198,11 +198,11 @@ def test_logistic_slope_matches_unpenalised_sklearn_and_covers_truth():
     fit = logistic_slope(y, df, depth, op=op)
     X = np.stack([np.log1p(df), depth, op == "mod", op == "mul"], 1).astype(float)
     sk = LogisticRegression(C=np.inf, tol=1e-10, max_iter=10000).fit(X, y)
-    assert fit["slope"] == pytest.approx(sk.coef_[0, 0], abs=1e-4)
-    assert fit["depth_coef"] == pytest.approx(sk.coef_[0, 1], abs=1e-4)
-    assert fit["ci_low"] < 0.8 < fit["ci_high"] and fit["ci_high"] - fit["ci_low"] < 0.5
+    assert fit.slope == pytest.approx(sk.coef_[0, 0], abs=1e-4)
+    assert fit.depth_coef == pytest.approx(sk.coef_[0, 1], abs=1e-4)
+    assert fit.ci_low < 0.8 < fit.ci_high and fit.ci_high - fit.ci_low < 0.5
     flat = logistic_slope(np.ones(5), np.arange(5), np.ones(5))
-    assert np.isnan(flat["slope"])
+    assert np.isnan(flat.slope)
 
 
 def test_logistic_slope_categorical_control_removes_a_position_confound():
@@ -218,13 +218,13 @@ def test_logistic_slope_categorical_control_removes_a_position_confound():
     p_digit = np.array([0.99, 0.35, 0.6, 0.95])
     y = rng.random(4 * n) < p_digit[digit]
     fit = logistic_slope(y, df, None, op=digit)
-    assert abs(fit["slope"]) < 3 * fit["se"]  # no df effect (true slope 0)
-    assert np.isnan(fit["depth_coef"])
+    assert abs(fit.slope) < 3 * fit.se  # no df effect (true slope 0)
+    assert np.isnan(fit.depth_coef)
     X = np.stack([np.log1p(df)] + [digit == k for k in (1, 2, 3)], 1).astype(float)
     sk = LogisticRegression(C=np.inf, tol=1e-10, max_iter=10000).fit(X, y)
-    assert fit["slope"] == pytest.approx(sk.coef_[0, 0], abs=1e-4)
+    assert fit.slope == pytest.approx(sk.coef_[0, 0], abs=1e-4)
     linear = logistic_slope(y, df, digit)
-    assert linear["ci_low"] > 1.0  # the confound the categorical control removes
+    assert linear.ci_low > 1.0  # the confound the categorical control removes
 
 
 def test_digit_df_vs_brute_force():

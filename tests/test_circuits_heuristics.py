@@ -12,11 +12,11 @@ from loopscope.circuits import toys
 from loopscope.circuits.heuristics import (
     Heuristic,
     OperandGrid,
-    classify,
-    classify_neurons,
+    classify_heuristics,
     default_heuristics,
     direct_grid,
     grid_activations,
+    heuristic_census,
     heuristic_knockout,
     heuristic_score,
     modulo_heuristics,
@@ -56,7 +56,7 @@ def test_golden29_scores():
     assert got["r100"] == pytest.approx(0.419, abs=1e-3)
     assert got["op1_150"] == pytest.approx(0.094, abs=1e-3)
     assert got["even"] == pytest.approx(0.499, abs=1e-3)
-    c = classify(A1, grid, list(H.values()))
+    c = classify_heuristics(A1, grid, list(H.values()))
     assert c.best.name == "r150" and c.best_score == 1.0
     assert {h.name for h in c.matches} == {"r150", "r140"}  # overlapping ranges also pass
     m7 = Heuristic("modulo", "op1", (7, 3), "m7")
@@ -64,9 +64,11 @@ def test_golden29_scores():
     assert heuristic_score(A2, m7.mask(grid)) == 1.0
     assert heuristic_score(A2, m14.mask(grid)) == pytest.approx(0.512, abs=0.02)
     # the default families find the same answers
-    c2 = classify(A2, grid, modulo_heuristics(grid, "op1") + range_heuristics(grid, "op1"))
+    c2 = classify_heuristics(
+        A2, grid, modulo_heuristics(grid, "op1") + range_heuristics(grid, "op1")
+    )
     assert c2.best.name == "op1 = 3 mod 7" and c2.matches == [c2.best]
-    c1 = classify(A1, grid, range_heuristics(grid, "result", lengths=[30]))
+    c1 = classify_heuristics(A1, grid, range_heuristics(grid, "result", lengths=[30]))
     assert c1.best.name == "result in [150, 180)"
     assert {h.name for h in c1.matches} == {
         "result in [140, 170)",
@@ -95,7 +97,7 @@ def test_configurable_grids_and_families():
     with pytest.raises(LoopscopeError, match="op must be"):
         OperandGrid(np.arange(3), np.arange(3), "^")
     with pytest.raises(LoopscopeError, match="does not match"):
-        classify(np.zeros((2, 2)), g)
+        classify_heuristics(np.zeros((2, 2)), g)
 
 
 def _adder_setup():
@@ -113,7 +115,7 @@ def test_census_of_known_heuristic_neurons():
     model, grid, tokens, answers, hs = _adder_setup()
     acts = grid_activations(model, tokens, grid, "hook_post", 1)
     assert acts.shape == (1, model.n_units, 30, 30)
-    census = classify_neurons(acts, grid, hs)
+    census = heuristic_census(acts, grid, hs).to_frame()
     assert len(census) == model.n_units and census["classified"].all()
     for r in census.itertuples():
         if r.neuron < model.n_ranges:
@@ -128,7 +130,7 @@ def test_census_of_known_heuristic_neurons():
 
 def test_knockout_by_heuristic_vs_random():
     model, grid, tokens, answers, hs = _adder_setup()
-    census = classify_neurons(grid_activations(model, tokens, grid, "hook_post", 1), grid, hs)
+    census = heuristic_census(grid_activations(model, tokens, grid, "hook_post", 1), grid, hs)
     h = next(x for x in hs if x.name == "result in [20, 30)")
     ko = heuristic_knockout(
         model,
@@ -142,7 +144,7 @@ def test_knockout_by_heuristic_vs_random():
         n_units=model.n_units,
         n_random=4,
         seed=0,
-    )
+    ).to_frame()
     heur = ko[ko.condition == "heuristic"].set_index("prompts")
     assert (heur["baseline"] == 1.0).all()
     assert heur.loc["associated", "drop"] == 1.0 and heur.loc["other", "drop"] == 0.0
@@ -152,10 +154,14 @@ def test_knockout_by_heuristic_vs_random():
 
 def test_prompt_guided_knockout_vs_random():
     model, grid, tokens, answers, hs = _adder_setup()
-    census = classify_neurons(grid_activations(model, tokens, grid, "hook_post", 1), grid, hs)
-    ko = prompt_guided_knockout(
-        model, tokens, answers, grid, "hook_post", census, hs, n_iter=1, n_units=model.n_units
-    ).set_index("condition")
+    census = heuristic_census(grid_activations(model, tokens, grid, "hook_post", 1), grid, hs)
+    ko = (
+        prompt_guided_knockout(
+            model, tokens, answers, grid, "hook_post", census, hs, n_iter=1, n_units=model.n_units
+        )
+        .to_frame()
+        .set_index("condition")
+    )
     # every prompt loses its range and digit neuron: only 0 + 0 (argmax of all-zero logits) survives
     assert ko.loc["prompt_guided", "accuracy"] == pytest.approx(1 / 900)
     assert ko.loc["prompt_guided", "mean_neurons"] == 2.0

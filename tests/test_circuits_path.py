@@ -47,11 +47,11 @@ def test_nothing_frozen_readout_path_is_patch_sweep_exactly():
     ps = patch_sweep(
         model, clean, corrupt, ["hook_state", Z], "all", lp0, n_iter=T, direction="both",
         units=units, batch_size=7,
-    )  # fmt: skip
+    ).to_frame()  # fmt: skip
     pp = path_patch_sweep(
         model, clean, corrupt, [("hook_state", "all", "all"), (Z, "all", "all", "all")],
         "readout", lp0, n_iter=T, freeze=[], direction="both", units=units, batch_size=7,
-    )  # fmt: skip
+    ).to_frame()  # fmt: skip
     assert len(pp) == len(ps) == 2 * (3 * 4 * 2 + 3 * 4 * 2 * 2)
     assert (pp["receiver"] == "readout").all() and (pp["receiver_iteration"] == T).all()
     pd.testing.assert_frame_equal(pp[list(ps.columns)], ps, check_exact=True)
@@ -64,7 +64,7 @@ def test_nothing_frozen_readout_path_is_patch_sweep_exactly():
     via = path_patch_sweep(
         model, clean, corrupt, [("hook_state", [0, 1], "all")], [("hook_state", 2)], lp0,
         n_iter=T, freeze=[],
-    )  # fmt: skip
+    ).to_frame()  # fmt: skip
     ref = ps[(ps.direction == "denoise") & (ps.site == "hook_state") & (ps.iteration < 2)]
     assert np.array_equal(via["metric"].to_numpy(), ref["metric"].to_numpy())
 
@@ -110,7 +110,7 @@ def test_linear_two_route_loop_path_effects_are_analytic_and_sum_to_the_total():
         df = path_patch(
             loop, clean, corrupt, ("hook_m", ts), receivers, toys.first_logit, n_iter=T,
             freeze=freeze, direction=direction,
-        )  # fmt: skip
+        ).to_frame()  # fmt: skip
         return df["metric"].to_numpy()
 
     total = run("readout", [])
@@ -243,10 +243,12 @@ def test_batched_rows_equal_one_path_per_forward_and_a_reference():
     senders = [(Z, [0, 1], [1, 3], "all"), ("hook_state", 1, 2), (POST, 0)]
     sets = ["readout", [(POST, 2, 3)], [(Z, 3, None, 1), ("hook_state", 3)], [(POST, 1)]]
     kw = dict(n_iter=T, freeze=FREEZE, units={Z: 2}, direction="both")
-    fast = path_patch_sweep(model, clean, corrupt, senders, sets, lp0, batch_size=5, **kw)
+    fast = path_patch_sweep(
+        model, clean, corrupt, senders, sets, lp0, batch_size=5, **kw
+    ).to_frame()
     slow = path_patch_sweep(
         model, clean, corrupt, senders, sets, lp0, batch_size=1, reuse_prefix=False, **kw
-    )
+    ).to_frame()
     # 2 directions x 10 senders (8 z heads / positions, one state position, one mlp) x 4 sets x 2
     assert len(fast) == 2 * 10 * 4 * 2
     assert np.array_equal(fast["metric"].to_numpy(), slow["metric"].to_numpy())
@@ -293,7 +295,7 @@ def test_bad_inputs_raise_one_line_loopscope_errors():
         (lambda: pp((Z, 5)), "iteration 5 out of range 0..2"),
         (lambda: pp((Z, 1), [(POST, 7)]), "iteration 7 out of range 0..2"),
         (lambda: pp((Z, 1), [(POST, 2)], measure_at=2), "cannot reach the readout"),
-        (lambda: pp((Z, 1), batchsize=4), "unknown option 'batchsize'"),
+        (lambda: pp((Z, 1), batchsize=4), "unexpected keyword argument 'batchsize'"),
         (lambda: pp((Z, 1), direction="sideways"), "direction"),
         (lambda: pp((Z, 1), freeze=None), "freeze is required"),
         (lambda: pp((Z, 1), freeze=["hook_state"]), "must not contain hook_state"),

@@ -109,8 +109,10 @@ def test_kill_minus_9_mid_sweep_then_resume_is_exact_and_computes_no_chunk_twice
     assert set(killed) <= done_at_kill and len(killed) == len(set(killed))
 
     resumed = sweep(ns, checkpoint_dir=ck)
-    assert_frame_equal(resumed, ref, check_exact=True)  # identical final result, bit for bit
-    info = resumed.attrs["checkpoint"]
+    assert_frame_equal(
+        resumed.to_frame(), ref.to_frame(), check_exact=True
+    )  # identical final result, bit for bit
+    info = resumed.checkpoint
     assert info == {
         "dir": str(ck),
         "total": 24,
@@ -125,8 +127,8 @@ def test_kill_minus_9_mid_sweep_then_resume_is_exact_and_computes_no_chunk_twice
 
     # a third run reads everything back and computes nothing
     again = sweep(ns, checkpoint_dir=ck)
-    assert again.attrs["checkpoint"]["computed"] == 0
-    assert_frame_equal(again, ref, check_exact=True)
+    assert again.checkpoint["computed"] == 0
+    assert_frame_equal(again.to_frame(), ref.to_frame(), check_exact=True)
 
 
 def test_a_checkpoint_of_another_sweep_is_refused_never_mixed(tmp_path):
@@ -169,8 +171,8 @@ def test_a_checkpoint_of_another_sweep_is_refused_never_mixed(tmp_path):
     (ck / "chunk-denoise-000000.safetensors").unlink()
     (ck / "chunk-denoise-000000.safetensors.tmp").write_bytes(b"half a file")
     again = sweep(ns, checkpoint_dir=ck, iterations=[0, 1])
-    assert again.attrs["checkpoint"]["computed"] == 1
-    assert_frame_equal(again, first, check_exact=True)
+    assert again.checkpoint["computed"] == 1
+    assert_frame_equal(again.to_frame(), first.to_frame(), check_exact=True)
 
 
 def test_memory_guard_refuses_with_the_estimate_and_the_way_out():

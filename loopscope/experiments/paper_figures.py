@@ -474,8 +474,8 @@ def fig_patching(ctx: PaperContext):
     T = 2 * (clean.shape[1] - 1)
     heat = patch_sweep(
         model, clean, corrupt, ["hook_state"], "all", metric, n_iter=T, seed=ctx.seed
-    )
-    tp = state_transplant(model, clean, corrupt, metric, n_iter=T, extra=T, seed=ctx.seed)
+    ).frame
+    tp = state_transplant(model, clean, corrupt, metric, n_iter=T, extra=T, seed=ctx.seed).frame
     cap = (
         f"{name}, S3 length 12, STR pairs changing exactly one group element (position 3): left, normalised logit-difference "
         "recovery when the clean state h_t at one position replaces the corrupted one (denoising); right, recovery when the "
@@ -519,16 +519,16 @@ def fig_memorization(ctx: PaperContext):
     fit = logistic_slope(
         d["correct"].to_numpy(), d["df"].to_numpy(), None, op=d["digit"].to_numpy()
     )
-    d.attrs["logistic"] = fit
+    d.attrs["logistic"] = fit.summary()
     cap = (
         f"{name}: product digit k is determined by (x mod 10^(k+1), y mod 10^(k+1)); df = number of training pairs sharing them "
         f"(held-out ID pairs have df = 0 for the top digits). Logistic slope of correctness on log(1+df), with one dummy per digit: "
-        f"{fit['slope']:.2f} [{fit['ci_low']:.2f}, {fit['ci_high']:.2f}]."
+        f"{fit.slope:.2f} [{fit.ci_low:.2f}, {fit.ci_high:.2f}]."
     )
     return PaperFigure(
         draw=lambda: figures.memorization_panels(d),
         frame=d.assign(
-            slope=fit["slope"], slope_ci_low=fit["ci_low"], slope_ci_high=fit["ci_high"]
+            slope=fit.slope, slope_ci_low=fit.ci_low, slope_ci_high=fit.ci_high
         ),
         title="Memorization: correctness vs subgraph frequency",
         caption=cap,
