@@ -325,7 +325,6 @@ def test_gaussian_noise_needs_replication_flag():
     c = gaussian_noise(model, clean, positions=[1], replication=True, seed=0)
     assert c.flagged and c.meta["nu"] > 0
     res = patch_sweep(model, clean, c, ["hook_state"], [0], lp0, n_iter=2)
-    df = res.to_frame()
     assert res.meta["flagged"] and res.meta["corruption"] == "gaussian"
     tr = ls.unroll(
         model, clean, 1, capture=["hook_embed"], interventions=c.interventions(torch.arange(2))

@@ -142,7 +142,7 @@ def test_linear_probe_estimator():
         (X0 - X0.mean(0)).numpy() / X0.std(0, unbiased=False).numpy(), y0.numpy()
     )
     assert np.abs(ref.coef_[0] - p.result_.params[0]["W"][0, :, 1].numpy()).max() < 1e-4
-    with pytest.raises(LoopscopeError, match="unexpected keyword argument"):
+    with pytest.raises(LoopscopeError, match="unknown option"):
         LinearProbe(kind="logistic", Cee=1.0)
     with pytest.raises(LoopscopeError, match="not fitted"):
         LinearProbe().predict(X0)
@@ -205,7 +205,7 @@ def test_bad_probe_inputs():
         fit_probes(torch.zeros(3, 4), torch.zeros(3))
     with pytest.raises(LoopscopeError, match="y must be"):
         fit_probes(torch.zeros(2, 10, 3), torch.zeros(9))
-    with pytest.raises(LoopscopeError, match="unexpected keyword argument 'probes'"):
+    with pytest.raises(LoopscopeError, match="unknown option 'probes'"):
         fit_probes(X, y, probes="ridge")
     with pytest.raises(LoopscopeError, match="unknown probe kind 'lasso'"):
         fit_probes(X, y, probe="lasso")

@@ -142,7 +142,7 @@ def test_selectivity_from_two_results_equals_joint_fit_and_checks_split():
     other = fit_probes(Xa, ca, probe="ridge", seed=5)
     with pytest.raises(LoopscopeError, match="share sites, examples and split"):
         selectivity(t, other)
-    with pytest.raises(LoopscopeError, match="unexpected keyword argument"):
+    with pytest.raises(LoopscopeError, match="unknown option"):
         selectivity(Xa, ya, ca, n_bootstrap=10)
     with pytest.raises(LoopscopeError, match="ci must lie"):
         selectivity(t, c, ci=1.5)
