@@ -527,9 +527,7 @@ def fig_memorization(ctx: PaperContext):
     )
     return PaperFigure(
         draw=lambda: figures.memorization_panels(d),
-        frame=d.assign(
-            slope=fit.slope, slope_ci_low=fit.ci_low, slope_ci_high=fit.ci_high
-        ),
+        frame=d.assign(slope=fit.slope, slope_ci_low=fit.ci_low, slope_ci_high=fit.ci_high),
         title="Memorization: correctness vs subgraph frequency",
         caption=cap,
     )

@@ -98,8 +98,7 @@ def patch_study(
         n_iter=cap_iterations(loop, b.tokens, 2 * b.length), seed=seed, batch_size=batch_size,
         checkpoint_dir=checkpoint_dir,
     )  # fmt: skip
-    frame = res if isinstance(res, pd.DataFrame) else res.to_frame()
-    info = res.attrs["checkpoint"] if isinstance(res, pd.DataFrame) else res.checkpoint
+    frame, info = res.to_frame(), res.checkpoint
     settings = {"site": site, "position": position, "n": n, "iterations": iterations}
     return PatchStudy(
         frame=pd.DataFrame(frame), checkpoint=info, summary_columns=("recovery",),
