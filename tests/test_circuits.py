@@ -347,7 +347,7 @@ def test_bad_inputs():
         patch_sweep(
             gate, one, two, ["hook_A"], [0], toys.gate_metric, n_iter=1, direction="sideways"
         )
-    with pytest.raises(LoopscopeError, match="unexpected keyword argument 'batchsize'"):
+    with pytest.raises(LoopscopeError, match="unknown option 'batchsize'"):
         patch_sweep(gate, one, two, ["hook_A"], [0], toys.gate_metric, n_iter=1, batchsize=3)
     with pytest.raises(LoopscopeError, match="hook_Q"):
         patch_sweep(gate, one, two, ["hook_Q"], [0], toys.gate_metric, n_iter=1)

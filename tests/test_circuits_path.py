@@ -295,7 +295,7 @@ def test_bad_inputs_raise_one_line_loopscope_errors():
         (lambda: pp((Z, 5)), "iteration 5 out of range 0..2"),
         (lambda: pp((Z, 1), [(POST, 7)]), "iteration 7 out of range 0..2"),
         (lambda: pp((Z, 1), [(POST, 2)], measure_at=2), "cannot reach the readout"),
-        (lambda: pp((Z, 1), batchsize=4), "unexpected keyword argument 'batchsize'"),
+        (lambda: pp((Z, 1), batchsize=4), "unknown option 'batchsize'"),
         (lambda: pp((Z, 1), direction="sideways"), "direction"),
         (lambda: pp((Z, 1), freeze=None), "freeze is required"),
         (lambda: pp((Z, 1), freeze=["hook_state"]), "must not contain hook_state"),
