@@ -54,6 +54,8 @@ _EXPORTS = {
     "filler_fixed_point": "memory",
     "decodability": "memory",
     "memory_transplant": "memory",
+    "logit_lens": "lens",
+    "LogitLensResult": "lens",
 }
 
 __all__ = sorted(_EXPORTS)

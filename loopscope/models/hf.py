@@ -18,6 +18,8 @@ Example:
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -29,7 +31,9 @@ from torch.overrides import TorchFunctionMode
 from loopscope.core.errors import LoopscopeError, did_you_mean
 from loopscope.core.loop import Loop
 
-__all__ = ["from_hf", "load_hf", "is_hf_dir", "promote_float32", "SUPPORTED"]
+__all__ = ["from_hf", "load_hf", "is_hf_dir", "promote_float32", "local_tokenizer", "SUPPORTED"]
+
+_TOKENIZER_DIR: tempfile.TemporaryDirectory | None = None
 
 #: HF class name -> the loopscope adapter module
 SUPPORTED = {
@@ -135,3 +139,45 @@ def promote_float32():
     """
     with _PromoteFloat32():
         yield
+
+
+#: words of the stand-in tokenizer before the ``w<k>`` fillers (what the text tasks write)
+_WORDS = [str(d) for d in range(10)] + list("+*=,:?;") + list("abcdefghijklmnopqrstuvwxyz")
+
+
+def local_tokenizer(vocab_size: int):
+    """An offline word-level tokenizer over ``vocab_size`` ids (a stand-in where the model's own
+    tokenizer is not on disk): digits, ``+ * = , : ? ;``, ``a``-``z``, fillers ``w<k>``, then
+    ``<pad> <bos> <eos> <unk>`` as the last four ids. Words are split on whitespace.
+
+    Example:
+        >>> tok = local_tokenizer(64)
+        >>> tok("1 2 + 3 =", add_special_tokens=False)["input_ids"]
+        [1, 2, 10, 3, 12]
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    n = vocab_size - 4
+    if n < 1:
+        raise LoopscopeError(f"local_tokenizer needs vocab_size >= 5, got {vocab_size}")
+    words = (_WORDS + [f"w{k}" for k in range(n)])[:n]
+    vocab = {w: i for i, w in enumerate(words)}
+    vocab.update({"<pad>": n, "<bos>": n + 1, "<eos>": n + 2, "<unk>": n + 3})
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        pad_token="<pad>",
+        bos_token="<bos>",
+        eos_token="<eos>",
+        unk_token="<unk>",
+    )
+    # save + reload: TransformerLens needs a real fast tokenizer and re-reads it from its folder
+    # later (add_bos_token), so the folder lives as long as the process
+    global _TOKENIZER_DIR
+    if _TOKENIZER_DIR is None:
+        _TOKENIZER_DIR = tempfile.TemporaryDirectory(prefix="loopscope-tok-")
+    folder = os.path.join(_TOKENIZER_DIR.name, str(vocab_size))
+    tok.save_pretrained(folder)
+    return PreTrainedTokenizerFast.from_pretrained(folder)

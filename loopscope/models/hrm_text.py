@@ -24,8 +24,6 @@ gradients there).
 from __future__ import annotations
 
 import copy
-import os
-import tempfile
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -38,9 +36,7 @@ from loopscope.core.errors import LoopscopeError, reject_unknown_kwargs
 from loopscope.core.interventions import Intervention
 from loopscope.core.loop import Loop
 from loopscope.core.trace import Trace
-from loopscope.models.hf import promote_float32
-
-_TOKENIZER_DIR: tempfile.TemporaryDirectory | None = None
+from loopscope.models.hf import local_tokenizer, promote_float32
 
 __all__ = [
     "build_tiny_hrm_text",
@@ -50,34 +46,6 @@ __all__ = [
     "HrmTextLoops",
     "capture_forward",
 ]
-
-
-def local_tokenizer(vocab_size: int):
-    """An offline word-level tokenizer over ``vocab_size`` ids: ``"0" .. str(n - 5)`` then
-    ``<pad> <bos> <eos> <unk>`` (a stand-in where the model's own tokenizer is not on disk)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    n = vocab_size - 4
-    vocab = {str(i): i for i in range(n)}
-    vocab.update({"<pad>": n, "<bos>": n + 1, "<eos>": n + 2, "<unk>": n + 3})
-    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=tk,
-        pad_token="<pad>",
-        bos_token="<bos>",
-        eos_token="<eos>",
-        unk_token="<unk>",
-    )
-    # save + reload: the bridge needs a real fast tokenizer, and re-reads it from its folder
-    # later (add_bos_token), so the folder lives as long as the process
-    global _TOKENIZER_DIR
-    if _TOKENIZER_DIR is None:
-        _TOKENIZER_DIR = tempfile.TemporaryDirectory(prefix="loopscope-hrm-tok-")
-    folder = os.path.join(_TOKENIZER_DIR.name, str(vocab_size))
-    tok.save_pretrained(folder)
-    return PreTrainedTokenizerFast.from_pretrained(folder)
 
 
 def build_tiny_hrm_text(seed: int = 0, **overrides: Any):

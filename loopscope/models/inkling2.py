@@ -89,6 +89,8 @@ class Inkling2Loop(Loop):
     """
 
     label_names = ("pass", "layer")
+    #: the per-layer logit lens reads this hook with :meth:`lens_residual`
+    lens_hook = "core.hook_resid_post"
 
     def __init__(self, model: Any) -> None:
         super().__init__()

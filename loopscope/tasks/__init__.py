@@ -17,6 +17,7 @@ from loopscope.tasks.maze import MazePathTask, MazeReachTask
 from loopscope.tasks.memory import AssocRecallTask, PassKeyTask
 from loopscope.tasks.multiplication import MultiplicationTask, evaluate_graph, multiplication_graph
 from loopscope.tasks.sudoku import Sudoku4Task, Sudoku6Task
+from loopscope.tasks.text import TEXT_TASKS, TextTask
 
 __all__ = [
     "get",
@@ -32,6 +33,7 @@ __all__ = [
     "Sudoku6Task",
     "PassKeyTask",
     "AssocRecallTask",
+    "TextTask",
     "cayley_table",
     "parallel_carry_iterations",
     "multiplication_graph",
@@ -53,6 +55,13 @@ _REGISTRY = {
     "passkey": PassKeyTask,
     "assoc_recall": AssocRecallTask,
 }
+
+
+def _text_task(name: str):
+    return lambda **kw: TextTask(name, **kw)
+
+
+_REGISTRY.update({n: _text_task(n) for n in TEXT_TASKS})
 
 
 def names() -> list[str]:
