@@ -22,6 +22,7 @@ from loopscope.tasks.text import TEXT_TASKS, TextTask
 __all__ = [
     "get",
     "names",
+    "text_names",
     "Task",
     "Batch",
     "GroupTask",
@@ -57,23 +58,27 @@ _REGISTRY = {
 }
 
 
-def _text_task(name: str):
-    return lambda **kw: TextTask(name, **kw)
-
-
-_REGISTRY.update({n: _text_task(n) for n in TEXT_TASKS})
-
-
 def names() -> list[str]:
     """Every registered task name."""
     return list(_REGISTRY)
 
 
+def text_names() -> list[str]:
+    """The text tasks (they need ``tokenizer=``; not in :func:`names`, which need none)."""
+    return list(TEXT_TASKS)
+
+
 def get(name: str, **params: Any) -> Task:
     """The task ``name`` with ``params`` (unknown names/params raise a clear error)."""
+    if name in TEXT_TASKS:
+        try:
+            return TextTask(name, **params)
+        except TypeError as e:
+            raise LoopscopeError(f"bad parameters for task {name!r}: {e}") from None
     if name not in _REGISTRY:
         raise LoopscopeError(
-            f"unknown task {name!r}{suggest(name, _REGISTRY)}; tasks: {', '.join(_REGISTRY)}"
+            f"unknown task {name!r}{suggest(name, [*_REGISTRY, *TEXT_TASKS])}; tasks: "
+            f"{', '.join([*_REGISTRY, *TEXT_TASKS])}"
         )
     try:
         return _REGISTRY[name](**params)
