@@ -449,7 +449,7 @@ def _point_properties(
     out: dict[str, Any] = {
         "rho": np.full(P, np.nan),
         "unstable_dim": np.full(P, -1, dtype=np.int64),
-        "eigenvalues": [np.zeros(0, dtype=complex)] * P,
+        "eigenvalues": [np.zeros(0, dtype=complex) for _ in range(P)],
         "spectrum_status": ["not computed"] * P,
         "decoded": None,
         "sensitivity": None,
@@ -458,14 +458,18 @@ def _point_properties(
         return out
     mp = m0.subset(torch.as_tensor(psample))
     if spectra:
-        sp = spectrum_map(mp, pts, k=k, method=spectrum_method, sigma=False)
-        out["rho"] = np.asarray(sp.rho, dtype=float)
-        out["unstable_dim"] = np.asarray(sp.unstable, dtype=np.int64)
-        out["eigenvalues"] = list(sp.eigenvalues)
-        out["spectrum_status"] = list(sp.status)
+        # one spectrum call per input sample: a sample's numbers never depend on the others'
+        for b in np.unique(psample).tolist():
+            sel = np.nonzero(psample == b)[0]
+            idx = torch.as_tensor(sel)
+            sp = spectrum_map(mp.subset(idx), pts[idx], k=k, method=spectrum_method, sigma=False)
+            out["rho"][sel] = sp.rho
+            out["unstable_dim"][sel] = sp.unstable
+            for i, j in enumerate(sel.tolist()):
+                out["eigenvalues"][j] = sp.eigenvalues[i]
+                out["spectrum_status"][j] = sp.status[i] if sp.status[i] != "ok" else sp.path[i]
     if decode:
-        with torch.no_grad():
-            out["decoded"] = mp.loop.decode(mp.unflatten(pts), mp.ctx)
+        out["decoded"] = mp.decode(pts)
     if sensitivity:
         dh = _sensitivity_map(mp, pts, wrt, None, "auto", 1e-12, 2048)
         out["sensitivity"] = dh.reshape(P, -1).norm(dim=1).numpy()
@@ -675,7 +679,7 @@ def _sensitivity_map(
     p = int(math.prod(xs))
 
     def f_of_x(xx: Tensor) -> Tensor:
-        out = m.loop.step(m.unflatten(z), _put(m.ctx, wrt, xx), m.t)
+        out = m._call(lambda: m.loop.step(m.unflatten(z), _put(m.ctx, wrt, xx), m.t))
         return out.reshape(B, n)
 
     def dfdx(V: Tensor) -> Tensor:  # V [*x.shape] tangent -> [B, n]

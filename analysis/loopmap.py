@@ -6,7 +6,17 @@ holds the encoded context, evaluates the step on any subset of samples (per-samp
 ``index``), and counts function evaluations, JVPs and VJPs per sample.
 
 It never mutates the user's model: analysis in another dtype (float64 by default) runs on a
-deep copy.
+deep copy; modules the step uses without the Loop registering them (an ``FnLoop`` whose function
+closes over a model, a module kept in a plain list or dict attribute) are found by inspecting the
+functions and attributes, and run with analysis-dtype copies of their parameters and buffers
+(``torch.func.functional_call``), the originals untouched.
+
+Jacobians work on any PyTorch code. Products ``J v`` use forward mode (``torch.func.jvp``); an op
+without a forward-AD formula (``nn.MultiheadAttention``'s fused fast path, the CPU flash SDPA
+kernel, ``_grouped_mm`` of MoE experts) switches the map, once, to the math attention kernels
+(MHA fast path off, ``SDPBackend.MATH``) and, if forward mode still fails, to reverse mode (dense
+Jacobian rows by ``torch.autograd.grad``, cached per state). ``jacobian_path`` says which ran:
+``forward``, ``forward (math attention)`` or ``reverse``.
 
 Example:
     >>> import torch
@@ -21,16 +31,21 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from loopscope.core.errors import LoopscopeError
 from loopscope.core.loop import Loop, batch_size_of
 
-__all__ = ["LoopMap", "cast_floats"]
+__all__ = ["LoopMap", "cast_floats", "closure_modules"]
+
+FORWARD, FORWARD_MATH, REVERSE = "forward", "forward (math attention)", "reverse"
 
 
 def cast_floats(obj: Any, dtype: torch.dtype) -> Any:
@@ -54,6 +69,138 @@ def _model_dtype(loop: Loop) -> torch.dtype | None:
     return None
 
 
+# -- modules the step uses without the Loop registering them ----------------------------------
+
+
+def _referenced(obj: Any) -> Iterator[Any]:
+    """Objects a function / bound method / partial / container / plain object refers to."""
+    if isinstance(obj, functools.partial):
+        yield obj.func
+        yield from obj.args
+        yield from obj.keywords.values()
+    elif hasattr(obj, "__func__") and hasattr(obj, "__self__"):  # bound method
+        yield obj.__self__
+        yield obj.__func__
+    elif callable(obj) and hasattr(obj, "__code__"):  # a function or lambda
+        for cell in obj.__closure__ or ():
+            try:
+                yield cell.cell_contents
+            except ValueError:  # an empty cell
+                continue
+        g = getattr(obj, "__globals__", {})
+        for name in obj.__code__.co_names:
+            if name in g:
+                yield g[name]
+        for const in obj.__code__.co_consts:  # nested lambdas / functions
+            if hasattr(const, "co_names"):
+                for name in const.co_names:
+                    if name in g:
+                        yield g[name]
+    elif isinstance(obj, dict):
+        yield from obj.values()
+    elif isinstance(obj, (list, tuple, set)):
+        yield from obj
+    elif not isinstance(obj, (Tensor, nn.Module, type)) and hasattr(obj, "__dict__"):
+        yield from vars(obj).values()
+
+
+def closure_modules(loop: Loop, depth: int = 4) -> list[nn.Module]:
+    """Modules the loop's functions and attributes reach that ``loop.modules()`` does not list.
+
+    Searches the loop's (and its submodules') plain attributes, and through them functions'
+    closures, the globals they name, bound methods and ``functools.partial`` arguments, ``depth``
+    references deep. Parameters of these modules are what the float64 copy must also cover.
+    """
+    own = {id(m) for m in loop.modules()}
+    found: dict[int, nn.Module] = {}
+    seen: set[int] = set()
+    frontier: list[Any] = [v for mod in loop.modules() for v in vars(mod).values()]
+    for _ in range(depth):
+        nxt: list[Any] = []
+        for obj in frontier:
+            if id(obj) in seen or isinstance(obj, (str, bytes, int, float, bool, Tensor)):
+                continue
+            seen.add(id(obj))
+            if isinstance(obj, nn.Module):
+                if id(obj) not in own and not any(id(m) in found for m in [obj]):
+                    found[id(obj)] = obj
+                    own.update(id(m) for m in obj.modules())
+                    nxt.extend(v for mod in obj.modules() for v in vars(mod).values())
+                continue
+            if obj is None or isinstance(obj, type(contextlib)):  # skip modules (python)
+                continue
+            nxt.extend(_referenced(obj))
+        frontier = nxt
+    # a module found first and later reached inside another found one is listed once
+    tops = list(found.values())
+    inner = {id(m) for t in tops for m in list(t.modules())[1:]}
+    return [t for t in tops if id(t) not in inner]
+
+
+def _nan_rows(ctx: Any, B: int, batched: bool) -> Tensor:
+    """``[B]`` bool: a NaN in a tensor of the context with a leading batch axis flags that row;
+    one in a shared tensor flags every row (``inf`` is left alone: ``-inf`` masks are normal)."""
+    bad = torch.zeros(B, dtype=torch.bool)
+    stack, seen = [ctx], 0
+    while stack and seen < 10_000:
+        obj = stack.pop()
+        seen += 1
+        if isinstance(obj, Tensor):
+            if not obj.is_floating_point() or obj.numel() == 0:
+                continue
+            if batched and obj.dim() > 0 and obj.shape[0] == B:
+                bad |= torch.isnan(obj.detach()).reshape(B, -1).any(1).cpu()
+            elif bool(torch.isnan(obj.detach()).any()):
+                bad[:] = True
+        elif isinstance(obj, dict):
+            stack.extend(obj.values())
+        elif isinstance(obj, (list, tuple)):
+            stack.extend(obj)
+        elif hasattr(obj, "__dataclass_fields__"):
+            stack.extend(getattr(obj, f) for f in obj.__dataclass_fields__)
+    return bad
+
+
+class _Holder(nn.Module):
+    """Registers closure modules so ``functional_call`` can swap their parameters."""
+
+    def __init__(self, mods: list[nn.Module]) -> None:
+        super().__init__()
+        self.mods = nn.ModuleList(mods)
+
+    def forward(self, thunk: Callable[[], Any]) -> Any:
+        return thunk()
+
+
+def _missing_forward_ad(e: BaseException) -> bool:
+    msg = str(e)
+    return isinstance(e, (NotImplementedError, RuntimeError)) and (
+        "forward AD" in msg
+        or "forward-mode AD" in msg
+        or "jvp" in msg.lower()
+        or "not implemented for" in msg
+        or "Batching rule not implemented" in msg
+        or "vmap" in msg
+    )
+
+
+@contextlib.contextmanager
+def math_attention() -> Iterator[None]:
+    """MHA fast path off and the math SDPA kernel: attention made of differentiable primitives."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    mha = getattr(torch.backends, "mha", None)
+    prev = mha.get_fastpath_enabled() if mha is not None else None
+    if mha is not None:
+        mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        if mha is not None:
+            mha.set_fastpath_enabled(prev)
+
+
 class LoopMap:
     """``f(z) = flatten(loop.step(unflatten(z), ctx, t))`` on per-sample flat states.
 
@@ -61,7 +208,8 @@ class LoopMap:
         loop: a :class:`loopscope.Loop`.
         inputs: inputs for ``loop.encode`` (ignored if ``ctx`` is given).
         ctx: an already-encoded context (optional).
-        dtype: analysis dtype (default float64); the loop is deep-copied if its dtype differs.
+        dtype: analysis dtype (default float64); the loop is deep-copied if its dtype differs,
+            and modules its functions close over run with parameters cast to it.
         t: iteration index passed to ``step`` (non-autonomous loops; the fixed-point analysis holds
             the block input fixed).
         state_shape: trailing state shape ``(...)``; inferred from ``loop.init_state`` if omitted.
@@ -69,6 +217,9 @@ class LoopMap:
 
     Attributes:
         nfe, n_jvp, n_vjp: ``[B]`` long counters of evaluations per sample.
+        jacobian_path: ``forward`` | ``forward (math attention)`` | ``reverse`` (see the module
+            docstring).
+        extra_modules: modules the step uses that the Loop does not register.
     """
 
     def __init__(
@@ -81,22 +232,45 @@ class LoopMap:
         t: int | None = None,
         state_shape: tuple[int, ...] | None = None,
         batch_size: int | None = None,
+        _shared: LoopMap | None = None,
     ) -> None:
         if not isinstance(loop, Loop):
             raise LoopscopeError(f"LoopMap needs a loopscope.Loop, got {type(loop).__name__}")
-        mdtype = _model_dtype(loop)
-        if dtype is not None and mdtype is not None and mdtype != dtype:
-            loop = copy.deepcopy(loop).to(dtype)
-        self.loop = loop.eval() if hasattr(loop, "eval") else loop
+        if dtype is not None and (
+            not isinstance(dtype, torch.dtype) or not dtype.is_floating_point
+        ):
+            raise LoopscopeError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
+        if _shared is None:
+            mdtype = _model_dtype(loop)
+            if dtype is not None and mdtype is not None and mdtype != dtype:
+                loop = copy.deepcopy(loop).to(dtype)
+            self.loop = loop.eval() if hasattr(loop, "eval") else loop
+            self._setup_extra(dtype)
+            self.jacobian_path = FORWARD
+        else:  # a subset: same loop, same cast closure modules, same Jacobian path
+            self.loop = loop
+            self.extra_modules, self._holder, self._extra_state = (
+                _shared.extra_modules, _shared._holder, _shared._extra_state,
+            )  # fmt: skip
+            self.jacobian_path = _shared.jacobian_path
+        self._parent = _shared
         self.dtype = dtype
         with torch.no_grad():
-            ctx = loop.encode(inputs) if ctx is None else ctx
+            ctx = self._call(lambda: self.loop.encode(inputs)) if ctx is None else ctx
         self.ctx = cast_floats(ctx, dtype) if dtype is not None else ctx
         self.t = t
+        self._set_shape(state_shape, batch_size)
+        self.nfe = torch.zeros(self.B, dtype=torch.long)
+        self.n_jvp = torch.zeros(self.B, dtype=torch.long)
+        self.n_vjp = torch.zeros(self.B, dtype=torch.long)
+        self._jac_cache: tuple[Tensor, Any, Tensor] | None = None
+
+    def _set_shape(self, state_shape: tuple[int, ...] | None, batch_size: int | None) -> None:
         B = batch_size_of(self.ctx) if batch_size is None else batch_size
         if state_shape is None:
+            gen = torch.Generator().manual_seed(0)
             with torch.no_grad():
-                h0 = loop.init_state(self.ctx, torch.Generator().manual_seed(0))
+                h0 = self._call(lambda: self.loop.init_state(self.ctx, gen))
             state_shape = tuple(h0.shape[1:])
             B = h0.shape[0] if B is None else B
         if B is None:
@@ -104,12 +278,32 @@ class LoopMap:
         self.B = int(B)
         self.state_shape = tuple(state_shape)
         self.n = int(torch.tensor(self.state_shape).prod().item()) if self.state_shape else 1
-        self.nfe = torch.zeros(self.B, dtype=torch.long)
-        self.n_jvp = torch.zeros(self.B, dtype=torch.long)
-        self.n_vjp = torch.zeros(self.B, dtype=torch.long)
         self._has_batch_ctx = batch_size_of(self.ctx) is not None
-        #: how Jacobian products were computed: "forward" (torch.func.jvp) so far
-        self.jacobian_path = "forward"
+        #: ``[B]`` bool: samples whose context holds NaN (their map is undefined, never solved)
+        self.bad_input = _nan_rows(self.ctx, self.B, self._has_batch_ctx)
+
+    def _setup_extra(self, dtype: torch.dtype | None) -> None:
+        """Closure modules in another dtype get analysis-dtype copies of their tensors."""
+        mods = closure_modules(self.loop) if dtype is not None else []
+        mods = [
+            m for m in mods
+            if any(p.is_floating_point() and p.dtype != dtype
+                   for p in (*m.parameters(), *m.buffers()))
+        ]  # fmt: skip
+        self.extra_modules = mods
+        self._holder = _Holder(mods) if mods else None
+        self._extra_state: dict[str, Tensor] = {}
+        if self._holder is not None:
+            named = (*self._holder.named_parameters(), *self._holder.named_buffers())
+            self._extra_state = {
+                k: (v.detach().to(dtype) if v.is_floating_point() else v) for k, v in named
+            }
+
+    def _call(self, thunk: Callable[[], Any]) -> Any:
+        """Run ``thunk`` with the closure modules' tensors in the analysis dtype."""
+        if self._holder is None:
+            return thunk()
+        return torch.func.functional_call(self._holder, self._extra_state, (thunk,))
 
     # -- shapes -------------------------------------------------------------------------------
     def flatten(self, h: Tensor) -> Tensor:
@@ -129,8 +323,29 @@ class LoopMap:
         return self.loop.select(self.ctx, index)
 
     def _raw(self, z: Tensor, ctx: Any) -> Tensor:
-        out = self.loop.step(self.unflatten(z), ctx, self.t)
+        out = self._call(lambda: self.loop.step(self.unflatten(z), ctx, self.t))
+        if not isinstance(out, Tensor) or out.numel() != z.shape[0] * self.n:
+            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise LoopscopeError(
+                f"the step returned {got} for states of shape {(z.shape[0], *self.state_shape)}: "
+                "the state does not match the loop's state shape"
+            )
         return out.reshape(z.shape[0], self.n)
+
+    def check_state(self, z: Tensor, name: str = "state") -> None:
+        """One step on the first sample of ``z``: a state that does not fit the loop is a one-line
+        error naming ``name`` (instead of a shape error from inside the model)."""
+        try:
+            with torch.no_grad():
+                self._raw(z[:1], self._ctx(torch.tensor([0])))
+        except LoopscopeError:
+            raise
+        except (RuntimeError, ValueError, IndexError, TypeError) as e:
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise LoopscopeError(
+                f"{name} of shape {(z.shape[0], *self.state_shape)} does not fit the loop's step "
+                f"({type(e).__name__}: {first})"
+            ) from e
 
     def subset(self, index: Tensor) -> LoopMap:
         """A LoopMap whose sample i is sample ``index[i]`` of this one (context rows selected,
@@ -144,7 +359,15 @@ class LoopMap:
             t=self.t,
             state_shape=self.state_shape,
             batch_size=len(index),
+            _shared=self,
         )
+
+    def _set_path(self, path: str) -> None:
+        """Record a switch of the Jacobian path here and in the map this one was taken from."""
+        m: LoopMap | None = self
+        while m is not None:
+            m.jacobian_path = path
+            m = m._parent
 
     # -- evaluations --------------------------------------------------------------------------
     def f(self, z: Tensor, index: Tensor | None = None) -> Tensor:
@@ -161,13 +384,38 @@ class LoopMap:
         """``g(z) = f(z) - z``, ``[b, n]``."""
         return self.f(z, index) - z
 
+    def _forward_mode(self, fn: Callable[[], Any]) -> Any | None:
+        """``fn()`` (forward-mode AD) on the current Jacobian path; None once it is reverse."""
+        if self.jacobian_path == FORWARD:
+            try:
+                return fn()
+            except (NotImplementedError, RuntimeError) as e:
+                if not _missing_forward_ad(e):
+                    raise
+                self._set_path(FORWARD_MATH)
+        if self.jacobian_path == FORWARD_MATH:
+            try:
+                with math_attention():
+                    return fn()
+            except (NotImplementedError, RuntimeError) as e:
+                if not _missing_forward_ad(e):
+                    raise
+                self._set_path(REVERSE)
+        return None
+
     def jvp(self, z: Tensor, v: Tensor, index: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``(f(z), J(z) v)`` for tangents ``v [b, n]`` (forward mode, torch.func)."""
         idx = self._index(index)
         self._check(z, idx)
         ctx = self._ctx(index)
         self.n_jvp[idx] += 1
-        fz, jv = torch.func.jvp(lambda zz: self._raw(zz, ctx), (z,), (v,))
+        out = self._forward_mode(lambda: torch.func.jvp(lambda zz: self._raw(zz, ctx), (z,), (v,)))
+        if out is None:  # reverse mode: J from rows, J v by a product
+            J = self._reverse_jacobian(z, ctx, index)
+            with torch.no_grad():
+                fz = self._raw(z, ctx)
+            return fz, torch.einsum("bij,bj->bi", J, v)
+        fz, jv = out
         return fz.detach(), jv.detach()
 
     def vjp(self, z: Tensor, u: Tensor, index: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -208,8 +456,33 @@ class LoopMap:
         def one(v: Tensor) -> Tensor:
             return torch.func.jvp(lambda zz: self._raw(zz, ctx), (z,), (v,))[1]
 
-        out = torch.func.vmap(one, in_dims=2, out_dims=2)(V)
+        out = self._forward_mode(lambda: torch.func.vmap(one, in_dims=2, out_dims=2)(V))
+        if out is None:
+            return torch.einsum("bij,bjk->bik", self._reverse_jacobian(z, ctx, index), V)
         return out.detach()
+
+    def _reverse_jacobian(self, z: Tensor, ctx: Any, index: Tensor | None) -> Tensor:
+        """Dense ``[b, n, n]`` Jacobians by reverse mode: row i of every sample at once from one
+        pullback of ``e_i`` (samples are independent); cached for the last state."""
+        key = None if index is None else torch.as_tensor(index)
+        c = self._jac_cache
+        if c is not None and c[0].shape == z.shape and torch.equal(c[0], z):
+            if (c[1] is None and key is None) or (
+                c[1] is not None and key is not None and torch.equal(c[1], key)
+            ):
+                return c[2]
+        zz = z.detach().requires_grad_(True)
+        with torch.enable_grad():
+            out = self._raw(zz, ctx)
+        rows = []
+        for i in range(self.n):
+            e = torch.zeros_like(out)
+            e[:, i] = 1.0
+            (r,) = torch.autograd.grad(out, zz, e, retain_graph=i < self.n - 1)
+            rows.append(r)
+        J = torch.stack(rows, 1).detach()  # [b, n(out), n(in)]
+        self._jac_cache = (z.detach().clone(), None if key is None else key.clone(), J)
+        return J
 
     def jacobian(self, z: Tensor, index: Tensor | None = None, chunk: int = 256) -> Tensor:
         """Dense per-sample Jacobians ``[b, n, n]`` (``J[b, i, j] = d f_i / d z_j``).
@@ -234,8 +507,14 @@ class LoopMap:
     def init(self, generator: torch.Generator | None = None) -> Tensor:
         """Flat initial states ``[B, n]`` from ``loop.init_state`` in the analysis dtype."""
         with torch.no_grad():
-            h0 = self.loop.init_state(self.ctx, generator)
+            h0 = self._call(lambda: self.loop.init_state(self.ctx, generator))
         return self.flatten(h0.to(self.dtype) if self.dtype is not None else h0)
+
+    def decode(self, z: Tensor, index: Tensor | None = None) -> Any:
+        """``loop.decode`` of flat states ``z [b, n]`` of samples ``index`` (no grad)."""
+        ctx = self._ctx(index)
+        with torch.no_grad():
+            return self._call(lambda: self.loop.decode(self.unflatten(z), ctx))
 
     def reset_counts(self) -> None:
         self.nfe.zero_()

@@ -978,6 +978,8 @@ def solve_map(
     m.reset_counts()
     z = z0.detach().clone().to(m.dtype or z0.dtype)
     tr = _Track(z, float(tol), stop_mode, int(patience), float(diverge_norm))
+    # a sample whose input holds NaN has no map to solve: flagged before any evaluation
+    tr.finish(m.bad_input.nonzero().flatten(), "diverged", "non-finite input (NaN in the context)")
     t0 = time.perf_counter()
     _RUNNERS[run.name](m, z, tr, int(max_iter), run)
     wall = time.perf_counter() - t0

@@ -39,7 +39,7 @@ from torch import Tensor
 
 from loopscope.analysis.loopmap import LoopMap
 from loopscope.core.errors import LoopscopeError, check_positive_int, check_seed, did_you_mean
-from loopscope.core.loop import Loop
+from loopscope.core.loop import Loop, batch_size_of
 from loopscope.core.result import Result, float_summary, result_meta
 
 __all__ = ["spectrum", "spectrum_map", "Spectrum", "power_iteration_rho", "RayleighEstimate"]
@@ -266,7 +266,11 @@ def spectrum(
         t=t,
         dtype=dtype,
     )
+    bc = batch_size_of(m.ctx) if m._has_batch_ctx else None
+    if bc is not None and bc != state.shape[0]:
+        raise LoopscopeError(f"state has batch {state.shape[0]} but the inputs have batch {bc}")
     z = m.flatten(state.to(m.dtype or state.dtype))
+    m.check_state(z)
     return spectrum_map(
         m, z, k=k, method=method, dense_max=dense_max, tol=tol, ncv=ncv, seed=seed, sigma=sigma
     )
@@ -310,18 +314,20 @@ def spectrum_map(
 def _dense(m: LoopMap, z: Tensor, k: int | None, want_sigma: bool) -> Spectrum:
     """Dense eigenvalues of the finite samples; non-finite ones flagged and never decomposed."""
     n, B = m.n, z.shape[0]
-    ok = torch.isfinite(z).all(1)
-    status = [_OK if bool(o) else "non-finite state" for o in ok]
+    status = _input_status(m, z)
+    ok = torch.tensor([st == _OK for st in status], dtype=torch.bool)
     ev: list[np.ndarray] = [np.zeros(0, dtype=complex)] * B
     sig = np.full(B, np.nan)
     path = ["none"] * B
-    good = ok.nonzero().flatten()
-    if good.numel():
-        J = m.jacobian(z) if good.numel() == B else m.jacobian(z[good], good)  # [b, n, n]
-        jok = torch.isfinite(J).flatten(1).all(1)
-        for b in good[~jok].tolist():
+    if bool(ok.any()):
+        # the whole batch, flagged rows replaced by zeros: the healthy samples' Jacobians are
+        # computed exactly as in a batch without the bad ones (same shapes, same kernels)
+        J = m.jacobian(torch.where(ok[:, None], z, torch.zeros_like(z)))  # [B, n, n]
+        jok = ok & torch.isfinite(J).flatten(1).all(1)
+        for b in (ok & ~jok).nonzero().flatten().tolist():
             status[b] = "non-finite jacobian"
-        keep, Jk = good[jok], J[jok] if not bool(jok.all()) else J
+        keep = jok.nonzero().flatten()
+        Jk = J if bool(jok.all()) else J[jok]
         if keep.numel():
             vals, paths = _eigvals(Jk)
             for i, b in enumerate(keep.tolist()):
@@ -335,6 +341,16 @@ def _dense(m: LoopMap, z: Tensor, k: int | None, want_sigma: bool) -> Spectrum:
         eigenvalues=top, rho=rho, unstable=unstable, sigma_max=[float(s) for s in sig],
         method="dense", n=n, matvecs=[n] * B, status=status, path=path,
     )  # fmt: skip
+
+
+def _input_status(m: LoopMap, z: Tensor) -> list[str]:
+    """Per sample ``ok``, ``non-finite state`` or ``non-finite input`` (NaN in its context)."""
+    finite = torch.isfinite(z).all(1)
+    bad_in = m.bad_input if m.bad_input.numel() == z.shape[0] else torch.zeros_like(finite)
+    return [
+        "non-finite state" if not bool(f) else "non-finite input" if bool(bi) else _OK
+        for f, bi in zip(finite, bad_in, strict=True)
+    ]
 
 
 class _NonFinite(ArithmeticError):
@@ -386,15 +402,14 @@ def _arpack(
     ncv = min(max(ncv, k + 2), n)
     rng = np.random.default_rng(seed)
     ev, rho, unstable, sig, mv, status, path = [], [], [], [], [], [], []
+    first = _input_status(m, z)
     for b in range(z.shape[0]):
         zb = z[b : b + 1]
         # start vectors drawn for every sample, flagged or not: the stream (and so every other
         # sample's result) is the same as in a run without the bad sample
         v0 = tuple(rng.standard_normal(n) for _ in range(2 if want_sigma else 1))
-        vals, s, count, p, st = np.zeros(0, dtype=complex), math.nan, 0, "none", _OK
-        if not bool(torch.isfinite(zb).all()):
-            st = "non-finite state"
-        else:
+        vals, s, count, p, st = np.zeros(0, dtype=complex), math.nan, 0, "none", first[b]
+        if st == _OK:
             try:
                 vals, s, count, p = _arpack_one(m, zb, b, k, ncv, tol, v0)
             except _NonFinite:

@@ -1,0 +1,171 @@
+"""Jacobians on any PyTorch code: a plain-PyTorch looped transformer with nn.MultiheadAttention
+(fast path on, default SDPA), an FnLoop whose step closes over a float32 module, an op without
+a forward-AD formula; the float64 analysis reaches every parameter; checked against finite
+differences."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from loopscope import FnLoop
+from loopscope.analysis import LoopMap, find_fixed_points, solve, spectrum
+
+F64 = torch.float64
+
+
+class LoopedTransformer(nn.Module):
+    """Embedding, one weight-tied pre-norm block applied T times with input injection."""
+
+    def __init__(self, vocab=7, d=8, heads=2, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.emb = nn.Embedding(vocab, d)
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.attn = nn.MultiheadAttention(d, heads, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+        self.out = nn.Linear(d, vocab)
+        with torch.no_grad():  # a contraction-ish block: small output projections
+            self.attn.out_proj.weight.mul_(0.3)
+            self.mlp[2].weight.mul_(0.3)
+
+    def block(self, h, e):
+        x = h + e
+        a = self.ln1(x)
+        x = x + self.attn(a, a, a, need_weights=False)[0]
+        return x + self.mlp(self.ln2(x))
+
+    def forward(self, tokens, T=8):
+        e = self.emb(tokens)
+        h = torch.zeros_like(e)
+        for _ in range(T):
+            h = self.block(h, e)
+        return self.out(h)
+
+
+def make_loop(model):
+    # a user's FnLoop: the functions close over the (float32) model; nothing is registered
+    return FnLoop(
+        step=lambda h, e: model.block(h, e),
+        encode=lambda tokens: model.emb(tokens),
+        init_state=lambda e, g: torch.zeros_like(e),
+        decode=lambda h, e: model.out(h),
+    )
+
+
+def fd_jacobian(step, z, eps=1e-6):
+    """Central finite differences of a flat map on one sample, float64."""
+    n = z.numel()
+    cols = []
+    for j in range(n):
+        dz = torch.zeros_like(z)
+        dz.view(-1)[j] = eps
+        cols.append(((step(z + dz) - step(z - dz)) / (2 * eps)).reshape(-1))
+    return torch.stack(cols, 1)
+
+
+@pytest.fixture(scope="module")
+def transformer():
+    model = LoopedTransformer().eval()
+    tokens = torch.tensor([[1, 2, 3, 4], [4, 0, 6, 2]])
+    return model, tokens
+
+
+def test_mha_looped_transformer_spectrum_matches_finite_differences(transformer):
+    model, tokens = transformer
+    loop = make_loop(model)
+    with torch.no_grad():
+        e = model.emb(tokens)
+        h = e.clone()
+        for _ in range(6):
+            h = model.block(h, e)
+    with pytest.raises(NotImplementedError, match="forward AD"):  # what a bare jvp hits here
+        e64 = copy.deepcopy(model).double().emb(tokens).detach()
+        torch.func.jvp(lambda z: copy.deepcopy(model).double().block(z, e64), (e64,), (e64,))
+    sp = spectrum(loop, tokens, h)
+    assert sp.status == ["ok", "ok"]
+    assert sp.meta["jacobian_path"] in ("forward (math attention)", "reverse")
+    # the reference: a float64 copy of the model, plain forward evaluations (fast path included)
+    ref = copy.deepcopy(model).double()
+    e64, h64 = ref.emb(tokens), h.double()
+    for b in range(2):
+        with torch.no_grad():
+            J = fd_jacobian(lambda z, b=b: ref.block(z, e64[b : b + 1]), h64[b : b + 1])
+        rho = float(np.abs(np.linalg.eigvals(J.numpy())).max())
+        assert abs(sp.rho[b] - rho) < 1e-6 * max(1.0, rho), (sp.rho[b], rho)
+    assert next(model.parameters()).dtype == torch.float32  # the user's model is untouched
+
+
+def test_mha_fast_path_is_restored_after_the_analysis(transformer):
+    model, tokens = transformer
+    before = torch.backends.mha.get_fastpath_enabled()
+    m = LoopMap(make_loop(model), tokens)
+    z = m.init()
+    m.jacobian(z)
+    assert torch.backends.mha.get_fastpath_enabled() == before
+    assert m.extra_modules and m.extra_modules[0] is model
+
+
+def test_closure_over_a_float32_module_runs_in_float64_for_solve_and_census():
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.LayerNorm(5), nn.Linear(5, 5), nn.Tanh())
+    with torch.no_grad():
+        net[1].weight.mul_(0.5)
+    loop = FnLoop(step=lambda h, x: 0.5 * net(h) + x)
+    x = torch.randn(2, 5)
+    r = solve(loop, x, h0=torch.zeros(2, 5), tol=1e-13, max_iter=200)
+    assert r.status == ["converged", "converged"] and r.z_best.dtype == F64
+    # converged to 1e-13 relative: only possible if every parameter computed in float64
+    ref = copy.deepcopy(net).double().requires_grad_(False)
+    hs = r.z_best
+    assert float((0.5 * ref(hs) + x.double() - hs).norm()) < 1e-11
+    c = find_fixed_points(loop, x, torch.randn(3, 5, generator=torch.Generator().manual_seed(0)))
+    assert (c.kind == ["fixed", "fixed"]) and bool(c.stable.all())
+    J = fd_jacobian(lambda z: 0.5 * ref(z) + x[:1].double(), hs[:1])
+    rho = float(np.abs(np.linalg.eigvals(J.numpy())).max())
+    sp = spectrum(loop, x, hs)
+    assert abs(sp.rho[0] - rho) < 1e-6 * max(1.0, rho)
+    assert net[1].weight.dtype == torch.float32
+
+
+def test_spectrum_accepts_float32():
+    torch.manual_seed(4)
+    net = nn.Sequential(nn.Linear(6, 6), nn.Tanh())
+    loop = FnLoop(step=lambda h: net(h))
+    h = torch.randn(2, 6)
+    s64 = spectrum(loop, None, h)
+    s32 = spectrum(loop, None, h, dtype=torch.float32)
+    assert np.allclose(s32.rho, s64.rho, rtol=1e-4)
+
+
+class _NoForwardAD(torch.autograd.Function):
+    """tanh with a backward formula only (like a fused kernel without a jvp)."""
+
+    @staticmethod
+    def forward(x):
+        return torch.tanh(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output)
+
+    @staticmethod
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        return g * (1 - y * y)
+
+
+def test_an_op_without_forward_ad_falls_back_to_reverse_mode():
+    g = torch.Generator().manual_seed(5)
+    W = torch.randn(6, 6, generator=g, dtype=F64) / 6**0.5
+    loop = FnLoop(step=lambda h: _NoForwardAD.apply(h @ W.T))
+    h = torch.randn(2, 6, generator=g, dtype=F64)
+    sp = spectrum(loop, None, h)
+    assert sp.meta["jacobian_path"] == "reverse"
+    for b in range(2):
+        J = torch.func.jacrev(lambda z: torch.tanh(z @ W.T))(h[b])
+        assert abs(sp.rho[b] - float(np.abs(np.linalg.eigvals(J.numpy())).max())) < 1e-12
+    arp = spectrum(loop, None, h, method="arpack", k=2)  # matrix-free products on the same path
+    assert np.allclose(arp.rho, sp.rho, atol=1e-10)
