@@ -82,8 +82,9 @@ def test_mha_looped_transformer_spectrum_matches_finite_differences(transformer)
         for _ in range(6):
             h = model.block(h, e)
     with pytest.raises(NotImplementedError, match="forward AD"):  # what a bare jvp hits here
-        e64 = copy.deepcopy(model).double().emb(tokens).detach()
-        torch.func.jvp(lambda z: copy.deepcopy(model).double().block(z, e64), (e64,), (e64,))
+        m64 = copy.deepcopy(model).double()
+        e64 = m64.emb(tokens).detach()
+        torch.func.jvp(lambda z: m64.block(z, e64), (e64,), (e64,))
     sp = spectrum(loop, tokens, h)
     assert sp.status == ["ok", "ok"]
     assert sp.meta["jacobian_path"] in ("forward (math attention)", "reverse")
@@ -169,3 +170,19 @@ def test_an_op_without_forward_ad_falls_back_to_reverse_mode():
         assert abs(sp.rho[b] - float(np.abs(np.linalg.eigvals(J.numpy())).max())) < 1e-12
     arp = spectrum(loop, None, h, method="arpack", k=2)  # matrix-free products on the same path
     assert np.allclose(arp.rho, sp.rho, atol=1e-10)
+
+
+def test_hrm_text_fast_loop_spectrum_runs_in_float64_through_its_unregistered_bridge():
+    from loopscope.models import bridge_hrm_text, build_tiny_hrm_text, hrm_text_loop
+
+    model, tok = build_tiny_hrm_text(seed=0)
+    loops = hrm_text_loop(bridge_hrm_text(model, tok))
+    ids = torch.randint(0, 60, (1, 3), generator=torch.Generator().manual_seed(1))
+    from loopscope import unroll
+
+    h = unroll(loops.fast, ids, 2).final
+    s64 = spectrum(loops.fast, ids, h, sigma=False)  # was: "double != float" in the bridge
+    s32 = spectrum(loops.fast, ids, h, sigma=False, dtype=torch.float32)
+    assert s64.status == ["ok"] and abs(s64.rho[0] - s32.rho[0]) < 1e-4 * s64.rho[0]
+    assert s64.rho[0] != s32.rho[0]  # the float64 run really computed in float64
+    assert next(model.parameters()).dtype == torch.float32
