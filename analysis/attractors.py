@@ -25,8 +25,8 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -35,8 +35,15 @@ import torch
 from torch import Tensor
 
 from loopscope.analysis.convergence import safe_cos
+from loopscope.analysis.cycles import CycleClasses
 from loopscope.analysis.loopmap import LoopMap
-from loopscope.core.errors import LoopscopeError, check_positive_int, reject_unknown_kwargs
+from loopscope.analysis.stats import wilson_ci
+from loopscope.core.errors import LoopscopeError, check_positive_int, check_seed, did_you_mean
+from loopscope.core.loop import Loop
+from loopscope.core.numerics import BLOWUP, diverged, reference_norm
+from loopscope.core.result import Result, float_summary, result_meta
+from loopscope.core.targets import sequence_correct
+from loopscope.core.trace import Trace
 
 __all__ = [
     "basins",
@@ -52,6 +59,7 @@ __all__ = [
     "path_independence",
     "PathIndependenceResult",
     "compare_splits",
+    "SplitComparison",
     "wilson_ci",
     "single_linkage",
 ]
@@ -60,20 +68,6 @@ __all__ = [
 # ---------------------------------------------------------------------------------------------
 # small statistics / clustering helpers
 # ---------------------------------------------------------------------------------------------
-def wilson_ci(
-    k: np.ndarray | int, n: np.ndarray | int, z: float = 1.959963984540054
-) -> tuple[np.ndarray, np.ndarray]:
-    """Wilson score interval for a binomial proportion ``k / n`` (95 % by default)."""
-    k = np.asarray(k, dtype=float)
-    n = np.asarray(n, dtype=float)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        p = k / n
-        den = 1 + z**2 / n
-        centre = (p + z**2 / (2 * n)) / den
-        half = z * np.sqrt(p * (1 - p) / n + z**2 / (4 * n**2)) / den
-    return np.clip(centre - half, 0, 1), np.clip(centre + half, 0, 1)
-
-
 def single_linkage(X: np.ndarray, eps: float) -> np.ndarray:
     """Cluster labels of the rows of ``X [S, n]`` by single linkage cut at distance ``eps``.
 
@@ -367,19 +361,22 @@ def _materialise(seeds: Any, m: LoopMap, B: int, seed: int) -> SeedSet:
 # ---------------------------------------------------------------------------------------------
 # basins
 # ---------------------------------------------------------------------------------------------
-@dataclass
-class BasinResult:
+@dataclass(kw_only=True, repr=False)
+class BasinResult(Result):
     """End-state attractors and basins per input.
 
     Attributes:
-        seeds: one row per (sample, seed): seed-family columns, ``attractor`` (−1 = diverged),
-            ``answer`` (decoded argmax, as a string), ``correct``, ``conv_time`` (first iteration
-            after which the step stays below tol; −1 = not converged), ``end_residual``,
-            ``diverged``.
-        attractors: one row per (sample, attractor): ``count``, ``fraction`` (of all seeds) with
-            Wilson ``ci_low``/``ci_high``, ``norm``, ``residual`` ‖f(x) − x‖ of the
-            representative, ``rho`` (spectral radius of J there when it is a fixed point and
-            n ≤ ``stability_max``), ``stable``, ``answer``, ``correct``.
+        seeds: one row per (sample, seed): seed-family columns, ``attractor`` (the end state's
+            cluster id, −1 = diverged), ``kind`` of that cluster, ``answer`` (decoded argmax, as
+            a string), ``correct``, ``conv_time`` (first iteration after which the step stays
+            below tol; −1 = not converged), ``end_residual``, ``diverged``.
+        attractors: one row per (sample, cluster): ``kind`` ("fixed_point", "cycle" or
+            "end_region": a cluster of end states that is neither, e.g. seeds still moving at
+            the budget), ``period`` (1 for a fixed point, p for a cycle, 0 for an end region),
+            ``count``, ``fraction`` (of all seeds) with Wilson ``ci_low``/``ci_high``, ``norm``,
+            ``residual`` ‖f(x) − x‖ of the representative, ``rho`` (spectral radius of J there
+            when it is a fixed point and n ≤ ``stability_max``), ``stable``, ``answer``,
+            ``correct``.
         end_states: ``[S, B, *state]``; seed_states: the seeds, same shape.
     """
 
@@ -389,15 +386,15 @@ class BasinResult:
     seed_states: Tensor
     eps_d: np.ndarray
     n_iter: int
-    meta: dict[str, Any] = field(default_factory=dict)
 
     def to_frame(self) -> pd.DataFrame:
-        return self.seeds
+        """One row per (sample, seed): :attr:`seeds`."""
+        return self.seeds.copy()
 
     def summary_frame(self) -> pd.DataFrame:
-        """Per sample: n_attractors, n_stable, basin entropy −Σ π ln π (diverged mass counted as
-        one outcome), correct-basin fraction, number of answers, answer entropy, diverged
-        fraction."""
+        """Per sample: n_attractors (fixed points and cycles), n_end_regions, n_stable, basin
+        entropy −Σ π ln π over every cluster (diverged mass counted as one outcome),
+        correct-basin fraction, number of answers, answer entropy, diverged fraction."""
         rows = []
         for b, g in self.seeds.groupby("sample"):
             a = self.attractors[self.attractors["sample"] == b]
@@ -406,10 +403,12 @@ class BasinResult:
             pi = np.concatenate([a["count"].to_numpy() / S, [div / S] if div else []])
             pi = pi[pi > 0]
             ans = g.loc[~g["diverged"], "answer"].value_counts().to_numpy() / S
+            real = a["kind"] != "end_region" if len(a) else np.zeros(0, dtype=bool)
             rows.append(
                 {
                     "sample": b,
-                    "n_attractors": len(a),
+                    "n_attractors": int(np.sum(real)),
+                    "n_end_regions": int(len(a) - np.sum(real)),
                     "n_stable": int(a["stable"].sum()),
                     "entropy": float(-(pi * np.log(pi)).sum()),
                     "correct_fraction": float(g["correct"].mean())
@@ -424,13 +423,18 @@ class BasinResult:
         return pd.DataFrame(rows)
 
     def summary(self) -> dict[str, float]:
+        """Means over samples: attractors, end regions, basin entropy, correct-basin and
+        diverged fractions."""
         s = self.summary_frame()
-        return {
-            "n_attractors": float(s["n_attractors"].mean()),
-            "basin_entropy": float(s["entropy"].mean()),
-            "correct_basin_fraction": float(s["correct_fraction"].mean()),
-            "diverged_fraction": float(s["diverged_fraction"].mean()),
-        }
+        return float_summary(
+            {
+                "n_attractors": float(s["n_attractors"].mean()),
+                "n_end_regions": float(s["n_end_regions"].mean()),
+                "basin_entropy": float(s["entropy"].mean()),
+                "correct_basin_fraction": float(s["correct_fraction"].mean()),
+                "diverged_fraction": float(s["diverged_fraction"].mean()),
+            }
+        )
 
     def answer_basins(self) -> pd.DataFrame:
         """Task-level basins: per (sample, decoded answer) count, fraction and Wilson CI."""
@@ -493,23 +497,7 @@ class BasinResult:
         return img
 
 
-_BASIN_OPTIONS = (
-    "eps_d",
-    "targets",
-    "seed",
-    "tol",
-    "decode",
-    "stability_max",
-    "ctx",
-    "state_shape",
-    "batch_size",
-    "blowup",
-    "chunk",
-    "dtype",
-)
-
-
-def _answers(loop: Any, X: Tensor, ctx: Any) -> Tensor:
+def _answers(loop: Loop, X: Tensor, ctx: Any) -> Tensor:
     with torch.no_grad():
         out = loop.decode(X, ctx)
     out = torch.as_tensor(out)
@@ -541,18 +529,22 @@ def _shape_hint(seeds: Any, bs: int | None) -> tuple[int, ...] | None:
     return None
 
 
-def _make_map(loop: Any, inputs: Any, seeds: Any, options: dict[str, Any]) -> LoopMap:
-    kw = {
-        "ctx": options.get("ctx"),
-        "dtype": options.get("dtype", torch.float64),
-        "batch_size": options.get("batch_size"),
-    }
-    shape = options.get("state_shape")
+def _make_map(
+    loop: Loop,
+    inputs: Any,
+    seeds: Any,
+    ctx: Any,
+    dtype: torch.dtype,
+    batch_size: int | None,
+    state_shape: tuple[int, ...] | None,
+) -> LoopMap:
+    kw = {"ctx": ctx, "dtype": dtype, "batch_size": batch_size}
+    shape = state_shape
     if shape is None:
         try:
             return LoopMap(loop, inputs, **kw)
         except (LoopscopeError, NotImplementedError):
-            shape = _shape_hint(seeds, kw["batch_size"])
+            shape = _shape_hint(seeds, batch_size)
             if shape is None:
                 raise LoopscopeError(
                     "cannot infer the state shape (the loop has no init_state): pass state_shape="
@@ -560,8 +552,224 @@ def _make_map(loop: Any, inputs: Any, seeds: Any, options: dict[str, Any]) -> Lo
     return LoopMap(loop, inputs, state_shape=tuple(shape), **kw)
 
 
+def _check_basin_args(
+    n_iter: int, seed: int, tol: float, blowup: float, chunk: int, eps_d: float | None
+) -> None:
+    check_positive_int("n_iter", n_iter)
+    check_positive_int("chunk", chunk)
+    check_seed(seed)
+    for name, v in (("tol", tol), ("blowup", blowup)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+            raise LoopscopeError(f"{name} must be a positive number, got {v!r}")
+    if eps_d is not None and (not isinstance(eps_d, (int, float)) or not eps_d > 0):
+        raise LoopscopeError(f"eps_d must be a positive number or None, got {eps_d!r}")
+
+
+@dataclass
+class _Ends:
+    """Where every (seed, sample) trajectory ended, flat over ``S·B`` (seed-major)."""
+
+    states: Tensor
+    conv: Tensor
+    diverged: Tensor
+    residual: Tensor
+
+
+def _iterate(
+    m: LoopMap, flat: Tensor, idx_all: Tensor, n_iter: int, tol: float, blowup: float, chunk: int
+) -> _Ends:
+    """Iterate every seed ``n_iter`` times, ``chunk`` trajectories at a time (the core loop)."""
+    N = flat.shape[0]
+    ends = torch.empty_like(flat)
+    conv = torch.full((N,), -1, dtype=torch.long)
+    div = torch.zeros(N, dtype=torch.bool)
+    resid = torch.empty(N, dtype=m.dtype)
+    for s0 in range(0, N, chunk):
+        z = flat[s0 : s0 + chunk].clone()
+        idx = idx_all[s0 : s0 + chunk]
+        ctx = m._ctx(idx) if m._has_batch_ctx else m.ctx
+        ref = reference_norm(z)
+        last_bad = torch.full((z.shape[0],), -1, dtype=torch.long)
+        dv = torch.zeros(z.shape[0], dtype=torch.bool)
+        with torch.no_grad():
+            for t in range(n_iter):
+                zn = m._raw(z, ctx)
+                dv |= diverged(zn, ref, blowup)
+                zn = torch.where(dv.view(-1, 1), z, zn)
+                moving = (zn - z).norm(dim=1) > tol * z.norm(dim=1).clamp_min(1.0)
+                last_bad = torch.where(moving, torch.full_like(last_bad, t), last_bad)
+                z = zn
+            f_end = m._raw(z, ctx)
+        step = (f_end - z).norm(dim=1)
+        ends[s0 : s0 + chunk] = z
+        div[s0 : s0 + chunk] = dv
+        resid[s0 : s0 + chunk] = step
+        ok_last = ~(step > tol * z.norm(dim=1).clamp_min(1.0))
+        conv[s0 : s0 + chunk] = torch.where(
+            ok_last & ~dv, last_bad + 1, torch.full_like(last_bad, -1)
+        )
+    m.nfe += N // max(1, m.B) * (n_iter + 1)  # booked here: LoopMap counts a repeated index once
+    return _Ends(ends, conv, div, resid)
+
+
+def _decoded(m: LoopMap, ends: Tensor, idx_all: Tensor, chunk: int) -> Tensor:
+    """Readout argmax of every end state, ``[S·B, positions]``."""
+    out = []
+    for s0 in range(0, ends.shape[0], chunk):
+        idx = idx_all[s0 : s0 + chunk]
+        ctx = m._ctx(idx) if m._has_batch_ctx else m.ctx
+        out.append(_answers(m.loop, m.unflatten(ends[s0 : s0 + chunk]), ctx))
+    return torch.cat(out)
+
+
+def _correct(A: Tensor, targets: Any, S: int, B: int) -> np.ndarray:
+    """``[S, B]`` bool: every labelled position of the decoded answer right."""
+    tg = torch.as_tensor(targets)
+    A3 = A.reshape(S, B, -1)
+    P = A3.shape[2]
+    if tg.dim() == 0 or tg.shape[0] != B or tg[0].numel() != P:
+        hint = (
+            " (transposed? targets are [B, positions])"
+            if tg.dim() == 2 and tg.shape == (P, B)
+            else ""
+        )
+        raise LoopscopeError(
+            f"targets must be [B={B}] or [B={B}, {P}] (one per readout position), "
+            f"got shape {tuple(tg.shape)}{hint}"
+        )
+    tg = tg.reshape(B, P).unsqueeze(0)
+    return sequence_correct(A3, tg).numpy()
+
+
+def _seed_rows(
+    ss: SeedSet,
+    b: int,
+    lab: np.ndarray,
+    ends: _Ends,
+    answers: np.ndarray | None,
+    correct: np.ndarray | None,
+    S: int,
+    B: int,
+) -> pd.DataFrame:
+    div = ends.diverged.reshape(S, B).numpy()[:, b]
+    df = ss.info.copy()
+    df.insert(0, "sample", b)
+    df.insert(1, "seed", np.arange(S))
+    df["attractor"] = lab
+    df["answer"] = answers[:, b] if answers is not None else ""
+    df["correct"] = correct[:, b] & ~div if correct is not None else np.nan
+    df["conv_time"] = ends.conv.reshape(S, B).numpy()[:, b]
+    df["end_residual"] = ends.residual.reshape(S, B).numpy()[:, b]
+    df["diverged"] = div
+    return df
+
+
+def _cluster_rows(
+    m: LoopMap,
+    b: int,
+    Xb: np.ndarray,
+    lab: np.ndarray,
+    res_b: np.ndarray,
+    answers: np.ndarray | None,
+    correct: np.ndarray | None,
+    stability_max: int,
+) -> list[dict[str, Any]]:
+    """One row per cluster of sample ``b``'s end states (representative: smallest residual)."""
+    S, n = Xb.shape
+    rows = []
+    for a in range(int(lab.max()) + 1 if (lab >= 0).any() else 0):
+        mem = np.nonzero(lab == a)[0]
+        rep = int(mem[np.argmin(res_b[mem])])
+        x = torch.as_tensor(Xb[rep], dtype=m.dtype).reshape(1, n)
+        r = float(res_b[rep])
+        rho = np.nan
+        period = _period_of(m, x, b, r)
+        if n <= stability_max and period == 1:
+            J = m.jacobian(x, torch.tensor([b]))[0]
+            rho = float(np.abs(np.linalg.eigvals(J.numpy())).max())
+        lo, hi = wilson_ci(len(mem), S)
+        rows.append(
+            {
+                "sample": b,
+                "attractor": a,
+                "kind": KINDS[min(period, 2)],
+                "period": period,
+                "count": len(mem),
+                "fraction": len(mem) / S,
+                "ci_low": float(lo),
+                "ci_high": float(hi),
+                "norm": float(x.norm()),
+                "residual": r,
+                "rho": rho,
+                "stable": bool(rho < 1) if not np.isnan(rho) else False,
+                "answer": answers[rep, b] if answers is not None else "",
+                "correct": bool(correct[rep, b]) if correct is not None else np.nan,
+            }
+        )
+    return rows
+
+
+#: cluster kinds by period: 0 = neither a fixed point nor a cycle, 1 = fixed point, p >= 2 cycle
+KINDS = ("end_region", "fixed_point", "cycle")
+#: relative residual ‖f^p(x) − x‖ / max(1, ‖x‖) at or below which x is on a period-p orbit
+FIXED_TOL = 1e-6
+#: longest cycle looked for at a cluster representative
+CYCLE_MAX = 16
+ATTRACTOR_COLUMNS = (
+    "sample",
+    "attractor",
+    "kind",
+    "period",
+    "count",
+    "fraction",
+    "ci_low",
+    "ci_high",
+    "norm",
+    "residual",
+    "rho",
+    "stable",
+    "answer",
+    "correct",
+)
+
+
+def _period_of(m: LoopMap, x: Tensor, b: int, r: float) -> int:
+    """1 if ``x`` is a fixed point (``r`` = ‖f(x) − x‖), p if it is on a p-cycle (p ≤
+    :data:`CYCLE_MAX`), else 0 (an end region: the seeds had not settled)."""
+    scale = FIXED_TOL * max(1.0, float(x.norm()))
+    if r <= scale:
+        return 1
+    if not np.isfinite(r):
+        return 0
+    idx = torch.tensor([b])
+    y = x
+    with torch.no_grad():
+        for p in range(1, CYCLE_MAX + 1):
+            y = m.f(y, idx)
+            if p >= 2 and float((y - x).norm()) <= scale:
+                return p
+    return 0
+
+
+@did_you_mean
 def basins(
-    loop: Any, inputs: Any = None, seeds: Any = "init", n_iter: int = 200, **options: Any
+    loop: Loop,
+    inputs: Any = None,
+    seeds: Any = "init",
+    n_iter: int = 200,
+    *,
+    eps_d: float | None = None,
+    targets: Tensor | None = None,
+    seed: int = 0,
+    tol: float = 1e-9,
+    decode: bool = True,
+    stability_max: int = 256,
+    ctx: Any = None,
+    state_shape: tuple[int, ...] | None = None,
+    batch_size: int | None = None,
+    blowup: float = BLOWUP,
+    chunk: int = 65536,
+    dtype: torch.dtype = torch.float64,
 ) -> BasinResult:
     """Iterate from every seed, cluster end states into attractors and decoded-answer basins.
 
@@ -574,95 +782,67 @@ def basins(
             :class:`GridSeeds`, :class:`SwapSeeds`, :class:`InterpolationSeeds`), a tensor
             ``[S, *state]`` / ``[S, B, *state]``, or a list of those.
         n_iter: iterations per seed.
-
-    Keyword options:
-        eps_d: single-linkage distance (default ``1e-3 · (1 + median ‖end state‖)`` per input).
+        eps_d: single-linkage distance (None: ``1e-3 · (1 + median ‖end state‖)`` per input).
         targets: ``[B]`` / ``[B, positions]`` answers for the correct-basin fraction.
-        seed: RNG seed of the seed families (0).
-        tol: relative step below which a seed counts as converged (1e-9).
-        decode: label end states by decoded answer (True).
-        stability_max: largest n for the spectral radius at attractor representatives (256).
-        ctx, state_shape, batch_size, dtype: LoopMap construction.
+        seed: RNG seed of the seed families.
+        tol: relative step below which a seed counts as converged.
+        decode: label end states by decoded answer.
+        stability_max: largest n for the spectral radius at attractor representatives.
+        ctx: an already-encoded context (instead of ``inputs``).
+        state_shape: trailing state shape when the loop has no ``init_state``.
+        batch_size: batch size when the context has none.
         blowup: seeds whose norm exceeds ``blowup · max(1, ‖seed‖)`` or turn non-finite are
-            flagged diverged and frozen (1e8).
-        chunk: trajectories per batch (65536).
+            flagged diverged and frozen.
+        chunk: trajectories per batch.
+        dtype: analysis dtype.
 
     Returns:
         :class:`BasinResult`.
     """
-    reject_unknown_kwargs("basins", options, _BASIN_OPTIONS)
-    n_iter = check_positive_int("n_iter", n_iter)
-    seed = int(options.get("seed", 0))
-    tol = float(options.get("tol", 1e-9))
-    blowup = float(options.get("blowup", 1e8))
-    chunk = check_positive_int("chunk", options.get("chunk", 65536))
-    stability_max = int(options.get("stability_max", 256))
-    m = _make_map(loop, inputs, seeds, options)
+    _check_basin_args(n_iter, seed, tol, blowup, chunk, eps_d)
+    m = _make_map(loop, inputs, seeds, ctx, dtype, batch_size, state_shape)
     B, n = m.B, m.n
     ss = _materialise(seeds, m, B, seed)
     X0 = ss.states.to(m.dtype)
     S = X0.shape[0]
-    flat = X0.reshape(S * B, n).clone()
+    if S == 0:
+        raise LoopscopeError("seeds is empty: basins needs at least one seed state")
+    if targets is not None and not decode:
+        raise LoopscopeError("targets need decode=True")
     idx_all = torch.arange(B).repeat(S)
-    ends = torch.empty_like(flat)
-    conv = torch.full((S * B,), -1, dtype=torch.long)
-    div = torch.zeros(S * B, dtype=torch.bool)
-    resid = torch.empty(S * B, dtype=m.dtype)
-    for s0 in range(0, S * B, chunk):
-        z = flat[s0 : s0 + chunk].clone()
-        idx = idx_all[s0 : s0 + chunk]
-        ctx = m._ctx(idx) if m._has_batch_ctx else m.ctx
-        limit = blowup * z.norm(dim=1).clamp_min(1.0)
-        last_bad = torch.full((z.shape[0],), -1, dtype=torch.long)
-        dv = torch.zeros(z.shape[0], dtype=torch.bool)
-        with torch.no_grad():
-            for t in range(n_iter):
-                zn = m._raw(z, ctx)
-                bad = (~torch.isfinite(zn).all(1)) | (zn.norm(dim=1) > limit)
-                dv |= bad
-                zn = torch.where(dv.view(-1, 1), z, zn)
-                moving = (zn - z).norm(dim=1) > tol * z.norm(dim=1).clamp_min(1.0)
-                last_bad = torch.where(moving, torch.full_like(last_bad, t), last_bad)
-                z = zn
-            f_end = m._raw(z, ctx)
-        ends[s0 : s0 + chunk] = z
-        div[s0 : s0 + chunk] = dv
-        resid[s0 : s0 + chunk] = (f_end - z).norm(dim=1)
-        ok_last = ~((f_end - z).norm(dim=1) > tol * z.norm(dim=1).clamp_min(1.0))
-        conv[s0 : s0 + chunk] = torch.where(
-            ok_last & ~dv, last_bad + 1, torch.full_like(last_bad, -1)
-        )
-    m.nfe += S * (n_iter + 1)  # booked here: LoopMap counts a repeated index once
-    E = ends.reshape(S, B, n)
-    answers = None
-    if options.get("decode", True):
-        ans_t = []
-        for s0 in range(0, S * B, chunk):
-            idx = idx_all[s0 : s0 + chunk]
-            ctx = m._ctx(idx) if m._has_batch_ctx else m.ctx
-            ans_t.append(_answers(m.loop, m.unflatten(ends[s0 : s0 + chunk]), ctx))
-        A = torch.cat(ans_t)
+    ends = _iterate(m, X0.reshape(S * B, n).clone(), idx_all, n_iter, float(tol), blowup, chunk)
+    answers = correct = None
+    if decode:
+        A = _decoded(m, ends.states, idx_all, chunk)
         answers = np.array([",".join(map(str, r)) for r in A.tolist()], dtype=object).reshape(S, B)
-    targets = options.get("targets")
-    correct_sb = None
-    if targets is not None:
-        if answers is None:
-            raise LoopscopeError("targets need decode=True")
-        tg = torch.as_tensor(targets).reshape(B, -1)
-        A3 = A.reshape(S, B, -1)
-        if A3.shape[2] != tg.shape[1]:
-            raise LoopscopeError(
-                f"targets have {tg.shape[1]} positions per sample, the readout has {A3.shape[2]}"
-            )
-        # positions labelled -100 (no target, e.g. BOS) are ignored
-        correct_sb = ((A3 == tg.unsqueeze(0)) | (tg.unsqueeze(0) == -100)).all(-1).numpy()
-    eps_opt = options.get("eps_d")
+        if targets is not None:
+            correct = _correct(A, targets, S, B)
+    return _assemble_basins(
+        loop, m, ss, X0, ends, answers, correct, eps_d, stability_max, n_iter, seed
+    )
+
+
+def _assemble_basins(
+    loop: Loop,
+    m: LoopMap,
+    ss: SeedSet,
+    X0: Tensor,
+    ends: _Ends,
+    answers: np.ndarray | None,
+    correct: np.ndarray | None,
+    eps_opt: float | None,
+    stability_max: int,
+    n_iter: int,
+    seed: int,
+) -> BasinResult:
+    """Cluster each sample's end states and build the seed / attractor tables."""
+    S, B, n = X0.shape[0], m.B, m.n
+    E = ends.states.reshape(S, B, n)
     Enp = E.numpy()
+    div_np = ends.diverged.reshape(S, B).numpy()
+    res_np = ends.residual.reshape(S, B).numpy()
     eps_d = np.zeros(B)
     seed_rows, att_rows = [], []
-    div_np = div.reshape(S, B).numpy()
-    conv_np = conv.reshape(S, B).numpy()
-    res_np = resid.reshape(S, B).numpy()
     for b in range(B):
         Xb = Enp[:, b].copy()
         Xb[div_np[:, b]] = np.nan
@@ -670,70 +850,36 @@ def basins(
         med = float(np.median(np.linalg.norm(Xb[fin], axis=1))) if fin.any() else 0.0
         eps_d[b] = float(eps_opt) if eps_opt is not None else 1e-3 * (1.0 + med)
         lab = single_linkage(Xb, eps_d[b])
-        df = ss.info.copy()
-        df.insert(0, "sample", b)
-        df.insert(1, "seed", np.arange(S))
-        df["attractor"] = lab
-        df["answer"] = answers[:, b] if answers is not None else ""
-        df["correct"] = correct_sb[:, b] & ~div_np[:, b] if correct_sb is not None else np.nan
-        df["conv_time"] = conv_np[:, b]
-        df["end_residual"] = res_np[:, b]
-        df["diverged"] = div_np[:, b]
-        seed_rows.append(df)
-        for a in range(int(lab.max()) + 1 if (lab >= 0).any() else 0):
-            mem = np.nonzero(lab == a)[0]
-            rep = int(mem[np.argmin(res_np[mem, b])])
-            x = torch.as_tensor(Xb[rep], dtype=m.dtype).reshape(1, n)
-            r = float(res_np[rep, b])
-            rho = np.nan
-            if n <= stability_max and r <= 1e-6 * max(1.0, float(x.norm())):
-                J = m.jacobian(x, torch.tensor([b]))[0]
-                rho = float(np.abs(np.linalg.eigvals(J.numpy())).max())
-            lo, hi = wilson_ci(len(mem), S)
-            att_rows.append(
-                {
-                    "sample": b,
-                    "attractor": a,
-                    "count": len(mem),
-                    "fraction": len(mem) / S,
-                    "ci_low": float(lo),
-                    "ci_high": float(hi),
-                    "norm": float(x.norm()),
-                    "residual": r,
-                    "rho": rho,
-                    "stable": bool(rho < 1) if not np.isnan(rho) else False,
-                    "answer": answers[rep, b] if answers is not None else "",
-                    "correct": bool(correct_sb[rep, b]) if correct_sb is not None else np.nan,
-                }
-            )
-    meta = {"seed": seed}
+        seed_rows.append(_seed_rows(ss, b, lab, ends, answers, correct, S, B))
+        att_rows.extend(_cluster_rows(m, b, Xb, lab, res_np[:, b], answers, correct, stability_max))
     return BasinResult(
         seeds=pd.concat(seed_rows, ignore_index=True),
-        attractors=pd.DataFrame(att_rows),
+        attractors=pd.DataFrame(att_rows, columns=list(ATTRACTOR_COLUMNS)),
         end_states=E.reshape(S, B, *m.state_shape),
         seed_states=X0.reshape(S, B, *m.state_shape),
         eps_d=eps_d,
         n_iter=n_iter,
-        meta=meta,
+        meta=result_meta(loop, seed=seed, settings={"n_iter": n_iter, "n_seeds": S}),
     )
 
 
 # ---------------------------------------------------------------------------------------------
 # path independence (AA score)
 # ---------------------------------------------------------------------------------------------
-@dataclass
-class PathIndependenceResult:
+@dataclass(kw_only=True, repr=False)
+class PathIndependenceResult(Result):
     """AA scores: ``frame`` has one row per (init, sample, space, position): ``aa`` = cos of the
     end state (or readout) from the reference init and from ``init``; position −1 = the whole
-    sample. ``residual`` columns give each run's final step ‖h_T − h_{T−1}‖ (absolute, relative).
+    sample. ``residual`` columns give each run's final step ‖h_T − h_{T−1}‖ (absolute, relative);
+    ``finite`` is False where either end state is not finite (``aa`` is NaN there).
     """
 
     frame: pd.DataFrame
     runs: dict[str, Any]
-    meta: dict[str, Any] = field(default_factory=dict)
 
     def to_frame(self) -> pd.DataFrame:
-        return self.frame
+        """The per (init, sample, space, position) table :attr:`frame`."""
+        return self.frame.copy()
 
     @property
     def score(self) -> float:
@@ -748,22 +894,122 @@ class PathIndependenceResult:
         return f[f["init"] == init].sort_values("sample")["aa"].to_numpy()
 
     def summary(self) -> dict[str, float]:
+        """Mean AA of the whole state (and of the readout, when measured)."""
         f = self.frame[self.frame["position"] == -1]
         out = {"aa_state": float(f[f["space"] == "state"]["aa"].mean())}
         if (f["space"] == "readout").any():
             out["aa_readout"] = float(f[f["space"] == "readout"]["aa"].mean())
-        return out
+        return float_summary(out)
 
 
-_PI_OPTIONS = ("readout", "seed", "noise_std", "meta")
+class _Inits:
+    """Turns the ``inits`` specs of :func:`path_independence` into start states."""
+
+    def __init__(self, loop: Loop, ctx: Any, seed: int, noise_std: float | None) -> None:
+        self.loop, self.ctx, self.seed, self.noise_std = loop, ctx, seed, noise_std
+        self._default: Tensor | None = None
+
+    def default(self) -> Tensor:
+        if self._default is None:
+            with torch.no_grad():
+                self._default = self.loop.init_state(
+                    self.ctx, torch.Generator().manual_seed(self.seed)
+                )
+        return self._default
+
+    def noise(self, gen: torch.Generator) -> Tensor:
+        d = self.default()
+        std = self.noise_std
+        if std is None:
+            std = float(d.double().std()) if d.numel() > 1 and float(d.double().std()) > 0 else 1.0
+        return torch.randn(d.shape, generator=gen, dtype=torch.float64).to(d.dtype) * float(std)
+
+    def resolve(self, spec: Any, ref_final: Tensor | None) -> Tensor:
+        gen = torch.Generator().manual_seed(self.seed + 1)
+        if isinstance(spec, str):
+            if spec == "default":
+                return self.default()
+            if spec == "zeros":
+                return torch.zeros_like(self.default())
+            if spec == "noise":
+                return self.noise(gen)
+            if spec == "swap":
+                if ref_final is None:
+                    raise LoopscopeError("'swap' cannot be the reference init")
+                if ref_final.shape[0] < 2:
+                    raise LoopscopeError("'swap' needs a batch of at least 2 examples")
+                return ref_final.roll(1, dims=0).clone()
+            raise LoopscopeError(
+                f"unknown init {spec!r}: use default, zeros, noise, swap, a tensor or a callable"
+            )
+        if isinstance(spec, Tensor):
+            if ref_final is not None and spec.shape == ref_final.shape[1:]:
+                return spec.unsqueeze(0).expand_as(ref_final).clone()
+            return spec
+        if callable(spec):
+            return spec(self.ctx, gen)
+        raise LoopscopeError(f"unsupported init {type(spec).__name__}")
 
 
+def _init_name(spec: Any, i: int) -> str:
+    return spec if isinstance(spec, str) else f"init{i}"
+
+
+def _aa_frames(
+    nm: str, space: str, a: Tensor, b: Tensor, res: tuple, ref_res: tuple
+) -> list[pd.DataFrame]:
+    """AA rows of one (init, space): the whole sample (position −1) and, for states with a
+    position axis, every position."""
+    a, b = a.double(), b.double()
+    B = a.shape[0]
+    finite = torch.isfinite(a.reshape(B, -1)).all(1) & torch.isfinite(b.reshape(B, -1)).all(1)
+    nan = torch.tensor(float("nan"), dtype=torch.float64)
+    whole = torch.where(finite, safe_cos(a.reshape(B, -1), b.reshape(B, -1)), nan)
+    cols = {"residual": res[0], "rel_residual": res[1], "ref_residual": ref_res[0]}
+    out = [
+        pd.DataFrame(
+            {
+                "init": nm,
+                "sample": np.arange(B),
+                "space": space,
+                "position": -1,
+                "aa": whole.numpy(),
+                **cols,
+                "finite": finite.numpy(),
+            }
+        )
+    ]
+    if a.dim() >= 3:  # per position: all axes between batch and the last one
+        P = int(np.prod(a.shape[1:-1]))
+        pc = safe_cos(a.reshape(B, P, -1), b.reshape(B, P, -1))
+        pc = torch.where(finite.view(B, 1), pc, nan)
+        out.append(
+            pd.DataFrame(
+                {
+                    "init": nm,
+                    "sample": np.repeat(np.arange(B), P),
+                    "space": space,
+                    "position": np.tile(np.arange(P), B),
+                    "aa": pc.reshape(-1).numpy(),
+                    **{k: np.repeat(v, P) for k, v in cols.items()},
+                    "finite": np.repeat(finite.numpy(), P),
+                }
+            )
+        )
+    return out
+
+
+@did_you_mean
 def path_independence(
-    loop: Any,
+    loop: Loop,
     inputs: Any = None,
     inits: Sequence[Any] = ("default", "swap"),
     n_iter: int = 100,
-    **options: Any,
+    *,
+    readout: Callable[[Tensor, Any], Tensor] | bool | None = None,
+    seed: int = 0,
+    noise_std: float | None = None,
+    meta: dict[str, Any] | None = None,
 ) -> PathIndependenceResult:
     """AA score (Anil et al. 2022): cosine between end states reached from different inits.
 
@@ -775,84 +1021,32 @@ def path_independence(
             "swap" (another example's converged state: the reference end states rolled by one
             along the batch), a tensor ``[B, *state]`` / ``[*state]``, or ``fn(ctx, generator)``.
         n_iter: the budget for every run.
-
-    Keyword options:
-        readout: ``fn(h, ctx)`` for the readout-space AA (default ``loop.decode``; False = skip).
-        seed: generator seed for random inits (0).
-        noise_std: std of "noise" inits (default: the default init's entry std, else 1).
+        readout: ``fn(h, ctx)`` for the readout-space AA (None: ``loop.decode``; False: skip).
+        seed: generator seed for random inits.
+        noise_std: std of "noise" inits (None: the default init's entry std, else 1).
         meta: dict merged into the result meta (model, split...).
 
     Returns:
         :class:`PathIndependenceResult` (per sample, per position, state and readout). Two
-        zero vectors count as identical (cos = 1).
+        zero vectors count as identical (cos = 1); a non-finite end state gives NaN, flagged
+        ``finite=False``.
     """
     from loopscope.core.unroll import unroll
 
-    reject_unknown_kwargs("path_independence", options, _PI_OPTIONS)
-    n_iter = check_positive_int("n_iter", n_iter)
+    check_positive_int("n_iter", n_iter)
+    check_seed(seed)
     inits = list(inits)
     if len(inits) < 2:
         raise LoopscopeError(
             f"path_independence needs at least 2 inits (reference + other), got {len(inits)}"
         )
-    seed = int(options.get("seed", 0))
-    readout = options.get("readout")
+    if meta is not None and not isinstance(meta, dict):
+        raise LoopscopeError(f"meta must be a dict, got {type(meta).__name__}")
     with torch.no_grad():
         ctx = loop.encode(inputs)
-    runs: dict[str, Any] = {}
-    default = None
-
-    def default_init() -> Tensor:
-        nonlocal default
-        if default is None:
-            with torch.no_grad():
-                default = loop.init_state(ctx, torch.Generator().manual_seed(seed))
-        return default
-
-    def resolve(spec: Any, ref_final: Tensor | None) -> Tensor:
-        gen = torch.Generator().manual_seed(seed + 1)
-        if isinstance(spec, str):
-            if spec == "default":
-                return default_init()
-            if spec == "zeros":
-                return torch.zeros_like(default_init())
-            if spec == "noise":
-                d = default_init()
-                std = options.get("noise_std")
-                if std is None:
-                    std = (
-                        float(d.double().std())
-                        if d.numel() > 1 and float(d.double().std()) > 0
-                        else 1.0
-                    )
-                return torch.randn(d.shape, generator=gen, dtype=torch.float64).to(d.dtype) * float(
-                    std
-                )
-            if spec == "swap":
-                if ref_final is None:
-                    raise LoopscopeError("'swap' cannot be the reference init")
-                if ref_final.shape[0] < 2:
-                    raise LoopscopeError("'swap' needs a batch of at least 2 examples")
-                return ref_final.roll(1, dims=0).clone()
-            raise LoopscopeError(
-                f"unknown init {spec!r}: use default, zeros, noise, swap, a tensor or a callable"
-            )
-        if isinstance(spec, Tensor):
-            ref = ref_final if ref_final is not None else None
-            if ref is not None and spec.shape == ref.shape[1:]:
-                return spec.unsqueeze(0).expand_as(ref).clone()
-            return spec
-        if callable(spec):
-            return spec(ctx, gen)
-        raise LoopscopeError(f"unsupported init {type(spec).__name__}")
-
-    def name(spec: Any, i: int) -> str:
-        return spec if isinstance(spec, str) else f"init{i}"
-
-    ref_spec = inits[0]
-    h0 = resolve(ref_spec, None)
-    ref = unroll(loop, inputs, n_iter, init=h0)
-    runs[name(ref_spec, 0)] = ref
+    resolver = _Inits(loop, ctx, seed, noise_std)
+    ref = unroll(loop, inputs, n_iter, init=resolver.resolve(inits[0], None))
+    runs: dict[str, Any] = {_init_name(inits[0], 0): ref}
 
     def read(h: Tensor) -> Tensor | None:
         if readout is False:
@@ -861,67 +1055,26 @@ def path_independence(
             return (readout or loop.decode)(h, ref.ctx)
 
     ref_read = read(ref.final)
-    rows = []
-    B = ref.final.shape[0]
     ref_res = _final_residual(ref)
+    rows: list[pd.DataFrame] = []
     for i, spec in enumerate(inits[1:], start=1):
-        nm = name(spec, i)
-        run = unroll(loop, inputs, n_iter, init=resolve(spec, ref.final))
+        nm = _init_name(spec, i)
+        run = unroll(loop, inputs, n_iter, init=resolver.resolve(spec, ref.final))
         runs[nm] = run
         res = _final_residual(run)
-        for space, a, b in (
-            ("state", ref.final, run.final),
-            ("readout", ref_read, read(run.final) if ref_read is not None else None),
-        ):
-            if a is None:
-                continue
-            a, b = a.double(), b.double()
-            whole = safe_cos(a.reshape(B, -1), b.reshape(B, -1))
-            rows.append(
-                pd.DataFrame(
-                    {
-                        "init": nm,
-                        "sample": np.arange(B),
-                        "space": space,
-                        "position": -1,
-                        "aa": whole.numpy(),
-                        "residual": res[0],
-                        "rel_residual": res[1],
-                        "ref_residual": ref_res[0],
-                    }
-                )
-            )
-            if a.dim() >= 3:  # per position: all axes between batch and the last one
-                P = int(np.prod(a.shape[1:-1]))
-                pc = safe_cos(a.reshape(B, P, -1), b.reshape(B, P, -1))
-                rows.append(
-                    pd.DataFrame(
-                        {
-                            "init": nm,
-                            "sample": np.repeat(np.arange(B), P),
-                            "space": space,
-                            "position": np.tile(np.arange(P), B),
-                            "aa": pc.reshape(-1).numpy(),
-                            "residual": np.repeat(res[0], P),
-                            "rel_residual": np.repeat(res[1], P),
-                            "ref_residual": np.repeat(ref_res[0], P),
-                        }
-                    )
-                )
-    meta = {
-        "seed": seed,
-        "reference": name(ref_spec, 0),
-        "n_iter": n_iter,
-        **(options.get("meta") or {}),
-    }
+        rows += _aa_frames(nm, "state", ref.final, run.final, res, ref_res)
+        if ref_read is not None:
+            rows += _aa_frames(nm, "readout", ref_read, read(run.final), res, ref_res)
+    info = {"seed": seed, "reference": _init_name(inits[0], 0), "n_iter": n_iter, **(meta or {})}
     frame = pd.concat(rows, ignore_index=True)
     for k in ("model", "split"):
-        if k in meta:
-            frame[k] = meta[k]
-    return PathIndependenceResult(frame=frame, runs=runs, meta=meta)
+        if k in info:
+            frame[k] = info[k]
+    full = result_meta(loop, seed=seed, split=info.get("split"), model=info.get("model"))
+    return PathIndependenceResult(frame=frame, runs=runs, meta={**full, **info})
 
 
-def _final_residual(tr: Any) -> tuple[np.ndarray, np.ndarray]:
+def _final_residual(tr: Trace) -> tuple[np.ndarray, np.ndarray]:
     S = tr.states.double()
     B = S.shape[1]
     d = (S[-1] - S[-2]).reshape(B, -1).norm(dim=1)
@@ -932,7 +1085,29 @@ def _final_residual(tr: Any) -> tuple[np.ndarray, np.ndarray]:
 # ---------------------------------------------------------------------------------------------
 # ID vs OOD
 # ---------------------------------------------------------------------------------------------
+@dataclass(kw_only=True, repr=False)
+class SplitComparison(Result):
+    """Same statistics side by side per split: ``frame`` columns ``split, source, metric, value``
+    (pivot with ``frame.pivot_table(index=["source", "metric"], columns="split",
+    values="value")``)."""
+
+    frame: pd.DataFrame
+
+    def to_frame(self) -> pd.DataFrame:
+        """The tidy ``split, source, metric, value`` table."""
+        return self.frame.copy()
+
+    def summary(self) -> dict[str, float]:
+        """``{"<source>.<metric>[<split>]": value}`` for every row."""
+        return float_summary(
+            {f"{r.source}.{r.metric}[{r.split}]": r.value for r in self.frame.itertuples()}
+        )
+
+
 def _summaries(obj: Any) -> dict[str, float]:
+    if isinstance(obj, CycleClasses):
+        fr = obj.frame["class"].value_counts(normalize=True)
+        return {f"class[{k}]": float(v) for k, v in fr.items()}
     if isinstance(obj, pd.DataFrame) and "class" in obj:
         fr = obj["class"].value_counts(normalize=True)
         return {f"class[{k}]": float(v) for k, v in fr.items()}
@@ -941,21 +1116,22 @@ def _summaries(obj: Any) -> dict[str, float]:
     if isinstance(obj, dict):
         return {str(k): float(v) for k, v in obj.items()}
     raise LoopscopeError(
-        f"cannot summarise {type(obj).__name__}: give results with .summary() or a classify frame"
+        f"cannot summarise {type(obj).__name__}: give results with .summary() or a classify result"
     )
 
 
-def compare_splits(results_by_split: dict[str, Any]) -> pd.DataFrame:
+@did_you_mean
+def compare_splits(results_by_split: dict[str, Any]) -> SplitComparison:
     """Same statistics side by side for ID vs shifted splits (OOD protocol, spec §11).
 
     Args:
         results_by_split: ``{split: result}`` or ``{split: [results...]}`` where a result is any
-            loopscope result with ``.summary()`` (Metrics, LyapunovResult, BasinResult,
-            PathIndependenceResult), a :func:`classify` frame, or a plain ``{metric: value}``.
+            loopscope :class:`~loopscope.core.result.Result` (its ``summary()``), a
+            :func:`~loopscope.analysis.classify` result (class fractions), or a plain
+            ``{metric: value}``.
 
     Returns:
-        tidy DataFrame ``split, source, metric, value`` (pivot with
-        ``df.pivot_table(index=["source", "metric"], columns="split", values="value")``).
+        :class:`SplitComparison`; ``.to_frame()`` is the tidy ``split, source, metric, value``.
     """
     if not isinstance(results_by_split, dict) or not results_by_split:
         raise LoopscopeError("compare_splits needs a non-empty {split: result(s)} dict")
@@ -963,7 +1139,9 @@ def compare_splits(results_by_split: dict[str, Any]) -> pd.DataFrame:
     for split, res in results_by_split.items():
         items = res if isinstance(res, (list, tuple)) else [res]
         for r in items:
-            src = "classify" if isinstance(r, pd.DataFrame) else type(r).__name__
+            src = "classify" if isinstance(r, (pd.DataFrame, CycleClasses)) else type(r).__name__
             for k, v in _summaries(r).items():
                 rows.append({"split": split, "source": src, "metric": k, "value": v})
-    return pd.DataFrame(rows)
+    return SplitComparison(
+        frame=pd.DataFrame(rows), meta=result_meta(settings={"splits": list(results_by_split)})
+    )

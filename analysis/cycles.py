@@ -35,7 +35,7 @@ Example:
     >>> res = detect_cycle(tr)
     >>> int(res.period[0]), round(float(abs(res.multipliers[0][0])), 10)
     (2, 0.0276796716)
-    >>> classify(tr)["class"].tolist()
+    >>> classify(tr).classes
     ['cycle(2)']
 """
 
@@ -52,13 +52,16 @@ from torch import Tensor
 
 from loopscope.analysis.convergence import _masked_states
 from loopscope.analysis.loopmap import LoopMap
-from loopscope.core.errors import LoopscopeError, check_positive_int, reject_unknown_kwargs
+from loopscope.analysis.lyapunov_qr import LYAP_TOL, LyapunovResult, is_chaotic
+from loopscope.core.errors import LoopscopeError, check_positive_int, did_you_mean
+from loopscope.core.result import Result, float_summary, result_meta
+from loopscope.core.trace import Trace
 
-__all__ = ["detect_cycle", "CycleResult", "classify", "find_period"]
+__all__ = ["detect_cycle", "CycleResult", "classify", "CycleClasses", "find_period"]
 
 
-@dataclass
-class CycleResult:
+@dataclass(kw_only=True, repr=False)
+class CycleResult(Result):
     """Per-sample cycle detection and refinement.
 
     Attributes:
@@ -84,7 +87,6 @@ class CycleResult:
     multipliers: list[np.ndarray]
     states: list[Tensor | None]
     diverged: np.ndarray
-    meta: dict[str, Any] = field(default_factory=dict)
 
     @property
     def max_multiplier(self) -> np.ndarray:
@@ -99,6 +101,7 @@ class CycleResult:
 
     @property
     def status(self) -> list[str]:
+        """Per sample: ``diverged``, ``fixed_point``, ``cycle(p)`` or ``none``."""
         out = []
         for p, d in zip(self.period, self.diverged, strict=True):
             out.append(
@@ -106,7 +109,21 @@ class CycleResult:
             )
         return out
 
+    def summary(self) -> dict[str, float]:
+        """Fractions of samples with a fixed point, a cycle, none, or diverged; stable fraction."""
+        st = np.array([s.split("(")[0] for s in self.status])
+        return float_summary(
+            {
+                "fixed_point_fraction": float(np.mean(st == "fixed_point")),
+                "cycle_fraction": float(np.mean(st == "cycle")),
+                "none_fraction": float(np.mean(st == "none")),
+                "diverged_fraction": float(np.mean(st == "diverged")),
+                "stable_fraction": float(np.mean(self.stable)),
+            }
+        )
+
     def to_frame(self) -> pd.DataFrame:
+        """One row per sample: status, period, onset, residuals, refinement, max multiplier."""
         df = pd.DataFrame(
             {
                 "sample": np.arange(len(self.period)),
@@ -124,7 +141,7 @@ class CycleResult:
             }
         )
         for k in ("model", "split", "seed"):
-            if k in self.meta:
+            if self.meta.get(k) is not None:
                 df[k] = self.meta[k]
         return df
 
@@ -248,20 +265,6 @@ def _floquet(m: LoopMap, cyc: Tensor, b: int, dense_max: int, k: int) -> np.ndar
     return ev[np.argsort(-np.abs(ev), kind="stable")]
 
 
-_DETECT_OPTIONS = (
-    "hits",
-    "refine",
-    "floquet",
-    "n_iter",
-    "newton_tol",
-    "max_newton",
-    "gmres_tol",
-    "dense_max",
-    "k_floquet",
-    "seed",
-)
-
-
 def _source(source: Any, n_iter: int | None, p_max: int, seed: int | None) -> Any:
     if hasattr(source, "states") and isinstance(getattr(source, "states", None), Tensor):
         return source
@@ -281,7 +284,82 @@ def _source(source: Any, n_iter: int | None, p_max: int, seed: int | None) -> An
     )
 
 
-def detect_cycle(source: Any, p_max: int = 16, tol: float = 1e-6, **options: Any) -> CycleResult:
+def _check_detect(p_max: int, tol: float, hits: int) -> None:
+    check_positive_int("p_max", p_max)
+    check_positive_int("hits", hits)
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0:
+        raise LoopscopeError(f"tol must be a positive number, got {tol!r}")
+
+
+@dataclass
+class _Refined:
+    """One sample's cycle after (optional) Newton refinement."""
+
+    states: Tensor
+    one_step: float
+    residual: float = np.nan
+    iters: int = 0
+    refined: bool = False
+    multipliers: np.ndarray = field(default_factory=lambda: np.array([], dtype=complex))
+
+
+def _recorded_cycle(Z: Tensor, L: int, b: int, p: int) -> _Refined:
+    """The cycle as recorded (no loop attached: nothing to refine)."""
+    cyc = torch.stack([Z[L - p + 1 + i, b] for i in range(p)])
+    one = (cyc[1] - cyc[0]).norm() if p >= 2 else (Z[L, b] - Z[L - 1, b]).norm()
+    return _Refined(states=cyc, one_step=float(one))
+
+
+def _refine_sample(
+    m: LoopMap,
+    x: Tensor,
+    p: int,
+    b: int,
+    refine: bool,
+    floquet: bool,
+    newton: tuple,
+    dense_max: int,
+    k_floquet: int,
+) -> _Refined:
+    """Newton–Krylov on ``f^p(x) − x``, the refined cycle's residuals and Floquet multipliers."""
+    iters, refined = 0, False
+    if refine:
+        x, iters, refined = _newton(m, x, p, b, *newton)
+    idx = torch.tensor([b])
+    cyc = [x]
+    for _ in range(p - 1):
+        cyc.append(m.f(cyc[-1], idx))
+    cyc_t = torch.cat(cyc)
+    back = m.f(cyc_t[-1:], idx)
+    out = _Refined(
+        states=cyc_t,
+        one_step=float(((cyc_t[1:2] if p >= 2 else back) - cyc_t[:1]).norm()),
+        residual=float((back - cyc_t[:1]).norm() / max(1.0, float(cyc_t[0].norm()))),
+        iters=int(iters),
+        refined=bool(refined),
+    )
+    if floquet:
+        out.multipliers = _floquet(m, cyc_t, b, dense_max, k_floquet)
+    return out
+
+
+@did_you_mean
+def detect_cycle(
+    source: Trace | tuple,
+    p_max: int = 16,
+    tol: float = 1e-6,
+    *,
+    hits: int = 3,
+    refine: bool = True,
+    floquet: bool = True,
+    n_iter: int | None = None,
+    newton_tol: float = 1e-14,
+    max_newton: int = 30,
+    gmres_tol: float = 1e-12,
+    dense_max: int = 1024,
+    k_floquet: int = 6,
+    seed: int | None = None,
+) -> CycleResult:
     """Per-sample period detection, Newton–Krylov refinement and Floquet multipliers.
 
     Args:
@@ -289,149 +367,264 @@ def detect_cycle(source: Any, p_max: int = 16, tol: float = 1e-6, **options: Any
             for ``n_iter`` steps first; ``h0=None`` uses the loop's init).
         p_max: largest period tried.
         tol: detection tolerance, relative to ``max(1, ‖h_t‖)``.
-
-    Keyword options:
-        hits: consecutive iterations that must satisfy the period condition (3).
-        refine: Newton–Krylov refinement on f^p(h) − h (True).
-        floquet: compute Floquet multipliers (True).
-        n_iter: iterations when ``source`` is a tuple (200 + 4·p_max).
-        newton_tol: relative residual at which Newton stops (1e-14).
-        max_newton: Newton iterations (30).
-        gmres_tol: relative GMRES tolerance per Newton step (1e-12).
-        dense_max: largest n for the dense composed Jacobian (1024); ARPACK above.
-        k_floquet: multipliers computed by ARPACK (6).
+        hits: consecutive iterations that must satisfy the period condition.
+        refine: Newton–Krylov refinement on f^p(h) − h.
+        floquet: compute Floquet multipliers.
+        n_iter: iterations when ``source`` is a tuple (None: 200 + 4·p_max).
+        newton_tol: relative residual at which Newton stops.
+        max_newton: Newton iterations.
+        gmres_tol: relative GMRES tolerance per Newton step.
+        dense_max: largest n for the dense composed Jacobian; ARPACK above.
+        k_floquet: multipliers computed by ARPACK.
         seed: seed for ``unroll`` when ``source`` is a tuple.
 
     Returns:
-        :class:`CycleResult`.
+        :class:`CycleResult` (a sample with a non-finite state is ``diverged``, period 0).
     """
-    reject_unknown_kwargs("detect_cycle", options, _DETECT_OPTIONS)
-    p_max = check_positive_int("p_max", p_max)
-    hits = check_positive_int("hits", options.get("hits", 3))
-    if not (isinstance(tol, (int, float)) and tol > 0):
-        raise LoopscopeError(f"tol must be a positive number, got {tol!r}")
-    trace = _source(source, options.get("n_iter"), p_max, options.get("seed"))
+    _check_detect(p_max, tol, hits)
+    trace = _source(source, n_iter, p_max, seed)
     S, last = _masked_states(trace)
     T1, B = S.shape[:2]
     state_shape = tuple(S.shape[2:])
     Z = S.reshape(T1, B, -1)
     period, onset, relres = find_period(Z, last, p_max, float(tol), hits)
-    diverged = np.zeros(B, dtype=bool)
-    if trace.diverged_at is not None:
-        diverged |= (trace.diverged_at.cpu() >= 0).numpy()
-    refine = bool(options.get("refine", True))
-    want_floquet = bool(options.get("floquet", True))
+    diverged = _diverged(trace, Z, last)
     m = None
-    if (refine or want_floquet) and trace.loop is not None and (period > 0).any():
+    if (refine or floquet) and trace.loop is not None and (period > 0).any():
         m = LoopMap(trace.loop, ctx=trace.ctx, state_shape=state_shape, batch_size=B)
-    res_after = relres.copy()
-    refined = np.zeros(B, dtype=bool)
-    iters = np.zeros(B, dtype=np.int64)
-    one_step = np.full(B, np.nan)
-    mults: list[np.ndarray] = [np.array([], dtype=complex) for _ in range(B)]
-    states: list[Tensor | None] = [None] * B
+    found: dict[int, _Refined] = {}
     for b in range(B):
-        p = int(period[b])
+        p, L = int(period[b]), int(last[b])
         if p == 0 or diverged[b]:
             period[b] = 0 if diverged[b] else p
             continue
-        L = int(last[b])
-        x = Z[L, b].reshape(1, -1).clone()
         if m is None:
-            cyc = torch.stack([Z[L - p + 1 + i, b] for i in range(p)])
-            states[b] = cyc.reshape(p, *state_shape)
-            if p >= 2:
-                one_step[b] = float((cyc[1] - cyc[0]).norm())
-            else:
-                one_step[b] = float((Z[L, b] - Z[L - 1, b]).norm())
+            found[b] = _recorded_cycle(Z, L, b, p)
             continue
-        if refine:
-            x, iters[b], refined[b] = _newton(
-                m,
-                x,
-                p,
-                b,
-                float(options.get("newton_tol", 1e-14)),
-                int(options.get("max_newton", 30)),
-                float(options.get("gmres_tol", 1e-12)),
-            )
-        idx = torch.tensor([b])
-        cyc = [x]
-        for _ in range(p - 1):
-            cyc.append(m.f(cyc[-1], idx))
-        cyc_t = torch.cat(cyc)
-        back = m.f(cyc_t[-1:], idx)
-        res_after[b] = float((back - cyc_t[:1]).norm() / max(1.0, float(cyc_t[0].norm())))
-        one_step[b] = float(((cyc_t[1:2] if p >= 2 else back) - cyc_t[:1]).norm())
-        states[b] = cyc_t.reshape(p, *state_shape)
-        if want_floquet:
-            mults[b] = _floquet(
-                m, cyc_t, b, int(options.get("dense_max", 1024)), int(options.get("k_floquet", 6))
-            )
+        x = Z[L, b].reshape(1, -1).clone()
+        newton = (float(newton_tol), int(max_newton), float(gmres_tol))
+        found[b] = _refine_sample(m, x, p, b, refine, floquet, newton, dense_max, k_floquet)
+    return _assemble_cycles(trace, period, onset, relres, diverged, found, state_shape)
+
+
+def _diverged(trace: Trace, Z: Tensor, last: Tensor) -> np.ndarray:
+    """``[B]``: flagged by ``unroll`` or a non-finite state before the sample's last real one."""
+    T1, B = Z.shape[:2]
+    rows = torch.arange(T1).view(T1, 1) <= last.view(1, -1)
+    out = ((~torch.isfinite(Z).all(-1)) & rows).any(0).numpy()
+    if trace.diverged_at is not None:
+        out |= (trace.diverged_at.cpu() >= 0).numpy()
+    return out
+
+
+def _assemble_cycles(
+    trace: Trace,
+    period: np.ndarray,
+    onset: np.ndarray,
+    relres: np.ndarray,
+    diverged: np.ndarray,
+    found: dict[int, _Refined],
+    state_shape: tuple[int, ...],
+) -> CycleResult:
+    B = len(period)
+    res_after = relres.copy()
+    for b, r in found.items():
+        if not np.isnan(r.residual):
+            res_after[b] = r.residual
+    empty = np.array([], dtype=complex)
     meta = {k: v for k, v in (trace.meta or {}).items() if k in ("model", "split", "seed", "task")}
+    full = result_meta(
+        trace.loop, seed=meta.get("seed"), split=meta.get("split"), model=meta.get("model")
+    )
     return CycleResult(
         period=period,
         onset=onset,
         residual_before=relres,
         residual_after=res_after,
-        refined=refined,
-        newton_iters=iters,
-        one_step_residual=one_step,
-        multipliers=mults,
-        states=states,
+        refined=np.array([found[b].refined if b in found else False for b in range(B)]),
+        newton_iters=np.array(
+            [found[b].iters if b in found else 0 for b in range(B)], dtype=np.int64
+        ),
+        one_step_residual=np.array([found[b].one_step if b in found else np.nan for b in range(B)]),
+        multipliers=[found[b].multipliers if b in found else empty for b in range(B)],
+        states=[
+            found[b].states.reshape(-1, *state_shape) if b in found else None for b in range(B)
+        ],
         diverged=diverged,
-        meta=meta,
+        meta={**full, **meta},
     )
 
 
 # ---------------------------------------------------------------------------------------------
 # trajectory classes
 # ---------------------------------------------------------------------------------------------
-_CLASSIFY_OPTIONS = (
-    "hits",
-    "window",
-    "lyap",
-    "kappa_max",
-    "slider_cos",
-    "growth_tol",
-    "recur_tol",
-    "lyap_tol",
-    "per_token",
-)
+@dataclass(kw_only=True, repr=False)
+class CycleClasses(Result):
+    """Trajectory class per sample (or per token) from :func:`classify`.
+
+    ``frame`` columns: ``sample`` (and ``position`` per token), ``class`` (e.g. ``"cycle(2)"``),
+    ``period``, ``final_rel_residual``, ``kappa_bar``, ``step_cos``, ``lambda1``, ``chaotic``
+    (:func:`~loopscope.analysis.lyapunov_qr.is_chaotic`; False without ``lyap=``).
+    """
+
+    frame: pd.DataFrame
+
+    def to_frame(self) -> pd.DataFrame:
+        """The per-sample (per-token) table, ``sample`` a column."""
+        return self.frame.copy()
+
+    @property
+    def classes(self) -> list[str]:
+        """The class of every row, in order."""
+        return self.frame["class"].tolist()
+
+    def summary(self) -> dict[str, float]:
+        """``class[<name>]``: the fraction of rows in each class (periods pooled: ``cycle``)."""
+        c = self.frame["class"].astype(str).str.replace(r"\(\d+\)", "", regex=True)
+        out = {f"class[{k}]": float(v) for k, v in c.value_counts(normalize=True).items()}
+        out["n"] = float(len(self.frame))
+        return float_summary(out)
 
 
-def classify(trace: Any, p_max: int = 16, tol: float = 1e-6, **options: Any) -> pd.DataFrame:
+@dataclass
+class _Window:
+    """Rate statistics of one trajectory over the last ``window`` steps."""
+
+    kbar: float = np.nan
+    cos: float = np.nan
+    slope: float = np.nan
+    r2: float = np.nan
+    final: float = np.nan
+    growing: bool = False
+
+
+def _window_stats(zb: Tensor, w: int) -> _Window:
+    L = zb.shape[0] - 1
+    r = (zb[1:] - zb[:-1]).norm(dim=-1) if L >= 1 else torch.zeros(0, dtype=zb.dtype)
+    nrm = zb.norm(dim=-1)
+    out = _Window()
+    if r.numel() > w:
+        out.kbar = float((r[-1] / r[-1 - w]) ** (1.0 / w)) if r[-1 - w] > 0 else np.nan
+        D = zb[1:] - zb[:-1]
+        c = (D[-w:] * D[-w - 1 : -1]).sum(-1) / (D[-w:].norm(dim=-1) * D[-w - 1 : -1].norm(dim=-1))
+        out.cos = float(c.mean())
+        lr = torch.log(r[-w - 1 :]).numpy()
+        if np.isfinite(lr).all():
+            # log-linear fit of the residual over the window: steady geometric decay has a
+            # negative slope AND a good fit (a chaotic residual does not)
+            s_ = np.arange(w + 1, dtype=float)
+            slope, icpt = np.polyfit(s_, lr, 1)
+            ss = float(((lr - lr.mean()) ** 2).sum())
+            out.slope = slope
+            out.r2 = 1.0 - float(((lr - (slope * s_ + icpt)) ** 2).sum()) / ss if ss > 0 else 1.0
+        out.growing = bool((nrm[-w:] > nrm[-w - 1 : -1]).all())
+    out.final = float(r[-1] / (nrm[-1] + 1e-9)) if r.numel() else np.nan
+    return out
+
+
+@dataclass(frozen=True)
+class _Rules:
+    window: int
+    kappa_max: float
+    slider_cos: float
+    growth: float
+    recur_tol: float
+    lyap_tol: float
+
+
+def _recurs(zb: Tensor, w: int, recur_tol: float) -> bool:
+    L = zb.shape[0] - 1
+    nrm = float(zb[L].norm())
+    return L > w and float((zb[: L - w] - zb[L]).norm(dim=-1).min()) < recur_tol * max(1.0, nrm)
+
+
+def _one_class(
+    zb: Tensor,
+    st: _Window,
+    diverged: bool,
+    period: int,
+    lam_lo: float,
+    lam_hi: float,
+    rules: _Rules,
+) -> str:
+    """The rules of the module docstring, in order."""
+    w = rules.window
+    if (
+        diverged
+        or not bool(torch.isfinite(zb).all())
+        or (not np.isnan(st.kbar) and st.kbar > 1 + rules.growth and st.growing)
+    ):
+        return "divergent"
+    if period == 1:
+        return "convergent"
+    if period > 1:
+        return f"cycle({period})"
+    if bool(is_chaotic(np.array([lam_lo]), rules.lyap_tol)[0]):
+        return "chaotic"
+    if (
+        not np.isnan(lam_lo)
+        and lam_lo <= rules.lyap_tol
+        and lam_hi >= -rules.lyap_tol
+        and not st.growing
+        and _recurs(zb, w, rules.recur_tol)
+    ):
+        return "orbit"
+    if not np.isnan(st.slope) and st.slope < np.log(rules.kappa_max) and st.r2 >= 0.9:
+        return "convergent"
+    if (
+        not np.isnan(st.cos)
+        and st.cos > rules.slider_cos
+        and not np.isnan(st.kbar)
+        and rules.kappa_max <= st.kbar <= 1 + rules.growth
+    ):
+        return "slider"
+    return "max_iter"
+
+
+@did_you_mean
+def classify(
+    trace: Trace,
+    p_max: int = 16,
+    tol: float = 1e-6,
+    *,
+    hits: int = 3,
+    window: int = 10,
+    lyap: LyapunovResult | None = None,
+    kappa_max: float = 0.99,
+    slider_cos: float = 0.999,
+    growth_tol: float = 0.01,
+    recur_tol: float = 1e-2,
+    lyap_tol: float = LYAP_TOL,
+    per_token: bool = False,
+) -> CycleClasses:
     """Per-sample (or per-token) trajectory class by the rules in the module docstring.
 
     Args:
         trace: a Trace.
-        p_max, tol: period detection (see :func:`detect_cycle`).
-
-    Keyword options:
-        hits (3), window (10): detection hits and the window of the rate rules.
+        p_max: largest period tried (see :func:`detect_cycle`).
+        tol: period detection tolerance (see :func:`detect_cycle`).
+        hits: consecutive iterations that must satisfy the period condition.
+        window: the window of the rate rules.
         lyap: a :class:`~loopscope.analysis.lyapunov_qr.LyapunovResult` for the same samples
             (enables ``chaotic`` / ``orbit``).
-        kappa_max (0.99): fitted per-step decay of the residual below this = still converging.
-        slider_cos (0.999): step cosine above this = straight drift.
-        growth_tol (0.01): κ̄ above 1 + growth_tol with growing norm = divergent.
-        recur_tol (1e-2): relative recurrence distance for ``orbit``.
-        lyap_tol (1e-8): |λ| below this is zero (rounding makes a rotation's λ₁ ≈ ±1e-17).
-        per_token (False): classify each position's trajectory (state ``[B, pos, d]``).
+        kappa_max: fitted per-step decay of the residual below this = still converging.
+        slider_cos: step cosine above this = straight drift.
+        growth_tol: κ̄ above 1 + growth_tol with growing norm = divergent.
+        recur_tol: relative recurrence distance for ``orbit``.
+        lyap_tol: |λ| at or below this is zero; chaotic = λ₁'s CI above it
+            (:func:`~loopscope.analysis.lyapunov_qr.is_chaotic`).
+        per_token: classify each position's trajectory (state ``[B, pos, d]``).
 
     Returns:
-        DataFrame indexed by sample (and position) with ``class`` (e.g. ``"cycle(2)"``),
-        ``period``, ``final_rel_residual``, ``kappa_bar``, ``step_cos``, ``lambda1``.
+        :class:`CycleClasses`; ``.to_frame()`` has ``sample`` (and ``position``) as columns with
+        ``class`` (e.g. ``"cycle(2)"``), ``period``, ``final_rel_residual``, ``kappa_bar``,
+        ``step_cos``, ``lambda1``, ``chaotic``.
     """
-    reject_unknown_kwargs("classify", options, _CLASSIFY_OPTIONS)
-    hits = check_positive_int("hits", options.get("hits", 3))
-    w = check_positive_int("window", options.get("window", 10))
-    kappa_max = float(options.get("kappa_max", 0.99))
-    slider_cos = float(options.get("slider_cos", 0.999))
-    growth = float(options.get("growth_tol", 0.01))
-    recur_tol = float(options.get("recur_tol", 1e-2))
-    lyap_tol = float(options.get("lyap_tol", 1e-8))
-    lyap = options.get("lyap")
-    per_token = bool(options.get("per_token", False))
+    _check_detect(p_max, tol, hits)
+    w = check_positive_int("window", window)
+    rules = _Rules(
+        w, float(kappa_max), float(slider_cos), float(growth_tol), float(recur_tol), float(lyap_tol)
+    )
     S, last = _masked_states(trace)
     T1, B = S.shape[:2]
     P = 1
@@ -447,86 +640,50 @@ def classify(trace: Any, p_max: int = 16, tol: float = 1e-6, **options: Any) -> 
     diverged = np.zeros(N, dtype=bool)
     if trace.diverged_at is not None:
         diverged |= np.repeat((trace.diverged_at.cpu() >= 0).numpy(), P)
-    lam1 = np.full(N, np.nan)
-    lam_lo = np.full(N, np.nan)
-    lam_hi = np.full(N, np.nan)
-    if lyap is not None:
-        if per_token:
-            raise LoopscopeError("lyap= is per sample; it cannot be combined with per_token=True")
-        if lyap.exponents.shape[0] != B:
-            raise LoopscopeError(f"lyap has {lyap.exponents.shape[0]} samples, the trace has {B}")
-        lam1, lam_lo, lam_hi = lyap.exponents[:, 0], lyap.ci_low[:, 0], lyap.ci_high[:, 0]
-    classes, kbars, coss, finals = [], [], [], []
+    lam1, lam_lo, lam_hi = _lyap_columns(lyap, B, N, per_token)
+    classes, stats = [], []
     for b in range(N):
-        L = int(last[b])
-        zb = Z[: L + 1, b]
-        finite = bool(torch.isfinite(zb).all())
-        r = (zb[1:] - zb[:-1]).norm(dim=-1) if L >= 1 else torch.zeros(0, dtype=zb.dtype)
-        nrm = zb.norm(dim=-1)
-        kb = cosm = slope = r2 = np.nan
-        if r.numel() > w:
-            kb = float((r[-1] / r[-1 - w]) ** (1.0 / w)) if r[-1 - w] > 0 else np.nan
-            D = zb[1:] - zb[:-1]
-            c = (D[-w:] * D[-w - 1 : -1]).sum(-1) / (
-                D[-w:].norm(dim=-1) * D[-w - 1 : -1].norm(dim=-1)
-            )
-            cosm = float(c.mean())
-            lr = torch.log(r[-w - 1 :]).numpy()
-            if np.isfinite(lr).all():
-                # log-linear fit of the residual over the window: steady geometric decay has a
-                # negative slope AND a good fit (a chaotic residual does not)
-                s_ = np.arange(w + 1, dtype=float)
-                slope, icpt = np.polyfit(s_, lr, 1)
-                ss = float(((lr - lr.mean()) ** 2).sum())
-                r2 = 1.0 - float(((lr - (slope * s_ + icpt)) ** 2).sum()) / ss if ss > 0 else 1.0
-        final = float(r[-1] / (nrm[-1] + 1e-9)) if r.numel() else np.nan
-        kbars.append(kb)
-        coss.append(cosm)
-        finals.append(final)
-        growing = r.numel() > w and bool((nrm[-w:] > nrm[-w - 1 : -1]).all())
-        if diverged[b] or not finite or (not np.isnan(kb) and kb > 1 + growth and growing):
-            classes.append("divergent")
-        elif period[b] == 1:
-            classes.append("convergent")
-        elif period[b] > 1:
-            classes.append(f"cycle({int(period[b])})")
-        elif not np.isnan(lam_lo[b]) and lam_lo[b] > lyap_tol:
-            classes.append("chaotic")
-        elif (
-            not np.isnan(lam_lo[b])
-            and lam_lo[b] <= lyap_tol
-            and lam_hi[b] >= -lyap_tol
-            and L > w
-            and not growing
-            and float((zb[: L - w] - zb[L]).norm(dim=-1).min())
-            < recur_tol * max(1.0, float(nrm[-1]))
-        ):
-            classes.append("orbit")
-        elif not np.isnan(slope) and slope < np.log(kappa_max) and r2 >= 0.9:
-            classes.append("convergent")
-        elif (
-            not np.isnan(cosm)
-            and cosm > slider_cos
-            and not np.isnan(kb)
-            and kappa_max <= kb <= 1 + growth
-        ):
-            classes.append("slider")
-        else:
-            classes.append("max_iter")
+        zb = Z[: int(last[b]) + 1, b]
+        st = _window_stats(zb, w)
+        stats.append(st)
+        classes.append(
+            _one_class(zb, st, bool(diverged[b]), int(period[b]), lam_lo[b], lam_hi[b], rules)
+        )
     df = pd.DataFrame(
         {
             "class": classes,
             "period": period,
-            "final_rel_residual": finals,
-            "kappa_bar": kbars,
-            "step_cos": coss,
+            "final_rel_residual": [s.final for s in stats],
+            "kappa_bar": [s.kbar for s in stats],
+            "step_cos": [s.cos for s in stats],
             "lambda1": np.asarray(lam1, dtype=float),
+            "chaotic": is_chaotic(lam_lo, rules.lyap_tol),
         }
     )
     if per_token:
-        df.index = pd.MultiIndex.from_arrays(
-            [np.repeat(np.arange(B), P), np.tile(np.arange(P), B)], names=["sample", "position"]
-        )
-    else:
-        df.index = pd.Index(np.arange(B), name="sample")
-    return df
+        df.insert(0, "position", np.tile(np.arange(P), B))
+    df.insert(0, "sample", np.repeat(np.arange(B), P))
+    meta = {k: v for k, v in (trace.meta or {}).items() if k in ("model", "split", "seed")}
+    return CycleClasses(
+        frame=df,
+        meta={
+            **result_meta(
+                trace.loop, settings=dict(p_max=p_max, tol=tol, window=w, per_token=per_token)
+            ),
+            **meta,
+        },
+    )
+
+
+def _lyap_columns(
+    lyap: LyapunovResult | None, B: int, N: int, per_token: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """λ₁ and its CI per row (NaN without ``lyap``)."""
+    if lyap is None:
+        nan = np.full(N, np.nan)
+        return nan, nan.copy(), nan.copy()
+    if per_token:
+        raise LoopscopeError("lyap= is per sample; it cannot be combined with per_token=True")
+    if lyap.exponents.shape[0] != B:
+        raise LoopscopeError(f"lyap has {lyap.exponents.shape[0]} samples, the trace has {B}")
+    return lyap.exponents[:, 0], lyap.ci_low[:, 0], lyap.ci_high[:, 0]

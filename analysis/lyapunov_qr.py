@@ -14,6 +14,11 @@ eigenvalues the spectrum is ln|λ_i(J*)| to machine precision). Two ways to get 
   are computed in one batched call (``LoopMap.jacobian`` with the sample index repeated) and
   multiplied into ``Q``; much faster for small ``n`` (Hénon: 2-D, 10⁵ steps).
 
+Exponents are reported sorted, largest first (``lambda1`` = ``exponents[:, 0]``). A sample is
+*chaotic* when λ₁ > 0 by more than its CI (:func:`is_chaotic`: the CI's lower end above
+:data:`LYAP_TOL`); the one definition shared by :meth:`LyapunovResult.summary` and
+:func:`loopscope.analysis.classify`.
+
 Also returned: a moving-block bootstrap CI of each exponent, the running estimate, finite-time
 (local) exponents per step, the Kaplan–Yorke dimension, and a two-trajectory cross-check of the
 largest exponent (ChaosTools defaults: d0 = 1e-9, renormalised outside [d0·1e-3, d0·1e3]).
@@ -33,7 +38,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -41,21 +45,45 @@ import torch
 from torch import Tensor
 
 from loopscope.analysis.loopmap import LoopMap
-from loopscope.core.errors import LoopscopeError, check_positive_int, reject_unknown_kwargs
+from loopscope.analysis.stats import block_bootstrap_ci
+from loopscope.core.errors import LoopscopeError, check_positive_int, check_seed, did_you_mean
+from loopscope.core.loop import Loop
+from loopscope.core.numerics import BLOWUP, diverged, reference_norm
+from loopscope.core.result import Result, float_summary, result_meta
 
-__all__ = ["lyapunov", "LyapunovResult", "kaplan_yorke", "block_bootstrap_ci"]
+__all__ = [
+    "lyapunov",
+    "LyapunovResult",
+    "kaplan_yorke",
+    "block_bootstrap_ci",
+    "is_chaotic",
+    "LYAP_TOL",
+]
+
+#: |λ| at or below this counts as zero (rounding makes a rotation's λ₁ ≈ ±1e-17)
+LYAP_TOL = 1e-8
 
 
-@dataclass
-class LyapunovResult:
+def is_chaotic(ci_low: np.ndarray, tol: float = LYAP_TOL) -> np.ndarray:
+    """Chaotic ⇔ λ₁ > 0 by more than its CI: the lower end of λ₁'s CI is above ``tol``.
+
+    ``ci_low`` ``[B]`` (NaN: no CI, e.g. ``bootstrap=0``, or a diverged sample) -> ``[B]`` bool;
+    without a CI nothing is called chaotic.
+    """
+    lo = np.asarray(ci_low, dtype=float)
+    return np.where(np.isnan(lo), False, lo > tol)
+
+
+@dataclass(kw_only=True, repr=False)
+class LyapunovResult(Result):
     """Lyapunov spectrum per sample.
 
     Attributes:
-        exponents: ``[B, k]`` nats per iteration, descending order of the QR columns (NaN for a
-            diverged sample).
+        exponents: ``[B, k]`` nats per iteration, sorted descending (NaN for a diverged sample).
         ci_low, ci_high: ``[B, k]`` moving-block bootstrap percentile CI of the mean.
-        local: ``[N, B, k]`` finite-time exponents ln R_ii per step (``t_ons`` > 1: the log
-            growth is booked on the re-orthonormalisation steps, zeros in between).
+        local: ``[N, B, k]`` finite-time exponents ln R_ii per step, columns in the order of
+            ``exponents`` (``t_ons`` > 1: the log growth is booked on the re-orthonormalisation
+            steps, zeros in between).
         lambda1_two_traj: ``[B]`` two-trajectory estimate of the largest exponent.
         kaplan_yorke: ``[B]`` Kaplan–Yorke dimension.
         diverged_at: ``[B]`` step (counting warm-up) where the trajectory blew up, −1 if never.
@@ -75,7 +103,6 @@ class LyapunovResult:
     seed: int
     final_state: Tensor | None = None
     counts: dict[str, int] = field(default_factory=dict)
-    meta: dict[str, Any] = field(default_factory=dict)
 
     @property
     def bits(self) -> np.ndarray:
@@ -84,12 +111,18 @@ class LyapunovResult:
 
     @property
     def diverged(self) -> np.ndarray:
+        """``[B]`` bool: the trajectory blew up (its exponents are NaN)."""
         return self.diverged_at >= 0
 
     @property
     def lambda1(self) -> np.ndarray:
         """Largest exponent per sample ``[B]``."""
         return self.exponents[:, 0]
+
+    @property
+    def chaotic(self) -> np.ndarray:
+        """``[B]`` bool by :func:`is_chaotic` (λ₁'s CI above zero)."""
+        return is_chaotic(self.ci_low[:, 0])
 
     def running(self) -> np.ndarray:
         """Running estimate ``[N, B, k]``: mean of the local exponents up to each step."""
@@ -110,27 +143,29 @@ class LyapunovResult:
                 "bits": self.bits.reshape(-1),
                 "lambda1_two_traj": np.repeat(self.lambda1_two_traj, k),
                 "kaplan_yorke": np.repeat(self.kaplan_yorke, k),
+                "chaotic": np.repeat(self.chaotic, k),
                 "diverged": np.repeat(self.diverged, k),
             }
         )
         df["seed"] = self.seed
         for key in ("model", "split"):
-            if key in self.meta:
+            if self.meta.get(key) is not None:
                 df[key] = self.meta[key]
         return df
 
     def summary(self) -> dict[str, float]:
-        """Scalar summary (for ``compare_splits``)."""
+        """Median λ₁, chaotic fraction (:func:`is_chaotic`), median D_KY, diverged fraction."""
         l1 = self.lambda1
         ok = ~np.isnan(l1)
-        return {
-            "lambda1": float(np.median(l1[ok])) if ok.any() else float("nan"),
-            "chaotic_fraction": float(np.mean(self.ci_low[ok, 0] > 0))
-            if ok.any()
-            else float("nan"),
-            "kaplan_yorke": float(np.median(self.kaplan_yorke[ok])) if ok.any() else float("nan"),
-            "diverged_fraction": float(np.mean(~ok)),
-        }
+        nan = float("nan")
+        return float_summary(
+            {
+                "lambda1": float(np.median(l1[ok])) if ok.any() else nan,
+                "chaotic_fraction": float(np.mean(self.chaotic[ok])) if ok.any() else nan,
+                "kaplan_yorke": float(np.median(self.kaplan_yorke[ok])) if ok.any() else nan,
+                "diverged_fraction": float(np.mean(~ok)),
+            }
+        )
 
 
 def kaplan_yorke(exponents: np.ndarray) -> np.ndarray:
@@ -152,57 +187,208 @@ def kaplan_yorke(exponents: np.ndarray) -> np.ndarray:
     return out
 
 
-def block_bootstrap_ci(
-    series: np.ndarray, n_boot: int, block: int, level: float = 0.95, seed: int = 0
-) -> tuple[np.ndarray, np.ndarray]:
-    """Moving-block bootstrap percentile CI of the mean of ``series [N, ...]`` along axis 0."""
-    N = series.shape[0]
-    rest = series.shape[1:]
-    if n_boot <= 0 or N == 0:
-        nan = np.full(rest, np.nan)
-        return nan, nan.copy()
-    block = max(1, min(block, N))
-    cs = np.concatenate([np.zeros((1, *rest)), np.cumsum(series, axis=0)])
-    sums = cs[block:] - cs[:-block]  # [N - block + 1, ...] block sums
-    m = max(1, N // block)
-    rng = np.random.default_rng(seed)
-    means = np.empty((n_boot, *rest))
-    for i in range(n_boot):
-        starts = rng.integers(0, sums.shape[0], size=m)
-        means[i] = sums[starts].sum(axis=0) / (m * block)
-    a = (1 - level) / 2
-    return np.quantile(means, a, axis=0), np.quantile(means, 1 - a, axis=0)
-
-
-_OPTIONS = (
-    "mode",
-    "t_ons",
-    "two_trajectory",
-    "d0",
-    "block",
-    "level",
-    "ctx",
-    "dtype",
-    "blowup",
-    "chunk",
-)
-
-
 def _random_orthonormal(n: int, k: int, rng: np.random.Generator) -> np.ndarray:
     q, r = np.linalg.qr(rng.standard_normal((n, k)))
     return q * np.sign(np.diag(r))
 
 
+def _check_args(
+    n_steps: int,
+    warmup: int,
+    bootstrap: int,
+    seed: int,
+    mode: str,
+    t_ons: int,
+    level: float,
+    blowup: float | None,
+    d0: float,
+) -> None:
+    check_positive_int("n_steps", n_steps)
+    check_positive_int("t_ons", t_ons)
+    check_seed(seed)
+    for name, v in (("warmup", warmup), ("bootstrap", bootstrap)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise LoopscopeError(f"{name} must be a non-negative integer, got {v!r}")
+    if mode not in ("jvp", "dense"):
+        raise LoopscopeError(f"mode must be 'jvp' or 'dense', got {mode!r}")
+    if not (isinstance(level, (int, float)) and 0 < level < 1):
+        raise LoopscopeError(f"level must be in (0, 1), got {level!r}")
+    if blowup is not None and not (isinstance(blowup, (int, float)) and blowup > 0):
+        raise LoopscopeError(f"blowup must be a positive number or None, got {blowup!r}")
+    if not (isinstance(d0, (int, float)) and d0 > 0 and math.isfinite(d0)):
+        raise LoopscopeError(f"d0 must be a positive number, got {d0!r}")
+
+
+def _start(
+    loop: Loop, inputs: object, h0: Tensor | None, ctx: object, dtype: torch.dtype, seed: int
+) -> tuple[LoopMap, Tensor]:
+    """The LoopMap and the flat start states ``[B, n]`` (given, or the loop's init)."""
+    if h0 is None:
+        m = LoopMap(loop, inputs, ctx=ctx, dtype=dtype)
+        return m, m.init(torch.Generator().manual_seed(seed)).clone()
+    h0 = torch.as_tensor(h0)
+    if h0.dim() < 1 or h0.shape[0] == 0:
+        raise LoopscopeError(
+            f"h0 must be a non-empty batch of states [B, *state], got shape {tuple(h0.shape)}"
+        )
+    m = LoopMap(
+        loop,
+        inputs,
+        ctx=ctx,
+        dtype=dtype,
+        state_shape=tuple(h0.shape[1:]),
+        batch_size=h0.shape[0],
+    )
+    return m, m.flatten(h0.to(dtype)).clone()
+
+
+class _Benettin:
+    """The QR iteration's running state: tangent basis, two-trajectory partner, divergence."""
+
+    def __init__(
+        self,
+        m: LoopMap,
+        z: Tensor,
+        k: int,
+        n_steps: int,
+        warmup: int,
+        t_ons: int,
+        two: bool,
+        d0: float,
+        blowup: float | None,
+        seed: int,
+    ) -> None:
+        B, n = z.shape
+        rng = np.random.default_rng(seed)
+        self.m, self.z, self.B, self.n = m, z, B, n
+        self.Q = torch.as_tensor(_random_orthonormal(n, k, rng), dtype=z.dtype)
+        self.Q = self.Q.unsqueeze(0).repeat(B, 1, 1)
+        u = torch.as_tensor(rng.standard_normal((B, n)), dtype=z.dtype)
+        u = u / u.norm(dim=1, keepdim=True)
+        self.z2 = z + d0 * u
+        self.ref, self.blowup = reference_norm(z), blowup
+        self.diverged_at = torch.full((B,), -1, dtype=torch.long)
+        self.acc_two = torch.zeros(B, dtype=z.dtype)
+        self.local = torch.zeros(n_steps, B, k, dtype=z.dtype)
+        self.sign_one = torch.ones(B, k, dtype=z.dtype)
+        self.warmup, self.total, self.t_ons = warmup, warmup + n_steps, t_ons
+        self.two, self.d0 = two, d0
+        self.ctx1 = m._ctx(None)
+        self.ctx2 = m._ctx(torch.cat([torch.arange(B)] * 2)) if two else None
+
+    def renormalise(self, zn: Tensor, z2n: Tensor, measuring: bool) -> Tensor:
+        """Two-trajectory partner pulled back to ``d0`` when outside [d0·1e-3, d0·1e3]."""
+        delta = z2n - zn
+        d = delta.norm(dim=1)
+        out = (d < self.d0 * 1e-3) | (d > self.d0 * 1e3)
+        if not bool(out.any()):  # the common case: nothing to renormalise
+            return z2n
+        if measuring:
+            self.acc_two = self.acc_two + torch.where(
+                out, torch.log(d / self.d0), torch.zeros_like(d)
+            )
+        scale = torch.where(out, self.d0 / d.clamp_min(1e-300), torch.ones_like(d))
+        return zn + delta * scale.view(self.B, 1)
+
+    def trajectory(self, c: int, t: int) -> Tensor:
+        """``Zs [c + 1, B, n]``: the states entering steps ``t .. t + c`` (frozen once diverged)."""
+        B, m = self.B, self.m
+        Zs = torch.empty(c + 1, B, self.n, dtype=self.z.dtype)
+        Zs[0] = self.z
+        for i in range(c):
+            # raw step on the pre-selected context: LoopMap.f's per-call bookkeeping would
+            # double the cost of a tiny map; evaluations are counted below instead
+            if self.two:
+                out = m._raw(torch.cat([Zs[i], self.z2]), self.ctx2)
+                Zs[i + 1] = out[:B]
+                self.z2 = self.renormalise(out[:B], out[B:], measuring=t + i >= self.warmup)
+                if t + i + 1 == self.warmup:  # start the measured phase at exactly d0
+                    dz = self.z2 - out[:B]
+                    self.z2 = out[:B] + self.d0 * dz / dz.norm(dim=1, keepdim=True).clamp_min(
+                        1e-300
+                    )
+            else:
+                Zs[i + 1] = m._raw(Zs[i], self.ctx1)
+        m.nfe += c * (2 if self.two else 1)
+        self._freeze(Zs, t)
+        return Zs
+
+    def _freeze(self, Zs: Tensor, t: int) -> None:
+        """Per-sample divergence, checked once per chunk (samples are independent)."""
+        c, B = Zs.shape[0] - 1, self.B
+        frozen = self.diverged_at >= 0
+        if frozen.any():
+            Zs[1:, frozen] = Zs[0, frozen]
+        bad = diverged(Zs[1:].reshape(c * B, -1), self.ref.repeat(c), self.blowup).view(c, B)
+        bad &= ~frozen.view(1, B)
+        for b in torch.nonzero(bad.any(0)).flatten().tolist():
+            i = int(torch.nonzero(bad[:, b]).flatten()[0]) + 1
+            self.diverged_at[b] = t + i  # number of steps after which the state blew up
+            Zs[i:, b] = Zs[i - 1, b]
+
+    def qr_step(self, M: Tensor, t: int) -> None:
+        """``Q ← qr(M)`` every ``t_ons`` steps, booking ln diag R once past the warm-up."""
+        if (t + 1) % self.t_ons != 0 and t + 1 != self.total:
+            self.Q = M  # accumulate t_ons steps before re-orthonormalising
+            return
+        Qn, R = torch.linalg.qr(M)
+        dg = R.diagonal(dim1=-2, dim2=-1)
+        self.Q = Qn * torch.where(dg < 0, -self.sign_one, self.sign_one).unsqueeze(-2)
+        if t >= self.warmup:
+            self.local[t - self.warmup] = dg.abs().log()
+
+
+def _run(bt: _Benettin, mode: str, chunk: int) -> None:
+    """The core loop: trajectory chunk, then its Jacobians multiplied into the tangent basis."""
+    B, n, m = bt.B, bt.n, bt.m
+    idx = torch.arange(B)
+    t = 0
+    with torch.no_grad():
+        while t < bt.total:
+            c = min(chunk, bt.total - t)
+            Zs = bt.trajectory(c, t)
+            if mode == "dense":
+                J = m.jacobian(Zs[:c].reshape(c * B, n), idx.repeat(c)).reshape(c, B, n, n)
+                for i in range(c):
+                    bt.qr_step(J[i] @ bt.Q, t + i)
+            else:
+                bt.qr_step(m.jvp_many(Zs[0], bt.Q), t)
+            bt.z = Zs[c]
+            t += c
+
+
+def _sorted_desc(exps: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
+    """Sort each sample's exponents descending and apply the same order to ``others``
+    (``[B, k]`` arrays, or ``[N, B, k]`` along the last axis)."""
+    order = np.argsort(-np.nan_to_num(exps, nan=-np.inf), axis=1, kind="stable")
+    out = [np.take_along_axis(exps, order, axis=1)]
+    for a in others:
+        ordr = order if a.ndim == 2 else np.broadcast_to(order, a.shape)
+        out.append(np.take_along_axis(a, ordr, axis=-1))
+    return out
+
+
+@did_you_mean
 def lyapunov(
-    loop: Any,
-    inputs: Any = None,
+    loop: Loop,
+    inputs: object = None,
     h0: Tensor | None = None,
     n_steps: int = 2000,
     k: int | None = None,
     warmup: int = 200,
     bootstrap: int = 200,
     seed: int = 0,
-    **options: Any,
+    *,
+    mode: str = "jvp",
+    t_ons: int = 1,
+    two_trajectory: bool = True,
+    d0: float = 1e-9,
+    block: int | None = None,
+    level: float = 0.95,
+    ctx: object = None,
+    dtype: torch.dtype = torch.float64,
+    blowup: float | None = BLOWUP,
+    chunk: int | None = None,
 ) -> LyapunovResult:
     """Lyapunov spectrum by the QR (Benettin) method, per sample, in nats per loop iteration.
 
@@ -215,171 +401,77 @@ def lyapunov(
         warmup: steps of trajectory *and* tangent-basis warm-up that are discarded.
         bootstrap: number of moving-block bootstrap draws for the CI (0 = no CI).
         seed: seeds the initial basis, the two-trajectory direction and the bootstrap.
-
-    Keyword options:
-        mode: "jvp" (default, k JVPs per step) or "dense" (batched dense Jacobians per chunk).
-        t_ons: steps between re-orthonormalisations (1).
-        two_trajectory: also run the two-trajectory λ₁ cross-check (True).
-        d0: two-trajectory separation (1e-9).
-        block: bootstrap block length (default ``max(t_ons, round(N^{1/3}))``).
-        level: CI level (0.95).
-        ctx: an already-encoded context.
-        dtype: analysis dtype (float64).
+        mode: "jvp" (k JVPs per step) or "dense" (batched dense Jacobians per chunk).
+        t_ons: steps between re-orthonormalisations.
+        two_trajectory: also run the two-trajectory λ₁ cross-check.
+        d0: two-trajectory separation.
+        block: bootstrap block length (None: ``max(t_ons, round(N^{1/3}))``).
+        level: CI level.
+        ctx: an already-encoded context (instead of ``inputs``).
+        dtype: analysis dtype.
         blowup: a sample whose norm exceeds ``blowup · max(1, ‖h0‖)`` (or turns non-finite) is
-            flagged diverged and frozen (1e8; None disables, e.g. for an expanding linear map).
-        chunk: steps per dense-Jacobian batch (auto).
+            flagged diverged and frozen (None: non-finite only, e.g. an expanding linear map).
+        chunk: steps per dense-Jacobian batch (None: auto).
 
     Returns:
-        :class:`LyapunovResult`.
+        :class:`LyapunovResult` (exponents sorted, largest first; NaN rows for diverged samples).
     """
-    reject_unknown_kwargs("lyapunov", options, _OPTIONS)
-    n_steps = check_positive_int("n_steps", n_steps)
-    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-        raise LoopscopeError(f"warmup must be a non-negative integer, got {warmup!r}")
-    if isinstance(bootstrap, bool) or not isinstance(bootstrap, int) or bootstrap < 0:
-        raise LoopscopeError(f"bootstrap must be a non-negative integer, got {bootstrap!r}")
-    mode = options.get("mode", "jvp")
-    if mode not in ("jvp", "dense"):
-        raise LoopscopeError(f"mode must be 'jvp' or 'dense', got {mode!r}")
-    t_ons = check_positive_int("t_ons", options.get("t_ons", 1))
-    d0 = float(options.get("d0", 1e-9))
-    two = bool(options.get("two_trajectory", True))
-    level = float(options.get("level", 0.95))
-    blowup = options.get("blowup", 1e8)
-    dtype = options.get("dtype", torch.float64)
-
-    if h0 is not None:
-        h0 = torch.as_tensor(h0)
-        if h0.dim() < 1:
-            raise LoopscopeError("h0 must have a leading batch axis [B, *state]")
-        m = LoopMap(
-            loop,
-            inputs,
-            ctx=options.get("ctx"),
-            dtype=dtype,
-            state_shape=tuple(h0.shape[1:]),
-            batch_size=h0.shape[0],
-        )
-        z = m.flatten(h0.to(dtype)).clone()
-    else:
-        m = LoopMap(loop, inputs, ctx=options.get("ctx"), dtype=dtype)
-        z = m.init(torch.Generator().manual_seed(seed)).clone()
+    _check_args(n_steps, warmup, bootstrap, seed, mode, t_ons, level, blowup, d0)
+    m, z = _start(loop, inputs, h0, ctx, dtype, seed)
     B, n = z.shape
     k = min(n, 32) if k is None else check_positive_int("k", k)
     if k > n:
         raise LoopscopeError(f"k={k} exceeds the state dimension n={n}")
-    rng = np.random.default_rng(seed)
-    Q = torch.as_tensor(_random_orthonormal(n, k, rng), dtype=z.dtype).unsqueeze(0).repeat(B, 1, 1)
-    u = torch.as_tensor(rng.standard_normal((B, n)), dtype=z.dtype)
-    u = u / u.norm(dim=1, keepdim=True)
-    z2 = z + d0 * u
-    idx = torch.arange(B)
-    idx2 = torch.cat([idx, idx])
-    ref = z.norm(dim=1).clamp_min(1.0)
-    limit = None if blowup is None else float(blowup) * ref
-    diverged_at = torch.full((B,), -1, dtype=torch.long)
-    total = warmup + n_steps
-    acc_two = torch.zeros(B, dtype=z.dtype)
-    dmin, dmax = d0 * 1e-3, d0 * 1e3
     if mode == "dense":
-        chunk = options.get("chunk") or max(1, min(4096, int(2**26 // max(1, B * n * n * 8))))
+        chunk = chunk or max(1, min(4096, int(2**26 // max(1, B * n * n * 8))))
     else:
         chunk = 1
+    two = bool(two_trajectory)
+    bt = _Benettin(m, z, k, n_steps, warmup, t_ons, two, float(d0), blowup, seed)
+    _run(bt, mode, chunk)
+    settings = dict(n_steps=n_steps, warmup=warmup, k=k, mode=mode, t_ons=t_ons, level=level)
+    return _assemble(loop, bt, m, block, bootstrap, level, seed, mode, settings)
 
-    def two_traj(zn: Tensor, z2n: Tensor, measuring: bool) -> Tensor:
-        nonlocal acc_two
-        delta = z2n - zn
-        d = delta.norm(dim=1)
-        out = (d < dmin) | (d > dmax)
-        if not bool(out.any()):  # the common case: nothing to renormalise
-            return z2n
-        if measuring:
-            acc_two = acc_two + torch.where(out, torch.log(d / d0), torch.zeros_like(d))
-        scale = torch.where(out, d0 / d.clamp_min(1e-300), torch.ones_like(d))
-        return zn + delta * scale.view(B, 1)
 
-    local_t = torch.zeros(n_steps, B, k, dtype=z.dtype)
-    sign_one = torch.ones(B, k, dtype=z.dtype)
-
-    def qr_step(M: Tensor, t: int) -> None:
-        nonlocal Q
-        if (t + 1) % t_ons != 0 and t + 1 != total:
-            Q = M  # accumulate t_ons steps before re-orthonormalising
-            return
-        Qn, R = torch.linalg.qr(M)
-        dg = R.diagonal(dim1=-2, dim2=-1)
-        Q = Qn * torch.where(dg < 0, -sign_one, sign_one).unsqueeze(-2)
-        if t >= warmup:
-            local_t[t - warmup] = dg.abs().log()
-
-    ctx1 = m._ctx(None)
-    ctx2 = m._ctx(idx2) if two else None
-    t = 0
-    with torch.no_grad():
-        while t < total:
-            c = min(chunk, total - t)
-            # Zs[i] = state entering step t+i; Zs[c] = the state after the chunk
-            Zs = torch.empty(c + 1, B, n, dtype=z.dtype)
-            Zs[0] = z
-            for i in range(c):
-                # raw step on the pre-selected context: LoopMap.f's per-call bookkeeping would
-                # double the cost of a tiny map; evaluations are counted below instead
-                if two:
-                    out = m._raw(torch.cat([Zs[i], z2]), ctx2)
-                    Zs[i + 1] = out[:B]
-                    z2 = two_traj(out[:B], out[B:], measuring=t + i >= warmup)
-                    if t + i + 1 == warmup:  # start the measured phase at exactly d0
-                        dz = z2 - out[:B]
-                        z2 = out[:B] + d0 * dz / dz.norm(dim=1, keepdim=True).clamp_min(1e-300)
-                else:
-                    Zs[i + 1] = m._raw(Zs[i], ctx1)
-            m.nfe += c * (2 if two else 1)
-            # per-sample divergence, checked once per chunk (samples are independent)
-            frozen = diverged_at >= 0
-            if frozen.any():
-                Zs[1:, frozen] = Zs[0, frozen]
-            bad = ~torch.isfinite(Zs[1:]).all(-1)
-            if limit is not None:
-                bad |= Zs[1:].norm(dim=-1) > limit.view(1, B)
-            bad &= ~frozen.view(1, B)
-            if bad.any():
-                for b in torch.nonzero(bad.any(0)).flatten().tolist():
-                    i = int(torch.nonzero(bad[:, b]).flatten()[0]) + 1
-                    diverged_at[b] = t + i  # number of steps after which the state blew up
-                    Zs[i:, b] = Zs[i - 1, b]
-            if mode == "dense":
-                J = m.jacobian(Zs[:c].reshape(c * B, n), idx.repeat(c)).reshape(c, B, n, n)
-                for i in range(c):
-                    qr_step(J[i] @ Q, t + i)
-            else:
-                qr_step(m.jvp_many(Zs[0], Q), t)
-            z = Zs[c]
-            t += c
-    local = local_t.numpy()
-
-    div = diverged_at.numpy()
+def _assemble(
+    loop: Loop,
+    bt: _Benettin,
+    m: LoopMap,
+    block: int | None,
+    bootstrap: int,
+    level: float,
+    seed: int,
+    mode: str,
+    settings: dict,
+) -> LyapunovResult:
+    """Exponents, CIs and the two-trajectory λ₁ from the booked log growths."""
+    local = bt.local.numpy()
+    B, k = bt.B, local.shape[2]
+    n_steps, warmup = local.shape[0], bt.warmup
+    div = bt.diverged_at.numpy()
     for b in range(B):
         if div[b] >= 0:
             local[max(0, div[b] - warmup) :, b, :] = np.nan
     exps = local.mean(axis=0)
     exps[div >= 0] = np.nan
-    block = options.get("block") or max(t_ons, int(round(n_steps ** (1 / 3))))
+    block = block or max(bt.t_ons, int(round(n_steps ** (1 / 3))))
     lo, hi = block_bootstrap_ci(np.nan_to_num(local), bootstrap, int(block), level, seed + 1)
     lo, hi = np.asarray(lo, dtype=float).reshape(B, k), np.asarray(hi, dtype=float).reshape(B, k)
     lo[div >= 0] = np.nan
     hi[div >= 0] = np.nan
-    if two:
-        d_end = (z2 - z).norm(dim=1)
-        lam2 = ((acc_two + torch.log(d_end / d0)) / n_steps).numpy()
+    exps, lo, hi, local = _sorted_desc(exps, lo, hi, local)
+    if bt.two:
+        d_end = (bt.z2 - bt.z).norm(dim=1)
+        lam2 = ((bt.acc_two + torch.log(d_end / bt.d0)) / n_steps).numpy()
         lam2[div >= 0] = np.nan
     else:
         lam2 = np.full(B, np.nan)
-    meta = {"model": getattr(loop, "name", None) or type(loop).__name__}
+    total, two = bt.total, bt.two
     return LyapunovResult(
         exponents=exps,
         ci_low=lo,
         ci_high=hi,
-        local=local,
+        local=np.ascontiguousarray(local),
         lambda1_two_traj=lam2,
         kaplan_yorke=kaplan_yorke(exps),
         diverged_at=div,
@@ -388,8 +480,11 @@ def lyapunov(
         k=k,
         mode=mode,
         seed=seed,
-        final_state=m.unflatten(z),
+        final_state=m.unflatten(bt.z),
         # per sample; counted here because a repeated LoopMap index is booked once
-        counts={"nfe": total * (2 if two else 1), "n_jvp": total * (n if mode == "dense" else k)},
-        meta=meta,
+        counts={
+            "nfe": total * (2 if two else 1),
+            "n_jvp": total * (bt.n if mode == "dense" else k),
+        },
+        meta=result_meta(loop, seed=seed, settings=settings),
     )

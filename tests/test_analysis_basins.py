@@ -280,7 +280,7 @@ def test_compare_splits_and_errors():
     )
     tr = ls.unroll(loop, None, 30, init=0.2 * torch.ones(2, 3, dtype=torch.float64))
     m = metrics(tr)
-    df = compare_splits({"id": [m, pi_id], "ood": m})
+    df = compare_splits({"id": [m, pi_id], "ood": m}).to_frame()
     assert set(df["split"]) == {"id", "ood"}
     v = df[(df.split == "ood") & (df.metric == "converged_fraction")]["value"]
     assert v.tolist() == [m.summary()["converged_fraction"]]

@@ -44,7 +44,7 @@ def test_golden7_newton_refines_cycle_to_machine_precision():
 
 def test_golden7_classify_says_cycle2_never_converged():
     tr = ls.unroll(tanh_cycle_loop(), None, 200, init=torch.cat([H0_8, -0.5 * H0_8]))
-    cls = classify(tr)
+    cls = classify(tr).to_frame()
     assert cls["class"].tolist() == ["cycle(2)", "cycle(2)"]
     assert (cls["final_rel_residual"] > 1.9).all()
 
@@ -103,7 +103,7 @@ def test_period3_rotation_and_fixed_point():
     J = torch.diag(1 - torch.tanh(W @ h + x[0]) ** 2) @ W
     ev = np.linalg.eigvals(J.numpy())
     np.testing.assert_allclose(np.sort(np.abs(r1.multipliers[0])), np.sort(np.abs(ev)), rtol=1e-10)
-    assert classify(tr)["class"].tolist() == ["convergent"]
+    assert classify(tr).to_frame()["class"].tolist() == ["convergent"]
 
 
 def henon(h):
@@ -119,26 +119,30 @@ def test_classify_all_classes():
         40,
         init=torch.zeros(1, 3, dtype=torch.float64),
     )
-    assert classify(slow)["class"].tolist() == ["convergent"]
+    assert classify(slow).to_frame()["class"].tolist() == ["convergent"]
     drift = ls.unroll(
         ls.FnLoop(step=lambda h: h + 0.5), None, 40, init=torch.zeros(1, 3, dtype=torch.float64)
     )
-    assert classify(drift)["class"].tolist() == ["slider"]
+    assert classify(drift).to_frame()["class"].tolist() == ["slider"]
     blow = ls.unroll(
         ls.FnLoop(step=lambda h: 2 * h), None, 40, init=torch.ones(1, 3, dtype=torch.float64)
     )
-    assert blow.status == ["diverged"] and classify(blow)["class"].tolist() == ["divergent"]
+    assert blow.status == ["diverged"] and classify(blow).to_frame()["class"].tolist() == [
+        "divergent"
+    ]
     grow = ls.unroll(
         ls.FnLoop(step=lambda h: 1.2 * h), None, 40, init=torch.ones(1, 3, dtype=torch.float64)
     )
-    assert grow.status == ["max_iter"] and classify(grow)["class"].tolist() == ["divergent"]
+    assert grow.status == ["max_iter"] and classify(grow).to_frame()["class"].tolist() == [
+        "divergent"
+    ]
 
     h0 = torch.zeros(1, 2, dtype=torch.float64)
     chaos = ls.unroll(ls.FnLoop(step=henon), None, 300, init=h0)
     assert detect_cycle(chaos).period[0] == 0
-    assert classify(chaos)["class"].tolist() == ["max_iter"]  # no chaos claim without λ1
+    assert classify(chaos).to_frame()["class"].tolist() == ["max_iter"]  # no chaos claim without λ1
     lyap = lyapunov(ls.FnLoop(step=henon), None, h0, n_steps=3000, warmup=300, mode="dense")
-    c = classify(chaos, lyap=lyap)
+    c = classify(chaos, lyap=lyap).to_frame()
     assert c["class"].tolist() == ["chaotic"] and c["lambda1"][0] > 0.3
 
     R = torch.tensor(
@@ -147,9 +151,11 @@ def test_classify_all_classes():
     rot = ls.FnLoop(step=lambda h: h @ R.T)
     x0 = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
     tr = ls.unroll(rot, None, 400, init=x0)
-    assert classify(tr)["class"].tolist() == ["max_iter"]  # no period ≤ 16
+    assert classify(tr).to_frame()["class"].tolist() == ["max_iter"]  # no period ≤ 16
     ly = lyapunov(rot, None, x0, n_steps=200, warmup=10)
-    assert classify(tr, lyap=ly)["class"].tolist() == ["orbit"]  # λ1 = 0, bounded, recurrent
+    assert classify(tr, lyap=ly).to_frame()["class"].tolist() == [
+        "orbit"
+    ]  # λ1 = 0, bounded, recurrent
 
 
 def test_classify_per_token_and_errors():
@@ -157,7 +163,7 @@ def test_classify_per_token_and_errors():
         return torch.stack([0.5 * h[:, 0], -h[:, 1]], dim=1)
 
     tr = ls.unroll(ls.FnLoop(step=step), None, 50, init=torch.ones(2, 2, 3, dtype=torch.float64))
-    c = classify(tr, per_token=True)
+    c = classify(tr, per_token=True).to_frame().set_index(["sample", "position"])
     assert c["class"].tolist() == ["convergent", "cycle(2)"] * 2
     assert c.index.names == ["sample", "position"]
     with pytest.raises(LoopscopeError, match="windw"):
