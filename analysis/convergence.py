@@ -55,7 +55,7 @@ Example:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -63,7 +63,9 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from loopscope.core.errors import LoopscopeError, check_positive_int, reject_unknown_kwargs
+from loopscope.core.errors import LoopscopeError, check_positive_int, did_you_mean
+from loopscope.core.result import Result, float_summary, result_meta
+from loopscope.core.trace import Trace
 
 __all__ = [
     "metrics",
@@ -365,8 +367,8 @@ def _logits_positions(lg: Tensor, B: int) -> Tensor:
     return lg.reshape(T1, B, -1, lg.shape[-1])
 
 
-@dataclass
-class Metrics:
+@dataclass(kw_only=True, repr=False)
+class Metrics(Result):
     """Per-(iteration, sample[, position]) convergence metrics of one trace.
 
     Attributes:
@@ -389,7 +391,6 @@ class Metrics:
     tol: float = 1e-3
     window: int = 5
     argmax: Tensor | None = None
-    meta: dict[str, Any] = field(default_factory=dict)
 
     def __getitem__(self, name: str) -> Tensor:
         """A column ``[T+1, B(, P)]``; ``"res_p"`` gives all ``[p_max, T+1, B(, P)]`` and
@@ -442,7 +443,7 @@ class Metrics:
         cols["diverged"] = div
         df = pd.DataFrame(cols)
         for key in ("model", "split", "seed"):
-            if key in self.meta:
+            if self.meta.get(key) is not None:
                 df[key] = self.meta[key]
         return df
 
@@ -488,23 +489,95 @@ class Metrics:
     def summary(self) -> dict[str, float]:
         """Scalar summary (for :func:`loopscope.analysis.attractors.compare_splits`)."""
         s = self.summary_frame()
-        return {
-            "residual_at_budget": float(np.nanmedian(s["final_rel_residual"])) if len(s) else _NAN,
-            "kappa_bar": float(np.nanmedian(s["kappa_bar"]))
-            if s["kappa_bar"].notna().any()
-            else _NAN,
-            "converged_fraction": float(s["converged"].mean()),
-            "t_conv_mean": float(s.loc[s["converged"], "t_conv"].mean())
-            if s["converged"].any()
-            else _NAN,
-            "diverged_fraction": float(s["diverged"].mean()),
-        }
+        return float_summary(
+            {
+                "residual_at_budget": float(np.nanmedian(s["final_rel_residual"]))
+                if len(s)
+                else _NAN,
+                "kappa_bar": float(np.nanmedian(s["kappa_bar"]))
+                if s["kappa_bar"].notna().any()
+                else _NAN,
+                "converged_fraction": float(s["converged"].mean()),
+                "t_conv_mean": float(s.loc[s["converged"], "t_conv"].mean())
+                if s["converged"].any()
+                else _NAN,
+                "diverged_fraction": float(s["diverged"].mean()),
+            }
+        )
 
 
-_METRIC_OPTIONS = ("eps", "tol", "window", "decode", "min_p")
+def _check_metric_args(trace: Trace, eps: float, tol: float, min_p: float, decode: Any) -> None:
+    if decode not in ("auto", True, False):
+        raise LoopscopeError(f"decode must be 'auto', True or False, got {decode!r}")
+    for name, v, low in (("eps", eps, 0.0), ("tol", tol, None), ("min_p", min_p, None)):
+        bad = isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v)
+        if bad or (v < low if low is not None else not v > 0):
+            what = "a number >= 0" if low is not None else "a positive number"
+            raise LoopscopeError(f"{name} must be {what}, got {v!r}")
+    if (
+        not hasattr(trace, "states")
+        or not isinstance(trace.states, Tensor)
+        or trace.states.dim() < 2
+    ):
+        raise LoopscopeError("metrics needs a Trace with states [T+1, B, ...]")
 
 
-def metrics(trace: Any, p_max: int = 16, per_token: bool = False, **options: Any) -> Metrics:
+def _diverged_samples(trace: Trace, S: Tensor, last: Tensor) -> Tensor:
+    """``[B]``: flagged by ``unroll``, or a non-finite state up to the last real one."""
+    T1, B = S.shape[:2]
+    nonfinite = ~torch.isfinite(S.reshape(T1, B, -1)).all(-1)
+    rows = torch.arange(T1).view(T1, 1)
+    diverged = (nonfinite & (rows <= last.view(1, -1))).any(0)
+    if trace.diverged_at is not None:
+        diverged |= trace.diverged_at.cpu() >= 0
+    return diverged
+
+
+def _masked_logits(trace: Trace, decode: Any, last: Tensor, T1: int, B: int) -> Tensor | None:
+    lg = _trace_logits(trace, decode)
+    if lg is None:
+        return None
+    LG = _logits_positions(lg.detach().double().cpu(), B).clone()
+    rows = torch.arange(T1).view(T1, 1)
+    LG[rows.expand(T1, B) > last.view(1, -1)] = _NAN
+    return LG
+
+
+def _per_token_arrays(
+    X: Tensor, LG: Tensor | None, last: Tensor, kw: dict[str, Any]
+) -> tuple[dict[str, Tensor], Tensor, Tensor, Tensor | None]:
+    """compute_arrays with every position its own trajectory: ``[T+1, B, P]`` columns."""
+    T1, B, P, d = X.shape
+    LGt = None
+    if LG is not None:
+        if LG.shape[2] != P:
+            raise LoopscopeError(
+                f"per_token needs one readout per state position: state has {P} positions, "
+                f"logits have {LG.shape[2]}"
+            )
+        LGt = LG.reshape(T1, B * P, 1, LG.shape[-1])
+    arr = compute_arrays(X.reshape(T1, B * P, 1, d), LGt, **kw)
+    argmax = arr.pop("argmax", None)
+    res_p = arr.pop("res_p").reshape(kw["p_max"], T1, B, P)
+    tc = t_conv_from(arr["rel_residual"], last.repeat_interleave(P), kw["tol"]).reshape(B, P)
+    values = {k: v.reshape(T1, B, P) for k, v in arr.items()}
+    if argmax is not None:
+        argmax = argmax.reshape(T1, B, P)
+    return values, res_p, tc, argmax
+
+
+@did_you_mean
+def metrics(
+    trace: Trace,
+    p_max: int = 16,
+    per_token: bool = False,
+    *,
+    eps: float = 1e-9,
+    tol: float = 1e-3,
+    window: int = 5,
+    decode: bool | str = "auto",
+    min_p: float = 0.1,
+) -> Metrics:
     """Convergence metrics (dynamics spec §4) of a recorded trajectory.
 
     Args:
@@ -512,17 +585,17 @@ def metrics(trace: Any, p_max: int = 16, per_token: bool = False, **options: Any
         p_max: largest period P of the cycle-aware residuals ``res_p1..res_pP``.
         per_token: metrics per position (state ``[B, pos, d]``: positions are every axis between
             the batch and the last one) instead of per sample.
-
-    Keyword options:
-        eps: denominator guard of relative quantities (1e-9, torchdeq).
-        tol: r_rel tolerance for T_conv and steps-to-tolerance (1e-3).
-        window: w of the windowed contraction κ̄ (5).
-        decode: output-space metrics from ``trace.logits`` ("auto", default), always (True:
-            decode every state with the attached loop) or never (False).
-        min_p: min-p filter level of ``minp_kl`` (0.1).
+        eps: denominator guard of relative quantities (torchdeq).
+        tol: r_rel tolerance for T_conv and steps-to-tolerance.
+        window: w of the windowed contraction κ̄.
+        decode: output-space metrics from ``trace.logits`` ("auto"), always (True: decode every
+            state with the attached loop) or never (False).
+        min_p: min-p filter level of ``minp_kl``.
 
     Returns:
         :class:`Metrics`; ``.to_frame()`` is tidy (iteration, sample, [position], metrics...).
+        A sample with a non-finite state is ``diverged`` (NaN rows after its last real state);
+        the other samples are untouched.
 
     Example:
         >>> import torch
@@ -533,70 +606,28 @@ def metrics(trace: Any, p_max: int = 16, per_token: bool = False, **options: Any
         >>> float(m["res_p"][1, -1, 0]) < 1e-12   # period-2 residual vanishes on the 2-cycle
         True
     """
-    reject_unknown_kwargs("metrics", options, _METRIC_OPTIONS)
     p_max = check_positive_int("p_max", p_max)
-    eps = float(options.get("eps", 1e-9))
-    tol = float(options.get("tol", 1e-3))
-    window = check_positive_int("window", options.get("window", 5))
-    decode = options.get("decode", "auto")
-    if decode not in ("auto", True, False):
-        raise LoopscopeError(f"decode must be 'auto', True or False, got {decode!r}")
-    if (
-        not hasattr(trace, "states")
-        or not isinstance(trace.states, Tensor)
-        or trace.states.dim() < 2
-    ):
-        raise LoopscopeError("metrics needs a Trace with states [T+1, B, ...]")
+    window = check_positive_int("window", window)
+    _check_metric_args(trace, eps, tol, min_p, decode)
+    eps, tol = float(eps), float(tol)
     S, last = _masked_states(trace)
     T1, B = S.shape[:2]
-    nonfinite = ~torch.isfinite(S.reshape(T1, B, -1)).all(-1)
-    rows = torch.arange(T1).view(T1, 1)
-    real_nonfinite = (nonfinite & (rows <= last.view(1, -1))).any(0)
-    diverged = real_nonfinite.clone()
-    if trace.diverged_at is not None:
-        diverged |= trace.diverged_at.cpu() >= 0
+    diverged = _diverged_samples(trace, S, last)
     X = _split_positions(S)
-    lg = _trace_logits(trace, decode)
-    LG = None
-    if lg is not None:
-        LG = _logits_positions(lg.detach().double().cpu(), B).clone()
-        LG[rows.view(T1, 1).expand(T1, B) > last.view(1, -1)] = _NAN
-    kw = {
-        "p_max": p_max,
-        "eps": eps,
-        "tol": tol,
-        "window": window,
-        "min_p": float(options.get("min_p", 0.1)),
-    }
+    LG = _masked_logits(trace, decode, last, T1, B)
+    kw = {"p_max": p_max, "eps": eps, "tol": tol, "window": window, "min_p": float(min_p)}
     if per_token:
-        _, _, P, d = X.shape
-        Xt = X.reshape(T1, B * P, 1, d)
-        LGt = None
-        if LG is not None:
-            if LG.shape[2] != P:
-                raise LoopscopeError(
-                    f"per_token needs one readout per state position: state has {P} positions, "
-                    f"logits have {LG.shape[2]}"
-                )
-            LGt = LG.reshape(T1, B * P, 1, LG.shape[-1])
-        arr = compute_arrays(Xt, LGt, **kw)
-        lastt = last.repeat_interleave(P)
-        argmax = arr.pop("argmax", None)
-        res_p = arr.pop("res_p").reshape(p_max, T1, B, P)
-        tc = t_conv_from(arr["rel_residual"], lastt, tol).reshape(B, P)
-        values = {k: v.reshape(T1, B, P) for k, v in arr.items()}
-        if argmax is not None:
-            argmax = argmax.reshape(T1, B, P)
+        values, res_p, tc, argmax = _per_token_arrays(X, LG, last, kw)
     else:
-        arr = compute_arrays(X, LG, **kw)
-        argmax = arr.pop("argmax", None)
-        res_p = arr.pop("res_p")
-        tc = t_conv_from(arr["rel_residual"], last, tol)
-        values = arr
+        values = compute_arrays(X, LG, **kw)
+        argmax = values.pop("argmax", None)
+        res_p = values.pop("res_p")
+        tc = t_conv_from(values["rel_residual"], last, tol)
     tc = torch.where(
         diverged.view(-1, *([1] * (tc.dim() - 1))).expand_as(tc), torch.full_like(tc, -1), tc
     )
     meta = {k: v for k, v in (trace.meta or {}).items() if k in ("model", "split", "seed", "task")}
+    full = result_meta(trace.loop, settings=dict(p_max=p_max, tol=tol, window=window))
     return Metrics(
         values=values,
         res_p=res_p,
@@ -609,19 +640,20 @@ def metrics(trace: Any, p_max: int = 16, per_token: bool = False, **options: Any
         tol=tol,
         window=window,
         argmax=argmax,
-        meta=meta,
+        meta={**full, **meta},
     )
 
 
 # ---------------------------------------------------------------------------------------------
 # calibration (EqR Fig. 1)
 # ---------------------------------------------------------------------------------------------
-@dataclass
-class Calibration:
+@dataclass(kw_only=True, repr=False)
+class Calibration(Result):
     """Accuracy per final-residual bin and the AUROC of the residual as a correctness predictor.
 
     ``auroc`` = P(r_rel of a correct sample < r_rel of a wrong one) (ties count ½); 1 = the
     residual separates perfectly, 0.5 = uninformative, NaN when only one class is present.
+    ``bins``: one row per bin; ``per_sample``: one row per sample with a finite residual.
     """
 
     bins: pd.DataFrame
@@ -629,7 +661,15 @@ class Calibration:
     per_sample: pd.DataFrame
 
     def to_frame(self) -> pd.DataFrame:
-        return self.bins
+        """One row per sample: ``sample, final_rel_residual, correct``."""
+        return self.per_sample.copy()
+
+    def summary(self) -> dict[str, float]:
+        """AUROC, accuracy and the number of samples scored."""
+        c = self.per_sample["correct"]
+        return float_summary(
+            {"auroc": self.auroc, "accuracy": float(c.mean()) if len(c) else _NAN, "n": len(c)}
+        )
 
 
 def _auroc(score: np.ndarray, positive: np.ndarray) -> float:
@@ -643,20 +683,25 @@ def _auroc(score: np.ndarray, positive: np.ndarray) -> float:
     return float((r[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
+@did_you_mean
 def calibration(
-    metrics_or_trace: Any, correct: Any, n_bins: int = 10, **options: Any
+    metrics_or_trace: Metrics | Trace,
+    correct: Tensor | np.ndarray,
+    n_bins: int = 10,
+    *,
+    binning: str = "quantile",
 ) -> Calibration:
     """Bin samples by final relative residual; accuracy per bin; AUROC (EqR Fig. 1).
 
     Args:
         metrics_or_trace: a :class:`Metrics` or a Trace (metrics computed with defaults).
         correct: ``[B]`` bool (or 0/1) per-sample correctness.
-        n_bins: number of quantile bins (fewer if residuals repeat).
-
-    Keyword options: ``binning`` = "quantile" (default) or "log" (log-uniform edges).
+        n_bins: number of bins (fewer if residuals repeat).
+        binning: "quantile" (equal counts) or "log" (log-uniform edges).
     """
-    reject_unknown_kwargs("calibration", options, ("binning",))
     n_bins = check_positive_int("n_bins", n_bins)
+    if binning not in ("quantile", "log"):
+        raise LoopscopeError(f"binning must be 'quantile' or 'log', got {binning!r}")
     m = metrics_or_trace if isinstance(metrics_or_trace, Metrics) else metrics(metrics_or_trace)
     if m.per_token:
         raise LoopscopeError("calibration needs per-sample metrics (per_token=False)")
@@ -668,20 +713,7 @@ def calibration(
         )
     ok = np.isfinite(r)
     r, c = r[ok], c[ok]
-    binning = options.get("binning", "quantile")
-    if binning == "quantile":
-        edges = (
-            np.unique(np.quantile(r, np.linspace(0, 1, n_bins + 1)))
-            if len(r)
-            else np.array([0.0, 1.0])
-        )
-    elif binning == "log":
-        lo, hi = np.log10(max(r.min(), 1e-300)), np.log10(max(r.max(), 1e-300))
-        edges = np.logspace(lo, hi if hi > lo else lo + 1, n_bins + 1)
-    else:
-        raise LoopscopeError(f"binning must be 'quantile' or 'log', got {binning!r}")
-    if len(edges) < 2:
-        edges = np.array([edges[0], edges[0]])
+    edges = _bin_edges(r, n_bins, binning)
     idx = np.clip(np.searchsorted(edges, r, side="right") - 1, 0, len(edges) - 2)
     rows = []
     for i in range(len(edges) - 1):
@@ -697,14 +729,33 @@ def calibration(
             }
         )
     per = pd.DataFrame({"sample": np.nonzero(ok)[0], "final_rel_residual": r, "correct": c})
-    return Calibration(bins=pd.DataFrame(rows), auroc=_auroc(-r, c), per_sample=per)
+    return Calibration(
+        bins=pd.DataFrame(rows), auroc=_auroc(-r, c), per_sample=per, meta=dict(m.meta)
+    )
+
+
+def _bin_edges(r: np.ndarray, n_bins: int, binning: str) -> np.ndarray:
+    if binning == "quantile":
+        edges = (
+            np.unique(np.quantile(r, np.linspace(0, 1, n_bins + 1)))
+            if len(r)
+            else np.array([0.0, 1.0])
+        )
+    elif binning == "log":
+        lo, hi = np.log10(max(r.min(), 1e-300)), np.log10(max(r.max(), 1e-300))
+        edges = np.logspace(lo, hi if hi > lo else lo + 1, n_bins + 1)
+    else:
+        raise LoopscopeError(f"binning must be 'quantile' or 'log', got {binning!r}")
+    if len(edges) < 2:
+        edges = np.array([edges[0], edges[0]])
+    return edges
 
 
 # ---------------------------------------------------------------------------------------------
 # per-layer residuals and attention stabilisation inside a K-layer block
 # ---------------------------------------------------------------------------------------------
-@dataclass
-class LayerMetrics:
+@dataclass(kw_only=True, repr=False)
+class LayerMetrics(Result):
     """Per-layer residual / cosine between consecutive iterations and per-head attention JS.
 
     ``frame`` columns: hook, sub, iteration, sample, head (−1 for state hooks), metric, value.
@@ -716,7 +767,13 @@ class LayerMetrics:
     frame: pd.DataFrame
 
     def to_frame(self) -> pd.DataFrame:
-        return self.frame
+        """The long table :attr:`frame`."""
+        return self.frame.copy()
+
+    def summary(self) -> dict[str, float]:
+        """``mean_<metric>``: each metric averaged over hooks, iterations and samples."""
+        g = self.frame.groupby("metric")["value"].mean()
+        return float_summary({f"mean_{k}": v for k, v in g.items()})
 
 
 def _js(P: Tensor, Q: Tensor, dim: int = -1) -> Tensor:
@@ -730,8 +787,79 @@ def _js(P: Tensor, Q: Tensor, dim: int = -1) -> Tensor:
     return 0.5 * kl(P, M) + 0.5 * kl(Q, M)
 
 
+def _pair_rows(kind: str, name: str, subv: Any, t1: int, a: Tensor, b: Tensor, eps: float):
+    """Rows comparing one hook's firing at iteration ``t1`` with the one at ``t1 − 1``."""
+    B = a.shape[0]
+    if kind == "state":
+        fa, fb = a.reshape(B, -1), b.reshape(B, -1)
+        r = (fa - fb).norm(dim=-1)
+        vals = {
+            "residual": r,
+            "rel_residual": r / (fa.norm(dim=-1) + eps),
+            "cosine": safe_cos(fa, fb),
+        }
+        return [
+            pd.DataFrame(
+                {
+                    "hook": name,
+                    "sub": subv,
+                    "iteration": t1,
+                    "sample": np.arange(B),
+                    "head": -1,
+                    "metric": met,
+                    "value": v.cpu().numpy(),
+                }
+            )
+            for met, v in vals.items()
+        ]
+    if a.dim() != 4:
+        raise LoopscopeError(
+            f"attention pattern hook {name!r} must be [B, heads, q, k], got {tuple(a.shape)}"
+        )
+    js = _js(a, b).mean(-1)  # [B, heads]
+    H = js.shape[1]
+    return [
+        pd.DataFrame(
+            {
+                "hook": name,
+                "sub": subv,
+                "iteration": t1,
+                "sample": np.repeat(np.arange(B), H),
+                "head": np.tile(np.arange(H), B),
+                "metric": "attn_js",
+                "value": js.reshape(-1).cpu().numpy(),
+            }
+        )
+    ]
+
+
+def _hook_rows(trace: Trace, kind: str, name: str, eps: float) -> list[pd.DataFrame]:
+    """Firings grouped by their label after the iteration, consecutive iterations compared."""
+    acts = trace[name]
+    labels = trace.labels.get(trace._canonical(name)) if name in trace else None
+    if labels is None:
+        labels = [(t, 0) for t in range(acts.shape[0])]
+    groups: dict[tuple, list[tuple[int, int]]] = {}
+    for i, lab in enumerate(labels):
+        groups.setdefault(tuple(lab[1:]), []).append((int(lab[0]), i))
+    rows: list[pd.DataFrame] = []
+    for sub, items in groups.items():
+        items.sort()
+        for (t0, i0), (t1, i1) in zip(items[:-1], items[1:], strict=True):
+            if t1 != t0 + 1:
+                continue
+            subv = sub[0] if len(sub) == 1 else str(sub)
+            rows += _pair_rows(kind, name, subv, t1, acts[i1].double(), acts[i0].double(), eps)
+    return rows
+
+
+@did_you_mean
 def layer_metrics(
-    trace: Any, hooks: Any = None, patterns: Any = None, **options: Any
+    trace: Trace,
+    hooks: str | list[str] | None = None,
+    patterns: str | list[str] | None = None,
+    *,
+    eps: float = 1e-9,
 ) -> LayerMetrics:
     """Per-layer residuals and attention-pattern stabilisation from captured hooks.
 
@@ -740,14 +868,12 @@ def layer_metrics(
 
     Args:
         trace: a Trace with captured activations.
-        hooks: state-like hook names (default: every captured hook that is not a pattern).
-        patterns: attention-pattern hooks ``[B, heads, q, k]`` (default: captured names ending in
+        hooks: state-like hook names (None: every captured hook that is not a pattern).
+        patterns: attention-pattern hooks ``[B, heads, q, k]`` (None: captured names ending in
             ``hook_pattern``).
-
-    Keyword options: ``eps`` (1e-9) for the relative residual.
+        eps: denominator guard of the relative residual.
     """
-    reject_unknown_kwargs("layer_metrics", options, ("eps",))
-    eps = float(options.get("eps", 1e-9))
+    eps = float(eps)
     captured = list(trace.acts)
     if patterns is None:
         patterns = [h for h in captured if h.endswith("hook_pattern")]
@@ -760,63 +886,7 @@ def layer_metrics(
     rows: list[pd.DataFrame] = []
     for kind, names in (("state", hooks), ("pattern", patterns)):
         for name in names:
-            acts = trace[name]
-            labels = trace.labels.get(trace._canonical(name)) if name in trace else None
-            if labels is None:
-                labels = [(t, 0) for t in range(acts.shape[0])]
-            groups: dict[tuple, list[tuple[int, int]]] = {}
-            for i, lab in enumerate(labels):
-                groups.setdefault(tuple(lab[1:]), []).append((int(lab[0]), i))
-            for sub, items in groups.items():
-                items.sort()
-                for (t0, i0), (t1, i1) in zip(items[:-1], items[1:], strict=True):
-                    if t1 != t0 + 1:
-                        continue
-                    a, b = acts[i1].double(), acts[i0].double()
-                    B = a.shape[0]
-                    subv = sub[0] if len(sub) == 1 else str(sub)
-                    if kind == "state":
-                        fa, fb = a.reshape(B, -1), b.reshape(B, -1)
-                        r = (fa - fb).norm(dim=-1)
-                        vals = {
-                            "residual": r,
-                            "rel_residual": r / (fa.norm(dim=-1) + eps),
-                            "cosine": safe_cos(fa, fb),
-                        }
-                        for met, v in vals.items():
-                            rows.append(
-                                pd.DataFrame(
-                                    {
-                                        "hook": name,
-                                        "sub": subv,
-                                        "iteration": t1,
-                                        "sample": np.arange(B),
-                                        "head": -1,
-                                        "metric": met,
-                                        "value": v.cpu().numpy(),
-                                    }
-                                )
-                            )
-                    else:
-                        if a.dim() != 4:
-                            raise LoopscopeError(
-                                f"attention pattern hook {name!r} must be [B, heads, q, k], got {tuple(a.shape)}"
-                            )
-                        js = _js(a, b).mean(-1)  # [B, heads]
-                        H = js.shape[1]
-                        rows.append(
-                            pd.DataFrame(
-                                {
-                                    "hook": name,
-                                    "sub": subv,
-                                    "iteration": t1,
-                                    "sample": np.repeat(np.arange(B), H),
-                                    "head": np.tile(np.arange(H), B),
-                                    "metric": "attn_js",
-                                    "value": js.reshape(-1).cpu().numpy(),
-                                }
-                            )
-                        )
+            rows += _hook_rows(trace, kind, name, eps)
     cols = ["hook", "sub", "iteration", "sample", "head", "metric", "value"]
     frame = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=cols)
-    return LayerMetrics(frame=frame)
+    return LayerMetrics(frame=frame, meta=result_meta(trace.loop))
