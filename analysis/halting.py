@@ -54,8 +54,8 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -70,7 +70,9 @@ from loopscope.analysis.convergence import (
     _trace_logits,
     compute_arrays,
 )
-from loopscope.core.errors import LoopscopeError, check_positive_int, reject_unknown_kwargs, suggest
+from loopscope.core.errors import LoopscopeError, check_positive_int, did_you_mean, suggest
+from loopscope.core.result import Result, float_summary, result_meta
+from loopscope.core.trace import Trace
 
 __all__ = ["Criterion", "HaltingReport", "evaluate", "CRITERIA", "oracle_steps"]
 
@@ -175,26 +177,74 @@ class Criterion:
         threshold: τ (or k / q / depth); default per criterion (``fixed`` defaults to the budget).
         min_steps: earliest allowed exit step (default 1).
         patience: consecutive hits required (default 2 for acceleration, else 1).
-        **params: criterion parameters (``eps``, ``p_max``, ``window``, ``budget``, ``decay``,
-            ``decay_patience``, ``s_min``, ``min_p``, ``variant``, and for online use ``decode``,
-            ``q``, ``gate`` callables ``fn(h, ctx)``); unknown ones are rejected.
+        eps: denominator guard (residual, latent_diff, acceleration, period_residual,
+            predicted; None: 1e-9).
+        p_max: longest period of period_residual (None: 16).
+        window: κ̄ window of predicted (None: 5).
+        budget: remaining-steps reference of predicted (None: the trace's T; required online).
+        decay: FPRM step-size decay of fp_residual (None: 0.99).
+        decay_patience: steps without improvement before a decay (None: 5).
+        s_min: FPRM step size below which fp_residual halts (None: 1e-3).
+        min_p: min-p filter level of minp_kl (None: 0.1).
+        variant: q_head variant, "hrm" (q_halt − q_cont) or "trm" (q_halt) (None: "hrm").
+        decode: online readout ``fn(h, ctx)`` for the output criteria.
+        q: online halting head ``fn(h, ctx)`` for q_head.
+        gate: online exit gate ``fn(h, ctx)`` for ouro_cdf.
+
+    A parameter the criterion does not use is rejected (one line naming what it takes).
 
     Online use: ``unroll(loop, x, T, halt=Criterion("residual", 1e-6))``; the criterion keeps a
     short history of states and resets itself when called with ``t == 0``.
     """
 
+    @did_you_mean
     def __init__(
         self,
         name: str,
         threshold: float | None = None,
         min_steps: int = 1,
         patience: int | None = None,
-        **params: Any,
+        *,
+        eps: float | None = None,
+        p_max: int | None = None,
+        window: int | None = None,
+        budget: int | None = None,
+        decay: float | None = None,
+        decay_patience: int | None = None,
+        s_min: float | None = None,
+        min_p: float | None = None,
+        variant: str | None = None,
+        decode: Callable[[Tensor, Any], Tensor] | None = None,
+        q: Callable[[Tensor, Any], Tensor] | None = None,
+        gate: Callable[[Tensor, Any], Tensor] | None = None,
     ) -> None:
         if name not in CRITERIA:
             raise LoopscopeError(f"unknown halting criterion {name!r}{suggest(name, CRITERIA)}")
         rule = CRITERIA[name]
-        reject_unknown_kwargs(f"Criterion[{name}]", params, rule.params)
+        given = {
+            k: v
+            for k, v in dict(
+                eps=eps,
+                p_max=p_max,
+                window=window,
+                budget=budget,
+                decay=decay,
+                decay_patience=decay_patience,
+                s_min=s_min,
+                min_p=min_p,
+                variant=variant,
+                decode=decode,
+                q=q,
+                gate=gate,
+            ).items()
+            if v is not None
+        }
+        for key in given:
+            if key not in rule.params:
+                raise LoopscopeError(
+                    f"Criterion[{name}]() got an unknown option {key!r}"
+                    f"{suggest(key, rule.params)} (it takes: {', '.join(rule.params) or 'none'})"
+                )
         self.name = name
         self.rule = rule
         self.threshold = rule.threshold if threshold is None else float(threshold)
@@ -204,14 +254,14 @@ class Criterion:
         self.patience = check_positive_int(
             "patience", rule.patience if patience is None else patience
         )
-        self.params = {**rule.params, **params}
+        self.params = {**rule.params, **given}
         if name == "q_head" and self.params["variant"] not in ("hrm", "trm"):
             raise LoopscopeError(
                 f"q_head variant must be 'hrm' or 'trm', got {self.params['variant']!r}"
             )
         for k in ("p_max", "window", "decay_patience"):
-            if k in params:
-                check_positive_int(k, params[k])
+            if k in given:
+                check_positive_int(k, given[k])
         self.reset()
 
     def __repr__(self) -> str:
@@ -531,14 +581,14 @@ def _series(x: Any, T1: int, B: int, trace: Any, what: str) -> Tensor | None:
     return v
 
 
-@dataclass
-class HaltingReport:
+@dataclass(kw_only=True, repr=False)
+class HaltingReport(Result):
     """Every criterion × threshold scored on one trace.
 
     Attributes:
         exits: per (criterion, threshold, sample): ``exit_step``, ``halted``, ``period`` (for
             period_residual), ``correct`` (if targets), ``oracle_step``, ``diverged``.
-        summary: per (criterion, threshold): mean / median / p90 / max steps, ``compute_saved``
+        table: per (criterion, threshold): mean / median / p90 / max steps, ``compute_saved``
             (1 − mean_steps / budget), ``halted_fraction``, ``accuracy``, ``accuracy_full``,
             ``accuracy_delta``, ``oracle_precision``, ``oracle_recall``, ``safe_rate``
             (exit ≥ oracle), ``saturation_gap`` (mean exit − accuracy-saturation step).
@@ -550,19 +600,34 @@ class HaltingReport:
     """
 
     exits: pd.DataFrame
-    summary: pd.DataFrame
+    table: pd.DataFrame
     budget: int
     oracle: Tensor | None = None
     saturation: Tensor | None = None
-    meta: dict[str, Any] = field(default_factory=dict)
 
     def to_frame(self) -> pd.DataFrame:
-        return self.summary
+        """The per (criterion, threshold) table :attr:`table` (per sample: :attr:`exits`)."""
+        return self.table.copy()
+
+    def summary(self) -> dict[str, float]:
+        """Budget, and the Pareto points' best accuracy and fewest mean steps."""
+        tr = self.tradeoff()
+        front = tr[tr["pareto"]]
+        nan = float("nan")
+        return float_summary(
+            {
+                "budget": self.budget,
+                "n_rules": len(self.table),
+                "n_pareto": len(front),
+                "best_accuracy": float(front["accuracy"].max()) if len(front) else nan,
+                "min_mean_steps": float(self.table["mean_steps"].min()),
+            }
+        )
 
     def tradeoff(self) -> pd.DataFrame:
         """Accuracy vs mean steps per (criterion, threshold), sorted by steps, with a Pareto flag
         (no other point has fewer-or-equal steps and higher-or-equal accuracy, one strictly)."""
-        df = self.summary[["criterion", "threshold", "mean_steps", "accuracy"]].copy()
+        df = self.table[["criterion", "threshold", "mean_steps", "accuracy"]].copy()
         df = df.sort_values(["mean_steps", "accuracy"], ascending=[True, False]).reset_index(
             drop=True
         )
@@ -590,11 +655,99 @@ class HaltingReport:
         return df.sort_values("sample")["exit_step"].to_numpy()
 
 
-_EVAL_OPTIONS = ("correct", "q", "gate", "decode", "budget")
+def _correct_per_step(
+    correct: Any, targets: Any, LG: Tensor | None, T1: int, B: int
+) -> Tensor | None:
+    """``[T+1, B]`` bool correctness at every step, given or from targets vs the readout."""
+    if correct is not None:
+        correct = torch.as_tensor(correct).bool().cpu()
+        if correct.shape != (T1, B):
+            raise LoopscopeError(f"correct must be [T+1={T1}, B={B}], got {tuple(correct.shape)}")
+        return correct
+    if targets is None:
+        return None
+    if LG is None:
+        raise LoopscopeError("targets need the readout: record the trace with decode=True")
+    tg = torch.as_tensor(targets).cpu().reshape(B, -1)
+    A = LG.argmax(-1).reshape(T1, B, -1)
+    if tg.shape[1] != A.shape[2]:
+        raise LoopscopeError(
+            f"targets have {tg.shape[1]} positions per sample, readout has {A.shape[2]}"
+        )
+    return (A == tg.unsqueeze(0)).all(-1)
 
 
+def _score(
+    c: Criterion,
+    sig: _Signals,
+    budget: int,
+    T: int,
+    correct: Tensor | None,
+    last: Tensor,
+    sat: Tensor | None,
+    oracle: Tensor | None,
+    diverged: Tensor,
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """One criterion's per-sample exits and its summary row."""
+    exit_, halted, extra = c.exit_steps(sig)
+    B = exit_.shape[0]
+    th = c._threshold_for(budget)
+    d = {
+        "criterion": c.label,
+        "threshold": th,
+        "sample": np.arange(B),
+        "exit_step": exit_.numpy(),
+        "halted": halted.numpy(),
+        "period": extra.numpy(),
+        "diverged": diverged.numpy(),
+    }
+    st = exit_.double().numpy()
+    row: dict[str, Any] = {
+        "criterion": c.label,
+        "threshold": th,
+        "mean_steps": float(st.mean()),
+        "median_steps": float(np.median(st)),
+        "p90_steps": float(np.percentile(st, 90)),
+        "max_steps": float(st.max()),
+        "compute_saved": 1.0 - float(st.mean()) / budget,
+        "halted_fraction": float(halted.double().mean()),
+    }
+    if correct is not None:
+        ce = correct[exit_.clamp(max=T), torch.arange(B)]
+        cf = correct[last, torch.arange(B)]
+        d["correct"] = ce.numpy()
+        row["accuracy"] = float(ce.double().mean())
+        row["accuracy_full"] = float(cf.double().mean())
+        row["accuracy_delta"] = row["accuracy"] - row["accuracy_full"]
+        row["saturation_gap"] = float((exit_ - sat).double().mean())
+    else:
+        row.update(accuracy=_NAN, accuracy_full=_NAN, accuracy_delta=_NAN, saturation_gap=_NAN)
+    if oracle is not None:
+        o = oracle.clamp_min(1)
+        d["oracle_step"] = oracle.numpy()
+        stopped = (T - exit_ + 1).clamp_min(0)
+        allowed = (T - o + 1).clamp_min(0)
+        both = (T - torch.maximum(exit_, o) + 1).clamp_min(0)
+        nb, ns, na = int(both.sum()), int(stopped.sum()), int(allowed.sum())
+        row["oracle_precision"] = nb / ns if ns > 0 else _NAN
+        row["oracle_recall"] = nb / na if na > 0 else _NAN
+        row["safe_rate"] = float((exit_ >= oracle).double().mean())
+    else:
+        row.update(oracle_precision=_NAN, oracle_recall=_NAN, safe_rate=_NAN)
+    return pd.DataFrame(d), row
+
+
+@did_you_mean
 def evaluate(
-    trace: Any, criteria: Any = None, targets: Any = None, **options: Any
+    trace: Trace,
+    criteria: Any = None,
+    targets: Tensor | None = None,
+    *,
+    correct: Tensor | None = None,
+    q: Tensor | Callable[[Tensor, Any], Tensor] | None = None,
+    gate: Tensor | Callable[[Tensor, Any], Tensor] | None = None,
+    decode: bool | str = "auto",
+    budget: int | None = None,
 ) -> HaltingReport:
     """Score exit criteria offline on one recorded trace (record once, score every criterion).
 
@@ -604,121 +757,59 @@ def evaluate(
             T/4, T/2, 3T/4, T), a name, a :class:`Criterion`, a list of those, or a grid
             ``{name: [thresholds]}``.
         targets: answers ``[B]`` or ``[B, positions]`` compared with the readout argmax.
-
-    Keyword options:
         correct: ``[T+1, B]`` bool correctness at every step (instead of targets).
         q: HRM/TRM halting-head values ``[T+1, B, 2]`` / ``[T+1, B]`` or ``fn(h, ctx)``.
         gate: Ouro exit-gate λ ``[T+1, B]`` (row 0 unused) / ``[T, B]`` or ``fn(h, ctx)``.
         decode: "auto" (use trace.logits), True (decode every state) or False.
-        budget: fixed budget to compare against (default T).
+        budget: fixed budget to compare against (None: T).
 
     Returns:
         :class:`HaltingReport` (``.to_frame()``, ``.tradeoff()``, ``.exits``).
     """
-    reject_unknown_kwargs("halting.evaluate", options, _EVAL_OPTIONS)
-    decode = options.get("decode", "auto")
+    if decode not in ("auto", True, False):
+        raise LoopscopeError(f"decode must be 'auto', True or False, got {decode!r}")
     S, last = _masked_states(trace)
     T1, B = S.shape[:2]
     T = T1 - 1
     if T < 1:
         raise LoopscopeError("halting.evaluate needs a trace with at least one iteration")
-    budget = int(options.get("budget", T))
+    budget = T if budget is None else check_positive_int("budget", budget)
     lg = _trace_logits(trace, decode)
     LG = None
     if lg is not None:
         LG = _logits_positions(lg.detach().double().cpu(), B).clone()
         rows = torch.arange(T1).view(T1, 1)
         LG[(rows > last.view(1, -1))] = _NAN
-    q = _series(options.get("q"), T1, B, trace, "q")
-    gate = _series(options.get("gate"), T1, B, trace, "gate")
+    qs = _series(q, T1, B, trace, "q")
+    gs = _series(gate, T1, B, trace, "gate")
     gate_cdf = None
-    if gate is not None:
-        lam = gate.reshape(T1, B).clone()
+    if gs is not None:
+        lam = gs.reshape(T1, B).clone()
         lam[0] = 0.0
         gate_cdf = 1 - torch.cumprod(1 - lam, dim=0)
-    crits = _parse(criteria, T, LG is not None, q is not None, gate is not None)
-    sig = _Signals(_split_positions(S), LG, e0=0, budget=budget, last=last, q=q, gate_cdf=gate_cdf)
-
-    # correctness at every step
-    correct = options.get("correct")
-    if correct is not None:
-        correct = torch.as_tensor(correct).bool().cpu()
-        if correct.shape != (T1, B):
-            raise LoopscopeError(f"correct must be [T+1={T1}, B={B}], got {tuple(correct.shape)}")
-    elif targets is not None:
-        if LG is None:
-            raise LoopscopeError("targets need the readout: record the trace with decode=True")
-        tg = torch.as_tensor(targets).cpu().reshape(B, -1)
-        A = LG.argmax(-1).reshape(T1, B, -1)
-        if tg.shape[1] != A.shape[2]:
-            raise LoopscopeError(
-                f"targets have {tg.shape[1]} positions per sample, readout has {A.shape[2]}"
-            )
-        correct = (A == tg.unsqueeze(0)).all(-1)
-    oracle = None
-    if LG is not None:
-        oracle = oracle_steps(LG.argmax(-1), last)
+    crits = _parse(criteria, T, LG is not None, qs is not None, gs is not None)
+    sig = _Signals(_split_positions(S), LG, e0=0, budget=budget, last=last, q=qs, gate_cdf=gate_cdf)
+    correct = _correct_per_step(correct, targets, LG, T1, B)
+    oracle = oracle_steps(LG.argmax(-1), last) if LG is not None else None
     sat = _saturation(correct, last) if correct is not None else None
     diverged = (
         (trace.diverged_at.cpu() >= 0)
         if trace.diverged_at is not None
         else torch.zeros(B, dtype=torch.bool)
     )
-
-    ex_rows, sum_rows = [], []
-    for c in crits:
-        exit_, halted, extra = c.exit_steps(sig)
-        th = c._threshold_for(budget)
-        d = {
-            "criterion": c.label,
-            "threshold": th,
-            "sample": np.arange(B),
-            "exit_step": exit_.numpy(),
-            "halted": halted.numpy(),
-            "period": extra.numpy(),
-            "diverged": diverged.numpy(),
-        }
-        row: dict[str, Any] = {"criterion": c.label, "threshold": th}
-        st = exit_.double().numpy()
-        row.update(
-            {
-                "mean_steps": float(st.mean()),
-                "median_steps": float(np.median(st)),
-                "p90_steps": float(np.percentile(st, 90)),
-                "max_steps": float(st.max()),
-                "compute_saved": 1.0 - float(st.mean()) / budget,
-                "halted_fraction": float(halted.double().mean()),
-            }
-        )
-        if correct is not None:
-            ce = correct[exit_.clamp(max=T), torch.arange(B)]
-            cf = correct[last, torch.arange(B)]
-            d["correct"] = ce.numpy()
-            row["accuracy"] = float(ce.double().mean())
-            row["accuracy_full"] = float(cf.double().mean())
-            row["accuracy_delta"] = row["accuracy"] - row["accuracy_full"]
-            row["saturation_gap"] = float((exit_ - sat).double().mean())
-        else:
-            row.update(accuracy=_NAN, accuracy_full=_NAN, accuracy_delta=_NAN, saturation_gap=_NAN)
-        if oracle is not None:
-            o = oracle.clamp_min(1)
-            d["oracle_step"] = oracle.numpy()
-            stopped = (T - exit_ + 1).clamp_min(0)
-            allowed = (T - o + 1).clamp_min(0)
-            both = (T - torch.maximum(exit_, o) + 1).clamp_min(0)
-            nb, ns, na = int(both.sum()), int(stopped.sum()), int(allowed.sum())
-            row["oracle_precision"] = nb / ns if ns > 0 else _NAN
-            row["oracle_recall"] = nb / na if na > 0 else _NAN
-            row["safe_rate"] = float((exit_ >= oracle).double().mean())
-        else:
-            row.update(oracle_precision=_NAN, oracle_recall=_NAN, safe_rate=_NAN)
-        ex_rows.append(pd.DataFrame(d))
-        sum_rows.append(row)
-    exits = pd.concat(ex_rows, ignore_index=True)
-    summary = pd.DataFrame(sum_rows).sort_values(["criterion", "threshold"]).reset_index(drop=True)
+    scored = [_score(c, sig, budget, T, correct, last, sat, oracle, diverged) for c in crits]
+    exits = pd.concat([e for e, _ in scored], ignore_index=True)
+    table = pd.DataFrame([r for _, r in scored])
+    table = table.sort_values(["criterion", "threshold"]).reset_index(drop=True)
     meta = {k: v for k, v in (trace.meta or {}).items() if k in ("model", "split", "seed", "task")}
     for k, v in meta.items():
-        summary[k] = v
+        table[k] = v
+    full = result_meta(trace.loop, settings={"budget": budget})
     return HaltingReport(
-        exits=exits, summary=summary, budget=budget, oracle=oracle, saturation=sat, meta=meta
+        exits=exits,
+        table=table,
+        budget=budget,
+        oracle=oracle,
+        saturation=sat,
+        meta={**full, **meta},
     )
