@@ -1,74 +1,118 @@
 """loopscope.analysis — dynamics of the loop: metrics, halting, solvers, fixed-point census,
-spectra, Lyapunov exponents, cycles, trajectory classes, basins, path independence, verdict.
+spectra, Lyapunov exponents, cycles, trajectory classes, basins, path independence, evidence.
 
-Names are imported lazily so that ``import loopscope.analysis`` stays cheap and one module's
-optional dependency never breaks another.
+Every analysis takes a :class:`loopscope.Loop` (or a :class:`loopscope.Trace`) and returns a
+:class:`loopscope.core.result.Result`. The verdict for a model on a task is an experiment:
+:func:`loopscope.experiments.verdict.verdict`.
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from loopscope.analysis import halting
+from loopscope.analysis.attractors import (
+    BasinResult,
+    PathIndependenceResult,
+    SplitComparison,
+    basins,
+    compare_splits,
+    path_independence,
+)
+from loopscope.analysis.convergence import (
+    Calibration,
+    LayerMetrics,
+    Metrics,
+    calibration,
+    layer_metrics,
+    metrics,
+)
+from loopscope.analysis.cycles import CycleClasses, CycleResult, classify, detect_cycle
+from loopscope.analysis.evidence import ConfidentWrong, Verdict, confident_wrong
+from loopscope.analysis.fixed_point_capture import Capture
+from loopscope.analysis.fixed_points import (
+    FixedPointCensus,
+    Sensitivity,
+    find_fixed_points,
+    input_sensitivity,
+)
+from loopscope.analysis.hierarchy import HierarchicalResult, hierarchical, participation_ratio
+from loopscope.analysis.lens import LogitLensResult, logit_lens
+from loopscope.analysis.loopmap import LoopMap
+from loopscope.analysis.lyapunov_qr import LyapunovResult, is_chaotic, lyapunov
+from loopscope.analysis.memory import (
+    decodability,
+    filler_fixed_point,
+    memory_drift,
+    memory_spectrum,
+    memory_transplant,
+)
+from loopscope.analysis.solvers import (
+    LM,
+    AdamQ,
+    Anderson,
+    Broyden,
+    NewtonKrylov,
+    Picard,
+    SolverConfig,
+    SolveResult,
+    solve,
+)
+from loopscope.analysis.spectra import RayleighEstimate, Spectrum, power_iteration_rho, spectrum
+from loopscope.analysis.stats import block_bootstrap_ci, bootstrap_mean_ci, wilson_ci
 
-_EXPORTS = {
-    "LoopMap": "loopmap",
-    "metrics": "convergence",
-    "Metrics": "convergence",
-    "calibration": "convergence",
-    "layer_metrics": "convergence",
-    "halting": "halting",
-    "solve": "solvers",
-    "SolveResult": "solvers",
-    "SolverConfig": "solvers",
-    "Picard": "solvers",
-    "Anderson": "solvers",
-    "Broyden": "solvers",
-    "NewtonKrylov": "solvers",
-    "LM": "solvers",
-    "AdamQ": "solvers",
-    "Capture": "fixed_point_capture",
-    "Sensitivity": "fixed_points",
-    "RayleighEstimate": "spectra",
-    "find_fixed_points": "fixed_points",
-    "FixedPointCensus": "fixed_points",
-    "input_sensitivity": "fixed_points",
-    "spectrum": "spectra",
-    "power_iteration_rho": "spectra",
-    "Spectrum": "spectra",
-    "lyapunov": "lyapunov_qr",
-    "LyapunovResult": "lyapunov_qr",
-    "detect_cycle": "cycles",
-    "classify": "cycles",
-    "basins": "attractors",
-    "path_independence": "attractors",
-    "compare_splits": "attractors",
-    "BasinResult": "attractors",
-    "hierarchical": "hierarchy",
-    "HierarchicalResult": "hierarchy",
-    "participation_ratio": "hierarchy",
-    "verdict": "evidence",
-    "Verdict": "evidence",
-    "confident_wrong": "evidence",
-    "memory_drift": "memory",
-    "memory_spectrum": "memory",
-    "filler_fixed_point": "memory",
-    "decodability": "memory",
-    "memory_transplant": "memory",
-    "logit_lens": "lens",
-    "LogitLensResult": "lens",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        module = importlib.import_module(f"loopscope.analysis.{_EXPORTS[name]}")
-        # a module and its main function never share a name here (a submodule import would
-        # shadow the function on the package), so modules are exported only as themselves
-        return getattr(module, name) if hasattr(module, name) else module
-    raise AttributeError(f"module 'loopscope.analysis' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return __all__
+__all__ = [
+    "AdamQ",
+    "Anderson",
+    "BasinResult",
+    "Broyden",
+    "Calibration",
+    "Capture",
+    "ConfidentWrong",
+    "CycleClasses",
+    "CycleResult",
+    "FixedPointCensus",
+    "HierarchicalResult",
+    "LM",
+    "LayerMetrics",
+    "LogitLensResult",
+    "LoopMap",
+    "LyapunovResult",
+    "Metrics",
+    "NewtonKrylov",
+    "PathIndependenceResult",
+    "Picard",
+    "RayleighEstimate",
+    "Sensitivity",
+    "SolveResult",
+    "SolverConfig",
+    "Spectrum",
+    "SplitComparison",
+    "Verdict",
+    "basins",
+    "block_bootstrap_ci",
+    "bootstrap_mean_ci",
+    "calibration",
+    "classify",
+    "compare_splits",
+    "confident_wrong",
+    "decodability",
+    "detect_cycle",
+    "filler_fixed_point",
+    "find_fixed_points",
+    "halting",
+    "hierarchical",
+    "input_sensitivity",
+    "is_chaotic",
+    "layer_metrics",
+    "logit_lens",
+    "lyapunov",
+    "memory_drift",
+    "memory_spectrum",
+    "memory_transplant",
+    "metrics",
+    "participation_ratio",
+    "path_independence",
+    "power_iteration_rho",
+    "solve",
+    "spectrum",
+    "wilson_ci",
+]

@@ -44,12 +44,10 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -60,33 +58,18 @@ from torch import Tensor
 from loopscope.analysis.loopmap import LoopMap
 from loopscope.analysis.solvers import METHODS, solve_map, solver_config
 from loopscope.analysis.spectra import spectrum_map
-from loopscope.core.errors import LoopscopeError, check_positive_int, reject_unknown_kwargs
+from loopscope.core.errors import (
+    LoopscopeError,
+    UnknownOptionError,
+    check_positive_int,
+    suggest,
+)
 from loopscope.core.loop import Loop, batch_size_of
+from loopscope.core.result import Result, float_summary
 
 __all__ = ["hierarchical", "HierarchicalResult", "participation_ratio"]
 
 STATES = ("z_H", "z_L")
-
-_OPTIONS = (
-    "method",
-    "tol",
-    "max_iter",
-    "solver_options",
-    "start",
-    "fixed_points",
-    "spectrum",
-    "k",
-    "sigma",
-    "fast_steps",
-    "inner_steps",
-    "reach_tol",
-    "pr_over",
-    "init",
-    "seed",
-    "dtype",
-    "meta",
-)
-
 
 # ---------------------------------------------------------------------------------------------
 # participation ratio
@@ -125,8 +108,8 @@ def participation_ratio(X: Tensor | np.ndarray) -> float:
 # result
 
 
-@dataclass
-class HierarchicalResult:
+@dataclass(kw_only=True, repr=False)
+class HierarchicalResult(Result):
     """Output of :func:`hierarchical` (``N`` cycles, ``B`` samples, ``S`` fast steps per cycle).
 
     Attributes:
@@ -164,11 +147,26 @@ class HierarchicalResult:
     spectra: pd.DataFrame
     states: Tensor
     fixed_points: Tensor
-    meta: dict[str, Any] = field(default_factory=dict)
 
     def to_frame(self) -> pd.DataFrame:
         """The per-(cycle, sample) table :attr:`cycles`."""
-        return self.cycles
+        return self.cycles.copy()
+
+    def summary(self) -> dict[str, float]:
+        """Over every (cycle, sample): fractions finite / converged / reached, median rho and
+        distance of the model's z_L from z_L* at the end of the cycle."""
+        c = self.cycles
+        fin = c[c["state_finite"]]
+        return float_summary(
+            {
+                "n_cycles": c["cycle"].nunique(),
+                "frac_finite": float(c["state_finite"].mean()),
+                "frac_converged": float(c["converged"].mean()),
+                "frac_reached": float(c["reached"].mean()),
+                "rho_median": float(fin["rho"].median()),
+                "dist_end_rel_median": float(fin["dist_end_rel"].median()),
+            }
+        )
 
     def residual_summary(self, quantiles: tuple[float, float] = (0.25, 0.75)) -> pd.DataFrame:
         """Median and quantiles of ``rel_change`` (and ``dist_fp_rel``) over finite samples, one row
@@ -186,7 +184,7 @@ class HierarchicalResult:
         out["in_model"] = g["in_model"].all()
         return out.reset_index().assign(q_low_at=lo, q_high_at=hi)
 
-    def summary(self) -> pd.DataFrame:
+    def per_cycle(self) -> pd.DataFrame:
         """One row per cycle: fractions converged / reached / stable, medians of rho, distances,
         residuals and contraction, slow relative changes, participation ratios."""
         rows = []
@@ -256,25 +254,15 @@ def _inner_steps_of(model: Any) -> int | None:
 
 
 def _resolve(model: Any, dtype: torch.dtype, inner_steps: int | None) -> _Hier:
-    """The slow loop, ``z_H -> fast loop``, inner step count, in the analysis dtype."""
-    from loopscope.models.hrm_text import HrmTextLoops, hrm_text_loop
+    """The slow loop, ``z_H -> fast loop``, inner step count, in the analysis dtype.
 
-    if not isinstance(model, (HrmTextLoops, Loop)) and hasattr(model, "original_model"):
-        model = hrm_text_loop(model)  # a TransformerBridge (raises if not HRM-Text)
-    if isinstance(model, HrmTextLoops):
-        bridge = model.bridge
-        if _param_dtype(bridge) not in (None, dtype):
-            with contextlib.redirect_stdout(io.StringIO()):  # TL prints the dtype change
-                bridge = copy.deepcopy(bridge).to(dtype)
-            model = hrm_text_loop(bridge)
-        cfg = model.slow.hf.config
-        return _Hier(
-            model.slow,
-            model.fast_at,
-            inner_steps or int(cfg.L_cycles),
-            int(cfg.H_cycles),
-            "hrm_text",
-        )
+    A model adapter that is not one Loop (e.g. ``hrm_text_loop(bridge)``) provides
+    ``hierarchical_parts(dtype) -> (slow, fast_at, L, H_cycles or None, name)``.
+    """
+    parts = getattr(model, "hierarchical_parts", None)
+    if callable(parts):
+        slow, fast_at, L, n_slow, name = parts(dtype)
+        return _Hier(slow, fast_at, inner_steps or int(L), n_slow, str(name))
     if isinstance(model, Loop) and callable(getattr(model, "fast_loop", None)):
         L = inner_steps or _inner_steps_of(model)
         if L is None:
@@ -291,8 +279,8 @@ def _resolve(model: Any, dtype: torch.dtype, inner_steps: int | None) -> _Hier:
         return _Hier(slow, model.fast_loop, int(L), None, str(name))
     raise LoopscopeError(
         "hierarchical() needs a two-state hierarchical model (HierarchicalLoopedTransformer, "
-        "hrm_text_loop(bridge) / an HRM-Text TransformerBridge, or a Loop with state [B, 2, ...] "
-        f"and a fast_loop(z_H) method), got {type(model).__name__}"
+        "hrm_text_loop(bridge) for an HRM-Text TransformerBridge, or a Loop with state "
+        f"[B, 2, ...] and a fast_loop(z_H) method), got {type(model).__name__}"
     )
 
 
@@ -587,45 +575,86 @@ def _pr_rows(S: Tensor, zstars: Tensor, pr_over: str) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _unknown_option_wording(fn: Any) -> Any:
+    """Like :func:`~loopscope.core.errors.did_you_mean`, worded "unknown option"."""
+    import functools
+    import inspect
+
+    names = list(inspect.signature(fn).parameters)
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        for key in kwargs:
+            if key not in names:
+                raise UnknownOptionError(
+                    f"{fn.__name__}() got an unknown option {key!r}{suggest(key, names)}"
+                )
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@_unknown_option_wording
 def hierarchical(
-    model: Any, inputs: Any, n_cycles: int | None = None, **options: Any
+    model: Any,
+    inputs: Any,
+    n_cycles: int | None = None,
+    *,
+    method: str = "auto",
+    tol: float | None = None,
+    max_iter: int = 200,
+    solver_options: dict[str, Any] | None = None,
+    start: str = "end",
+    fixed_points: bool = True,
+    spectrum: str = "auto",
+    k: int = 6,
+    sigma: bool = False,
+    fast_steps: int | None = None,
+    inner_steps: int | None = None,
+    reach_tol: float = 1e-3,
+    pr_over: str = "tokens",
+    init: Tensor | None = None,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float64,
+    meta: dict[str, Any] | None = None,
 ) -> HierarchicalResult:
     """Fast-loop fixed points and spectra inside each slow cycle, residual curves across cycles
     and inner steps, participation ratio of each state (see the module docstring).
 
     Args:
-        model: a hierarchical model: ``HierarchicalLoopedTransformer`` (HRM/TRM), ``HrmTextLoops``
-            or an HRM-Text ``TransformerBridge``, or a Loop following the protocol in the module
-            docstring. Never mutated (the analysis dtype runs on a deep copy).
+        model: a hierarchical model: ``HierarchicalLoopedTransformer`` (HRM/TRM),
+            ``hrm_text_loop(bridge)`` (any adapter with ``hierarchical_parts(dtype)``), or a Loop
+            following the protocol in the module docstring. Never mutated (the analysis dtype
+            runs on a deep copy).
         inputs: what the slow loop's ``encode`` takes (token ids ``[B, pos]``).
-        n_cycles: slow cycles ``N`` to unroll (default: the model's own ``H_cycles`` for HRM-Text,
-            else 8).
-
-    Keyword options:
-        method, tol, max_iter, solver_options: fast fixed-point solver (``"auto"``; tol on the
-            relative residual, default 1e-10 in float64 / 1e-5 in float32; 200; extra
-            :func:`~loopscope.analysis.solve` options as a dict).
-        start: solver seed, ``"end"`` (the model's z_L after its inner loop; default) or
-            ``"start"`` (z_L entering the cycle).
-        fixed_points: solve and take spectra (True); False gives only the curves and PRs.
-        spectrum, k, sigma: Jacobian spectrum at z_L*: ``"auto"`` (dense for n ≤ 2048, else
-            ARPACK) | ``"dense"`` | ``"arpack"`` | ``"none"``; eigenvalues kept (6); also
-            sigma_max (False).
-        fast_steps: fast steps recorded per cycle for the residual curves (default the model's
-            L; more continues the inner loop past what the model does, marked ``in_model``).
-        inner_steps: the model's fast steps per slow step L (default from the model).
-        reach_tol: ``dist_end_rel`` at or below which the inner loop "reached" z_L* (1e-3).
+        n_cycles: slow cycles ``N`` to unroll (None: the model's own ``H_cycles`` where it has
+            one, else 8).
+        method: fast fixed-point solver (see :func:`~loopscope.analysis.solve`).
+        tol: solver tolerance on the relative residual (None: 1e-10 in float64, 1e-5 in float32).
+        max_iter: solver iterations.
+        solver_options: extra solver options as a dict (e.g. ``{"m": 5}`` for Anderson).
+        start: solver seed, ``"end"`` (the model's z_L after its inner loop) or ``"start"`` (z_L
+            entering the cycle).
+        fixed_points: solve and take spectra; False gives only the curves and PRs.
+        spectrum: Jacobian spectrum at z_L*: ``"auto"`` (dense for n ≤ 2048, else ARPACK) |
+            ``"dense"`` | ``"arpack"`` | ``"none"``.
+        k: eigenvalues kept.
+        sigma: also sigma_max.
+        fast_steps: fast steps recorded per cycle for the residual curves (None: the model's L;
+            more continues the inner loop past what the model does, marked ``in_model``).
+        inner_steps: the model's fast steps per slow step L (None: from the model).
+        reach_tol: ``dist_end_rel`` at or below which the inner loop "reached" z_L*.
         pr_over: participation ratio over ``"tokens"`` (rows = samples × positions, features =
-            d; default) or ``"samples"`` (rows = samples, features = the flattened state).
-        init: start state ``[B, 2, *z]`` (default the model's init with generator ``seed``).
-        seed: seed of the init generator (0).
-        dtype: analysis dtype (float64).
+            d) or ``"samples"`` (rows = samples, features = the flattened state).
+        init: start state ``[B, 2, *z]`` (None: the model's init with generator ``seed``).
+        seed: seed of the init generator.
+        dtype: analysis dtype (torch.float64 or torch.float32).
         meta: dict stored in ``result.meta`` (e.g. ``{"split": "ood"}``).
 
     Returns:
         :class:`HierarchicalResult` with ``cycles`` (N·B rows), ``residuals`` (long),
         ``participation`` ((N+1)·2 + N rows), ``spectra``, ``states [N+1, B, 2, *z]``,
-        ``fixed_points [N, B, *z]``.
+        ``fixed_points [N, B, *z]``; ``per_cycle()`` is the one-row-per-cycle table.
 
     Raises:
         LoopscopeError: a non-hierarchical model, ``n_cycles < 1``, an unknown option or a bad
@@ -638,32 +667,29 @@ def hierarchical(
         >>> res = hierarchical(zoo.load("sudoku4_hrm"), b.tokens, 3)        # doctest: +SKIP
         >>> res.cycles[["cycle", "sample", "status", "rho", "dist_end_rel", "reached"]]  # doctest: +SKIP
     """
-    reject_unknown_kwargs("hierarchical", options, _OPTIONS)
     if n_cycles is not None:
         check_positive_int("n_cycles", n_cycles)
-    dtype = options.get("dtype", torch.float64)
     if dtype not in (torch.float64, torch.float32):
         raise LoopscopeError(f"dtype must be torch.float64 or torch.float32, got {dtype!r}")
-    o = {
-        "method": "auto",
-        "tol": None,
-        "max_iter": 200,
-        "solver_options": {},
-        "start": "end",
-        "fixed_points": True,
-        "spectrum": "auto",
-        "k": 6,
-        "sigma": False,
-        "fast_steps": None,
-        "inner_steps": None,
-        "reach_tol": 1e-3,
-        "pr_over": "tokens",
-        "init": None,
-        "seed": 0,
-        "dtype": dtype,
-        "meta": None,
-    }
-    o.update(options)
+    o = dict(
+        method=method,
+        tol=tol,
+        max_iter=max_iter,
+        solver_options=solver_options or {},
+        start=start,
+        fixed_points=fixed_points,
+        spectrum=spectrum,
+        k=k,
+        sigma=sigma,
+        fast_steps=fast_steps,
+        inner_steps=inner_steps,
+        reach_tol=reach_tol,
+        pr_over=pr_over,
+        init=init,
+        seed=seed,
+        dtype=dtype,
+        meta=meta,
+    )
     o = _check_options(o, dtype)
     h = _resolve(model, dtype, o["inner_steps"])
     N = n_cycles if n_cycles is not None else (h.n_slow or 8)

@@ -264,7 +264,7 @@ def test_sudoku4_hrm_runs_finite_with_the_documented_frames(sudoku):
     assert set(pr["state"]) == {"z_H", "z_L", "z_L*"}
     later = pr[pr["cycle"] >= 1]  # cycle 0 is the fixed init: zero covariance -> NaN
     assert ((later["participation_ratio"] >= 1) & (later["participation_ratio"] <= 64)).all()
-    summ = res.summary()
+    summ = res.per_cycle()
     assert len(summ) == N and {"rho_median", "frac_reached", "pr_z_H", "pr_z_L"} <= set(summ)
     # a converged z_L* is a fixed point of the model's own fast loop (z_H held at its cycle value)
     m64 = copy.deepcopy(model).double()
@@ -314,7 +314,9 @@ def test_tiny_hrm_text_bridge_runs_and_follows_the_slow_loop():
     hf, tok = build_tiny_hrm_text(seed=0)
     bridge = bridge_hrm_text(hf, tok)
     ids = torch.randint(0, 60, (2, 6), generator=torch.Generator().manual_seed(1))
-    res = hierarchical(bridge, ids, fast_steps=6)  # n_cycles: HRM-Text's own H_cycles (3)
+    res = hierarchical(
+        hrm_text_loop(bridge), ids, fast_steps=6
+    )  # n_cycles: HRM-Text's own H_cycles (3)
     assert res.meta["n_cycles"] == 3 and res.meta["inner_steps"] == 4
     assert next(hf.parameters()).dtype == torch.float32  # not converted in place
     cyc = res.cycles

@@ -9,7 +9,8 @@ import torch
 
 import loopscope as ls
 from loopscope import tasks
-from loopscope.analysis import confident_wrong, verdict
+from loopscope.analysis import confident_wrong
+from loopscope.experiments.verdict import verdict
 
 
 class CarryLoop(ls.Loop):
@@ -71,7 +72,7 @@ def test_lookup_loop_reads_memorized_and_confidently_wrong():
     assert basin.loc["ood", "supports"] == expected
     batch = task.sample(64, "ood", seed=0)
     tr = ls.unroll(CarryLoop(lookup=True), batch.tokens, 40, decode=True)
-    cw = confident_wrong(tr, batch.targets)
+    cw = confident_wrong(tr, batch.targets).summary()
     assert cw["n_wrong"] > 0 and cw["settled_given_wrong"] == 1.0  # wrong AND converged
 
 

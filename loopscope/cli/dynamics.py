@@ -115,8 +115,8 @@ def verdict(
 
     Example: loopscope verdict addition_conv --n 64
     """
-    from loopscope.analysis import verdict as run_verdict
     from loopscope.core.io import atomic_write_text
+    from loopscope.experiments.verdict import verdict as run_verdict
 
     m, t = model_and_task(model, task)
     df = run_verdict(m, t, n=n, seed=seed, n_basin=n_basin, n_probe=n_probe).to_frame()

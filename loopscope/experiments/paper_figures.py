@@ -343,7 +343,7 @@ def fig_hierarchical(ctx: PaperContext):
                     )
                 )
             # does the model's inner loop reach the fast fixed point within a cycle?
-            for r in res.summary().itertuples():
+            for r in res.per_cycle().itertuples():
                 for loop, value in (
                     ("fixed_point", r.dist_end_rel_median),
                     ("fixed_point_reached", r.frac_reached),
@@ -546,7 +546,7 @@ VERDICT_MODELS = (
 
 def fig_verdict(ctx: PaperContext):
     from loopscope import zoo
-    from loopscope.analysis import verdict
+    from loopscope.experiments.verdict import verdict
 
     frames = []
     for name in VERDICT_MODELS:

@@ -575,8 +575,8 @@ def _dynamics(model: Any, b: Any, T: int, cfg: SelfImproveConfig, seed: int) -> 
     tok, tgt = b.tokens[: cfg.n_dynamics], b.targets[: cfg.n_dynamics]
     tr = unroll(model, tok, n_iter=T, seed=seed, decode=True)
     conv = metrics(tr, p_max=2, tol=cfg.tol).summary()
-    classes = classify(tr, p_max=8)["class"].astype(str)
-    cw = confident_wrong(tr, targets=tgt, tol=cfg.tol)
+    classes = classify(tr, p_max=8).to_frame()["class"].astype(str)
+    cw = confident_wrong(tr, targets=tgt, tol=cfg.tol).summary()
     out = dict(
         converged_fraction=conv["converged_fraction"],
         t_conv_mean=conv["t_conv_mean"],

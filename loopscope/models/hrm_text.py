@@ -264,6 +264,21 @@ class HrmTextLoops:
         """The fast loop with the slow state held at ``z_H`` (e.g. ``trace.states[h][:, 0]``)."""
         return HrmTextFastLoop(self.bridge, z_H)
 
+    def hierarchical_parts(self, dtype: torch.dtype) -> tuple[Any, Any, int, int, str]:
+        """``(slow loop, z_H -> fast loop, L_cycles, H_cycles, name)`` in ``dtype`` for
+        :func:`loopscope.analysis.hierarchical` (a deep copy when the dtype differs)."""
+        import contextlib
+        import copy
+        import io
+
+        loops = self
+        p = next((q for q in self.bridge.parameters() if q.is_floating_point()), None)
+        if p is not None and p.dtype != dtype:
+            with contextlib.redirect_stdout(io.StringIO()):  # TL prints the dtype change
+                loops = hrm_text_loop(copy.deepcopy(self.bridge).to(dtype))
+        cfg = loops.slow.hf.config
+        return loops.slow, loops.fast_at, int(cfg.L_cycles), int(cfg.H_cycles), "hrm_text"
+
 
 def hrm_text_loop(bridge: Any) -> HrmTextLoops:
     """Expose a bridged HRM-Text model as Loops (see module docstring)."""
