@@ -3,8 +3,10 @@ associative recall), does the memory hold the item, and for how many blocks?
 
 Four panels of evidence, each from :mod:`loopscope.analysis.memory`:
 
-* ``accuracy``: answer accuracy per split (ID and 2x / 4x / 16x filler blocks) and, on the
-  longest split, by the number of blocks between the item and the query;
+* ``accuracy``: answer accuracy per split (ID and 2x / 4x / 16x filler blocks), also with the
+  end memory recentred on the first split's mean (removes a drift common to every sequence of
+  that length: does the readout fail on the item or on the drift?) and, on the longest split,
+  by the number of blocks between the item and the query;
 * ``decodability``: linear-probe accuracy for the item from the memory k updates after it was
   written (the longest split);
 * ``long``: ``[item block, n_long random filler blocks, query block]``: memory norm drift, and
@@ -109,13 +111,28 @@ def _answers(loop: Loop, tokens: torch.Tensor, targets: torch.Tensor, T: int) ->
 
 
 def _accuracy(loop: Loop, task: Any, splits: list[str], n: int, seed: int) -> tuple:
-    rows, last = [], None
+    """Answer accuracy per split, and with the end memory recentred: ``M_T - mean_B(M_T) +
+    mean_B(M_T of the first split)`` (a length-wide drift common to all sequences removed)."""
+    rows, last, ref = [], None, None
     for sp in splits:
         b = task.sample(n, sp, seed=seed)
         T = b.meta["n_context"]
         tr = unroll(loop, b.tokens, T, decode=True)
         ok = sequence_correct(tr.logits[-1].argmax(-1), b.targets)
-        rows.append({"split": sp, "n_context": T, "accuracy": float(ok.float().mean()), "n": n})
+        end = tr.states[-1]
+        ref = end.mean(0, keepdim=True) if ref is None else ref
+        with torch.no_grad():
+            lg = loop.decode(end - end.mean(0, keepdim=True) + ref, tr.ctx)
+        ok_c = sequence_correct(lg.argmax(-1), b.targets)
+        rows.append(
+            {
+                "split": sp,
+                "n_context": T,
+                "accuracy": float(ok.float().mean()),
+                "accuracy_recentred": float(ok_c.float().mean()),
+                "n": n,
+            }
+        )
         last = (b, tr, ok)
     b, tr, ok = last
     dist = pd.DataFrame({"updates_since": b.intermediates["updates_since"].numpy(), "ok": ok})
@@ -184,6 +201,7 @@ def memory_study(
     spec["at_fixed_point"] = conv.numpy()[spec["sample"].to_numpy()]
     ds = M.DecodabilityResult(frame=dec, chance=float(torch.bincount(item).max()) / len(item))
     head: dict[str, Any] = {f"{r.split}/accuracy": r.accuracy for r in acc.itertuples()}
+    head.update({f"{r.split}/accuracy_recentred": r.accuracy_recentred for r in acc.itertuples()})
     head.update({f"drift_{k}": v for k, v in drift.summary().items()})
     head.update({f"decode_{k}": v for k, v in ds.summary().items()})
     head.update({f"fixed_point_{k}": v for k, v in fp.summary().items()})
