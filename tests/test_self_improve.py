@@ -265,3 +265,36 @@ def test_cli_quick_writes_table_summary_and_figures(capsys, tmp_path):
     assert len(f) == (cfg.rounds + 1) * cfg.max_digits
     for name in ("accuracy", "fixed_points", "labels", "panels"):
         assert (tmp_path / f"{name}.png").stat().st_size > 0
+
+
+def test_label_noise_corrupts_exactly_the_kept_labels_from_its_round(tiny_run):
+    from loopscope.experiments.self_improve import _label
+
+    cfg = tiny(noise="perturb", noise_rate=1.0, noise_from_round=2, vote_threshold=0.5)
+    _, before = _label(tiny_run.models, cfg, 1)
+    data, after = _label(tiny_run.models, cfg, 2)
+    assert before[0]["noise_hit"] == 0.0
+    assert after[0]["noise_hit"] == 1.0 and after[0]["kept_label_error"] == 1.0
+    tokens, labels = data[4]
+    assert len(tokens) == len(labels) == after[0]["n_kept"] > 0
+
+
+def test_mixture_draws_the_newest_round_half_the_time_and_old_data_by_difficulty_levels():
+    from loopscope.experiments.self_improve import _batch
+
+    cfg = tiny(d0=2, rounds=3)
+    # self-labelled lengths 3 (round 1), 4 (round 2), 5 (round 3, the newest), marked by token value
+    data = {
+        D: (torch.full((4, D + 1), D), torch.zeros(4, D + 1, dtype=torch.long)) for D in (3, 4, 5)
+    }
+    counts = {"truth": 0, 3: 0, 4: 0, 5: 0}
+    for s in range(2000):
+        g = torch.Generator().manual_seed(s)
+        b = _batch(cfg, data, 3, g, seed=s)
+        D = b.tokens.shape[1] - 1
+        counts[D if D in data and bool((b.tokens == D).all()) else "truth"] += 1
+    share = {k: v / 2000 for k, v in counts.items()}
+    # newest 0.5; the other half split 2 : 1 : 1 (round 0 has d0 = 2 difficulty levels)
+    assert abs(share[5] - 0.5) < 0.04
+    assert abs(share["truth"] - 0.25) < 0.03
+    assert abs(share[3] - 0.125) < 0.025 and abs(share[4] - 0.125) < 0.025
