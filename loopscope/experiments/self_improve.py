@@ -161,6 +161,7 @@ class SelfImproveConfig:
         return list(range(self.digits(r - 1) + 1, self.digits(r) + 1)) if r >= 1 else []
 
     def to_dict(self) -> dict[str, Any]:
+        """The settings as a JSON-ready dict (saved with every round checkpoint)."""
         return dataclasses.asdict(self)
 
     @classmethod
@@ -323,6 +324,7 @@ class SelfImproveResult(Result):
     models: list = dataclasses.field(default_factory=list)
 
     def to_frame(self) -> pd.DataFrame:
+        """The table: one row per (round, length), columns as in the class docstring."""
         return tidy(self.frame.copy())
 
     def frontier(self, threshold: float = 0.99) -> pd.Series:
@@ -330,6 +332,9 @@ class SelfImproveResult(Result):
         return frontier(self.frame, threshold=threshold)
 
     def summary(self) -> dict[str, float]:
+        """Headlines: the frontier at round 0 and at the end (and its gain per round), accuracy
+        at the longest length, mean label error / kept-label error / filter yield, and the final
+        round's mean confidently-wrong share."""
         f = self.frame
         fr = self.frontier()
         last = f[f["round"] == f["round"].max()]
