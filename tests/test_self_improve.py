@@ -298,3 +298,12 @@ def test_mixture_draws_the_newest_round_half_the_time_and_old_data_by_difficulty
     assert abs(share[5] - 0.5) < 0.04
     assert abs(share["truth"] - 0.25) < 0.03
     assert abs(share[3] - 0.125) < 0.025 and abs(share[4] - 0.125) < 0.025
+
+
+def test_a_misspelt_keyword_names_its_neighbour():
+    from loopscope.core.errors import UnknownOptionError
+
+    with pytest.raises(UnknownOptionError, match="did you mean: run_dir"):
+        self_improve(tiny(), run_dri="x")
+    with pytest.raises(UnknownOptionError, match="did you mean: threshold"):
+        majority_vote(torch.zeros(3, 1, 2, dtype=torch.long), threshhold=0.5)
