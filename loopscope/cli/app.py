@@ -37,13 +37,14 @@ def _fail(msg: str, code: int = 2) -> None:
 
 
 def resolve_model(model: str):
-    """A zoo name or a checkpoint directory -> a loaded model."""
+    """A zoo name, a loopscope checkpoint directory or a local HF directory -> a loaded model."""
     from loopscope import zoo
     from loopscope.models.checkpoint import load_model
+    from loopscope.models.hf import is_hf_dir, load_hf
 
     p = Path(model)
     if p.exists():
-        return load_model(p)
+        return load_hf(p) if is_hf_dir(p) else load_model(p)
     return zoo.load(model)
 
 
@@ -67,7 +68,7 @@ def parse_inputs(text: str):
 
 def model_and_task(model: str, task: str | None):
     """Load a model and its task (from the zoo card unless ``task`` is given); check they match."""
-    from loopscope import tasks, zoo
+    from loopscope import zoo
 
     m = resolve_model(model)
     if task is None:
@@ -75,13 +76,22 @@ def model_and_task(model: str, task: str | None):
             raise LoopscopeError("--task is required for a checkpoint directory")
         t = zoo.task_of(model)
     else:
-        t = tasks.get(task)
+        t = get_task(task, m)
     vocab = getattr(getattr(m, "cfg", None), "vocab_size", None)
     if vocab is not None and vocab != t.vocab_size:
         raise LoopscopeError(
             f"model {model!r} (vocab {vocab}) does not match task {t.name!r} (vocab {t.vocab_size})"
         )
     return m, t
+
+
+def get_task(name: str, model: Any = None):
+    """The task ``name``; a text task gets the model's tokenizer (``model.tokenizer``)."""
+    from loopscope import tasks
+
+    if name in tasks.text_names():
+        return tasks.get(name, tokenizer=getattr(model, "tokenizer", None))
+    return tasks.get(name)
 
 
 def split_list(text: str) -> list[str]:

@@ -76,9 +76,9 @@ def trace(
     if (inputs is None) == (task is None):
         raise LoopscopeError("give exactly one of --inputs or --task")
     if task is not None:
-        from loopscope import tasks
+        from loopscope.cli.app import get_task
 
-        tokens = tasks.get(task).sample(n, split=split, seed=seed).tokens
+        tokens = get_task(task, m).sample(n, split=split, seed=seed).tokens
     else:
         tokens = parse_inputs(inputs)
     tr = ls.unroll(
