@@ -7,8 +7,10 @@ module builds on the hook layer only (``HookPoint.add_hook``), never on TL's cac
 
 * :func:`resolve_hooks` — names, globs or a filter -> canonical hook points (aliases de-duplicated
   by identity, unknown names rejected with close-match suggestions);
-* :class:`Recorder` — appends a detached clone of every firing (no in-place corruption), optional
-  position subset, dtype and CPU offload;
+* :class:`Recorder` — copies every firing (detached, into a preallocated buffer; no in-place
+  corruption), optional position subset, dtype and CPU offload;
+* :class:`HookSession` — one run's wiring (clock, interventions, recorders), shared by
+  :func:`loopscope.core.unroll` and the HRM-Text capture;
 * :func:`count_firings` / :func:`warn_looped_hooks` — the counting pass that warns where stock TL
   caching or patching would keep only the last firing.
 """
@@ -31,6 +33,8 @@ from loopscope.core.errors import LoopedHookWarning, LoopscopeError, UnknownHook
 __all__ = [
     "resolve_hooks",
     "Recorder",
+    "HookSession",
+    "IterationClock",
     "attach",
     "count_firings",
     "warn_looped_hooks",
@@ -54,7 +58,9 @@ def pos_dim_of(hp: HookPoint) -> int:
     return 1 if pd_ is None else int(pd_)
 
 
-def resolve_hooks(model: Any, selection: Any) -> tuple[dict[str, HookPoint], dict[str, str]]:
+def resolve_hooks(
+    model: Any, selection: Any, what: str = "hook selection"
+) -> tuple[dict[str, HookPoint], dict[str, str]]:
     """Resolve a hook selection to ``({canonical_name: HookPoint}, {alias: canonical})``.
 
     ``selection``: None/False/[] (nothing), True or "all" (every hook point), a name, a glob
@@ -63,6 +69,15 @@ def resolve_hooks(model: Any, selection: Any) -> tuple[dict[str, HookPoint], dic
     identity so each physical point is recorded once per firing.
     """
     hd = _hook_dict(model)
+    if not (
+        selection is None
+        or isinstance(selection, (bool, str, list, tuple, set, frozenset))
+        or callable(selection)
+    ):
+        raise LoopscopeError(
+            f"{what} must be a hook name, a glob, a list of names, a filter callable or True, "
+            f"got {type(selection).__name__} {selection!r}"[:200]
+        )
     if selection is None or selection is False:
         return {}, {}
     if selection is True or (isinstance(selection, str) and selection == "all"):
@@ -74,7 +89,7 @@ def resolve_hooks(model: Any, selection: Any) -> tuple[dict[str, HookPoint], dic
         names = []
         for item in items:
             if not isinstance(item, str):
-                raise LoopscopeError(f"hook selection items must be strings, got {item!r}")
+                raise LoopscopeError(f"{what} items must be hook names, got {item!r}")
             if any(c in item for c in "*?["):
                 hits = fnmatch.filter(hd, item)
                 if not hits:
@@ -104,65 +119,259 @@ def resolve_hooks(model: Any, selection: Any) -> tuple[dict[str, HookPoint], dic
 
 
 class Recorder:
-    """Appends every forward firing of one hook point with its label.
+    """Keeps a detached copy of every forward firing of one hook point, with its label.
+
+    Firings are copied into a preallocated ``[capacity, ...]`` buffer once :meth:`reserve` has
+    sized it (one copy per firing, no stacking at the end); before that, and for firings that do
+    not fit it (a different shape or dtype, more firings than reserved), each is kept as its own
+    copy. The copy is taken before the model can write into the activation in place (a model
+    doing ``x += ...`` after the hook cannot rewrite what was recorded).
 
     Args:
         name: canonical hook name (bound here, not read from ``hook.name``, which is the alias in
             TL compatibility mode).
-        label_fn: ``() -> tuple`` giving the current firing's label (the loop clock).
         positions: optional index into the position axis to keep.
-        offload: device to move records to (e.g. ``"cpu"``), or None to keep them in place.
+        pos_dim: the position axis of this hook's activation.
+        offload: device to keep records on (e.g. ``"cpu"``), or None to keep them in place.
         dtype: optional storage dtype.
     """
 
     def __init__(
         self,
         name: str,
-        label_fn: Callable[[], tuple],
+        *,
         positions: Any = None,
         pos_dim: int = 1,
         offload: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         self.name = name
-        self.label_fn = label_fn
         self.positions = positions
         self.pos_dim = pos_dim
         self.offload = offload
         self.dtype = dtype
-        self.values: list[Tensor] = []
         self.labels: list[tuple] = []
-        self.requires_grad: list[bool] = []
+        self.buf: Tensor | None = None  # [capacity, ...]: firings 0 .. n-1
+        self.n = 0
+        self.extra: list[Tensor] = []  # firings after the buffer's, each its own copy
 
-    def __call__(self, x: Tensor, hook: HookPoint) -> None:
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def _select(self, x: Tensor) -> Tensor:
         v = x.detach()
         if self.positions is not None and v.dim() > self.pos_dim:
             index: list[Any] = [slice(None)] * v.dim()
             index[self.pos_dim] = self.positions
             v = v[tuple(index)]
+        return v
+
+    def record(self, x: Tensor, label: tuple) -> None:
+        """Copy firing ``x`` (``[B, ...]``) with ``label``."""
+        v = self._select(x)
+        buf = self.buf
+        if (
+            buf is not None
+            and not self.extra
+            and self.n < buf.shape[0]
+            and v.shape == buf.shape[1:]
+            and (self.dtype is not None or v.dtype == buf.dtype)
+        ):
+            buf[self.n].copy_(v)
+            self.n += 1
+        else:
+            self.extra.append(self._copy(v, x))
+        self.labels.append(label)
+
+    def _copy(self, v: Tensor, x: Tensor) -> Tensor:
         if self.dtype is not None:
             v = v.to(self.dtype)
         if self.offload is not None:
             v = v.to(self.offload)
-        # clone: detach() shares storage, and a model doing `x += ...` after the hook would
-        # otherwise rewrite what we recorded (capture.md pitfall 4).
         shares = v.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
-        self.values.append(v.clone() if shares else v)
-        self.labels.append(self.label_fn())
-        self.requires_grad.append(bool(x.requires_grad))
-        return None
+        return v.clone() if shares else v
+
+    @property
+    def firing_bytes(self) -> int:
+        """Bytes one stored firing takes (0 before the first firing)."""
+        first = self.extra[0] if self.extra else self.buf[0] if self.buf is not None else None
+        return 0 if first is None else first.numel() * first.element_size()
 
     @property
     def nbytes(self) -> int:
-        return sum(v.numel() * v.element_size() for v in self.values)
+        return self.firing_bytes * len(self)
+
+    def reserve(self, capacity: int) -> None:
+        """Preallocate room for ``capacity`` firings (the firings so far move into it)."""
+        if self.buf is not None or not self.extra or capacity <= len(self.extra):
+            return
+        first = self.extra[0]
+        if any(v.shape != first.shape or v.dtype != first.dtype for v in self.extra):
+            return  # varying firings: keep them apart (stacked() names the problem)
+        self.buf = torch.empty((capacity, *first.shape), dtype=first.dtype, device=first.device)
+        for i, v in enumerate(self.extra):
+            self.buf[i].copy_(v)
+        self.n, self.extra = len(self.extra), []
 
     def stacked(self) -> Tensor:
-        if not self.values:
+        """Every firing ``[n_firings, B, ...]`` (a view of the buffer when nothing overflowed)."""
+        if not self.labels:
             raise LoopscopeError(f"hook {self.name!r} never fired")
-        shapes = {tuple(v.shape) for v in self.values}
+        parts = [] if self.buf is None else [self.buf[: self.n]]
+        if not self.extra:
+            return parts[0]
+        shapes = {tuple(v.shape) for v in self.extra} | {tuple(p.shape[1:]) for p in parts}
         if len(shapes) > 1:
             raise LoopscopeError(f"hook {self.name!r} fired with varying shapes {sorted(shapes)}")
-        return torch.stack(self.values)
+        return torch.cat(parts + [torch.stack(self.extra)])
+
+
+class IterationClock:
+    """Labels firings ``(iteration, k)``: ``k`` counts a hook's firings within the iteration.
+
+    ``advance(t)`` starts iteration ``t``; ``unroll`` runs ``init_state`` at :data:`INIT`
+    (``-1``), so its firings never collide with step 0's (``encode`` firings are iteration 0).
+    """
+
+    INIT = -1
+
+    def __init__(self) -> None:
+        self.t = 0
+        self.counts: dict[str, int] = {}
+
+    def advance(self, t: int) -> None:
+        self.t = t
+        self.counts = {}
+
+    def tick(self, name: str) -> tuple[tuple, int]:
+        """``(label, k)`` of the firing of ``name`` happening now."""
+        k = self.counts.get(name, 0)
+        self.counts[name] = k + 1
+        return (self.t, k), k
+
+    def hooks(self, model: Any) -> list[tuple[HookPoint, Callable]]:
+        """Hooks the clock itself needs (none: ``unroll`` advances it)."""
+        return []
+
+
+class HookSession:
+    """One run's hook wiring: a clock labels each firing, interventions patch it, recorders copy it.
+
+    Each hook point gets ONE forward hook that asks the clock for the firing's label, applies the
+    interventions selecting that label, then records the value actually used downstream. Hook
+    points neither captured nor intervened on get no hook. Use as a context manager around the
+    model's forward; the hooks are removed on exit, whatever happens.
+
+    Args:
+        model: a TransformerLens ``HookedRootModule`` (a Loop, a bridge).
+        capture: hook selection to record (see :func:`resolve_hooks`).
+        interventions: interventions to apply (their ``hook`` names resolved on ``model``).
+        clock: labels firings (``tick(name) -> (label, k)``, ``hooks(model)``); default
+            :class:`IterationClock`.
+        positions: keep only these positions of recorded activations.
+        offload: device to keep records on.
+        store_dtype: storage dtype of records.
+
+    Example:
+        >>> import torch
+        >>> from loopscope import FnLoop
+        >>> loop = FnLoop(step=lambda h: 2 * h)
+        >>> s = HookSession(loop, capture="hook_state")
+        >>> with s:
+        ...     for t in range(3):
+        ...         s.clock.advance(t)
+        ...         _ = loop.hook_state(torch.ones(1, 2) * t)
+        >>> s.labels()["hook_state"]
+        [(0, 0), (1, 0), (2, 0)]
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        capture: Any = None,
+        interventions: Iterable[Any] = (),
+        clock: Any = None,
+        positions: Any = None,
+        offload: str | torch.device | None = None,
+        store_dtype: torch.dtype | None = None,
+    ) -> None:
+        self.model = model
+        self.points, self.aliases = resolve_hooks(model, capture, what="capture")
+        self.interventions = list(interventions)
+        self.iv_points, _ = resolve_hooks(model, [iv.hook for iv in self.interventions])
+        self.clock = clock if clock is not None else IterationClock()
+        self.pos_dims = {n: pos_dim_of(hp) for n, hp in {**self.iv_points, **self.points}.items()}
+        self.recorders = {
+            n: Recorder(
+                n, positions=positions, pos_dim=self.pos_dims[n], offload=offload, dtype=store_dtype
+            )
+            for n in self.points
+        }
+        self._by_point: dict[str, list[Any]] = {n: [] for n in self.iv_points}
+        for iv in self.interventions:
+            (name,) = resolve_hooks(model, [iv.hook])[0]
+            self._by_point[name].append(iv)
+        self._stack: Any = None
+
+    def name_of(self, hp: HookPoint) -> str | None:
+        """The canonical name under which hook point ``hp`` is captured or patched (or None)."""
+        for n, p in {**self.iv_points, **self.points}.items():
+            if p is hp:
+                return n
+        return None
+
+    def set_pos_dim(self, name: str, pos_dim: int) -> None:
+        """Use ``pos_dim`` as the position axis of hook ``name`` (a declared state layout)."""
+        self.pos_dims[name] = pos_dim
+        if name in self.recorders:
+            self.recorders[name].pos_dim = pos_dim
+
+    def _hook(self, name: str) -> Callable:
+        tick = self.clock.tick
+        ivs = self._by_point.get(name, [])
+        rec = self.recorders.get(name)
+        pos_dims = self.pos_dims
+
+        def fn(x: Tensor, hook: Any) -> Tensor | None:
+            label, k = tick(name)
+            out = None
+            for iv in ivs:
+                if iv.applies(label):
+                    out = iv(x if out is None else out, label, k, pos_dims[name])
+            if rec is not None:
+                rec.record(x if out is None else out, label)
+            return out
+
+        return fn
+
+    def __enter__(self) -> HookSession:
+        hooks = list(self.clock.hooks(self.model))  # the clock first: it labels what follows
+        hooks += [(hp, self._hook(n)) for n, hp in {**self.iv_points, **self.points}.items()]
+        self._stack = attach(hooks)
+        self._stack.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        stack, self._stack = self._stack, None
+        stack.__exit__(*exc)
+
+    def bytes_so_far(self) -> int:
+        """Bytes recorded so far over every captured hook."""
+        return sum(r.nbytes for r in self.recorders.values())
+
+    def reserve(self, factor: int) -> None:
+        """Size every recorder for ``factor`` times the firings it has so far (one buffer each)."""
+        for r in self.recorders.values():
+            r.reserve(len(r) * factor)
+
+    def acts(self) -> dict[str, Tensor]:
+        """``{hook: [n_firings, B, ...]}`` for every captured hook that fired."""
+        return {n: r.stacked() for n, r in self.recorders.items() if len(r)}
+
+    def labels(self) -> dict[str, list[tuple]]:
+        """``{hook: [label, ...]}`` for every captured hook that fired."""
+        return {n: list(r.labels) for n, r in self.recorders.items() if len(r)}
 
 
 @contextmanager

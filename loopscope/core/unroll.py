@@ -1,30 +1,32 @@
-"""``unroll``: the single entry to running a loop, recording every iteration."""
+"""``unroll``: the single entry to running a loop, recording every iteration.
+
+Read top to bottom: :func:`unroll` validates its arguments, opens one
+:class:`~loopscope.core.capture.HookSession` (clock, interventions, recorders), runs the prelude
+(``encode``, ``init_state``) and :func:`_iterate` (the loop itself: step, divergence guard, halting),
+then assembles the :class:`~loopscope.Trace`.
+"""
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from loopscope.core.capture import (
-    Recorder,
-    attach,
-    available_memory_bytes,
-    pos_dim_of,
-    resolve_hooks,
-)
+from loopscope.core.capture import HookSession, IterationClock, available_memory_bytes
 from loopscope.core.errors import (
     CaptureMemoryError,
     LoopscopeError,
     check_positive_int,
-    reject_unknown_kwargs,
+    check_seed,
+    did_you_mean,
 )
 from loopscope.core.interventions import Intervention
 from loopscope.core.loop import Loop
+from loopscope.core.numerics import BLOWUP, diverged, reference_norm
 from loopscope.core.trace import Trace
 
 __all__ = ["unroll", "HaltFn"]
@@ -32,79 +34,58 @@ __all__ = ["unroll", "HaltFn"]
 #: ``halt(t, h_prev, h_next, ctx) -> BoolTensor[B]``: True where a sample halts after step t.
 HaltFn = Callable[[int, Tensor, Tensor, Any], Tensor]
 
-_OPTIONS = (
-    "capture",
-    "interventions",
-    "halt",
-    "init",
-    "generator",
-    "seed",
-    "decode",
-    "grad",
-    "positions",
-    "offload",
-    "store_dtype",
-    "max_bytes",
-    "blowup",
-    "meta",
-)
 
-
-class _Clock:
-    """Loop clock: the current iteration and how often each hook fired within it."""
-
-    def __init__(self) -> None:
-        self.t = 0
-        self.counts: dict[str, int] = defaultdict(int)
-
-    def advance(self, t: int) -> None:
-        self.t = t
-        self.counts.clear()
-
-    def tick(self, name: str) -> tuple[int, int]:
-        k = self.counts[name]
-        self.counts[name] += 1
-        return (self.t, k)
-
-
-def _per_sample_bad(h: Tensor, ref_norm: Tensor, blowup: float) -> Tensor:
-    flat = h.detach().reshape(h.shape[0], -1)
-    finite = torch.isfinite(flat).all(dim=1)
-    norms = torch.where(
-        finite, flat.double().norm(dim=1), torch.zeros((), dtype=torch.float64, device=h.device)
-    )
-    return ~finite | (norms > blowup * ref_norm)
-
-
-def unroll(loop: Loop, inputs: Any, n_iter: int, **options: Any) -> Trace:
+@did_you_mean
+def unroll(
+    loop: Loop,
+    inputs: Any,
+    n_iter: int,
+    *,
+    capture: Any = None,
+    interventions: Sequence[Intervention] | Intervention | None = None,
+    halt: HaltFn | None = None,
+    init: Tensor | Callable | None = None,
+    generator: torch.Generator | None = None,
+    seed: int | None = None,
+    decode: bool = False,
+    grad: bool = False,
+    positions: Any = None,
+    offload: str | torch.device | None = None,
+    store_dtype: torch.dtype | None = None,
+    max_bytes: int | None = None,
+    blowup: float = BLOWUP,
+    meta: dict | None = None,
+) -> Trace:
     """Run ``loop`` for ``n_iter`` iterations on ``inputs``, recording every iteration.
 
     Args:
         loop: any :class:`loopscope.Loop`.
         inputs: what ``loop.encode`` takes (token ids ``[B, pos]`` for the own models).
         n_iter: number of iterations (>= 1).
-
-    Keyword options:
         capture: hook names, a glob, a list, a filter callable, or True for every hook point.
-        interventions: list of :class:`~loopscope.core.interventions.Intervention` (``Patch``, ``Add``,
-            ``Zero``, ``MeanAblate``, ``Transplant``) applied at their ``(hook, iteration)``.
+        interventions: :class:`~loopscope.core.interventions.Intervention` s (``Patch``, ``Add``,
+            ``Zero``, ``MeanAblate``, ``Transplant``; one or a list) applied at their
+            ``(hook, iteration)``.
         halt: ``halt(t, h_prev, h_next, ctx) -> BoolTensor[B]``; halted samples are frozen and the
             run stops when every sample has halted or diverged.
         init: initial state ``[B, ...]`` (or ``fn(ctx, generator)``); default ``loop.init_state``.
-        generator / seed: randomness for ``init_state`` (seed -> a fresh CPU generator).
+        generator: randomness for ``init_state``.
+        seed: seed of a fresh CPU generator for ``init_state`` (when no ``generator``).
         decode: also store ``loop.decode(h_t)`` for every t in ``trace.logits``.
         grad: run with autograd enabled (default False: ``torch.no_grad``).
         positions: keep only these positions of captured activations (memory).
         offload: device for captured activations (e.g. ``"cpu"``).
         store_dtype: dtype for captured activations.
-        max_bytes: capture budget; default half the free memory. Estimated after the first
-            iteration; over budget raises :class:`~loopscope.core.errors.CaptureMemoryError`.
+        max_bytes: memory budget for what the trace keeps (states, logits, captures); default
+            half the free memory. Over budget raises
+            :class:`~loopscope.core.errors.CaptureMemoryError` naming the way out.
         blowup: a sample whose state norm exceeds ``blowup * max(1, ||h_0||)`` (or is NaN/inf) is
             marked diverged at that iteration and frozen; the rest of the batch carries on.
         meta: dict merged into ``trace.meta`` (model, task, split, seed ...).
 
     Returns:
         :class:`~loopscope.Trace` with ``states [T+1, B, ...]`` and ``trace[hook] [T, B, ...]``.
+        Hooks fired inside ``init_state`` are labelled iteration ``-1`` (``encode``'s: ``0``).
 
     Example:
         >>> import torch
@@ -114,166 +95,202 @@ def unroll(loop: Loop, inputs: Any, n_iter: int, **options: Any) -> Trace:
         >>> round(float(tr.final[0, 0]), 4)
         0.9575
     """
-    reject_unknown_kwargs("unroll", options, _OPTIONS)
-    if not isinstance(loop, Loop):
-        raise LoopscopeError(f"unroll needs a loopscope.Loop, got {type(loop).__name__}")
-    n_iter = check_positive_int("n_iter", n_iter)
-    interventions: Sequence[Intervention] = list(options.get("interventions") or [])
-    for iv in interventions:
-        if not isinstance(iv, Intervention):
-            raise LoopscopeError(
-                f"interventions must be loopscope interventions, got {type(iv).__name__}"
-            )
-    blowup = float(options.get("blowup", 1e8))
-    grad = bool(options.get("grad", False))
-
-    generator = options.get("generator")
-    if generator is None and options.get("seed") is not None:
-        generator = torch.Generator().manual_seed(int(options["seed"]))
-
-    points, aliases = resolve_hooks(loop, options.get("capture"))
-    iv_points, _ = resolve_hooks(loop, [iv.hook for iv in interventions])
-    state_hp = loop.hook_state
-
-    clock = _Clock()
-    recorders: dict[str, Recorder] = {}
-    for name, hp in points.items():
-        recorders[name] = Recorder(
-            name,
-            label_fn=lambda: None,  # set below (needs the name)
-            positions=options.get("positions"),
-            pos_dim=pos_dim_of(hp),
-            offload=options.get("offload"),
-            dtype=options.get("store_dtype"),
-        )
-    hook_list: list[tuple[Any, Callable]] = []
-    last_label: dict[str, tuple] = {}
-
-    def make_clock_hook(name: str) -> Callable:
-        def fn(x: Tensor, hook: Any) -> None:
-            last_label[name] = clock.tick(name)
-
-        return fn
-
-    def make_patch_hook(name: str, ivs: list[Intervention], pos_dim: int) -> Callable:
-        def fn(x: Tensor, hook: Any) -> Tensor | None:
-            label = last_label[name]
-            out = None
-            for iv in ivs:
-                if iv.applies(label):
-                    out = iv(x if out is None else out, label, label[1], pos_dim)
-            return out
-
-        return fn
-
-    # registration order matters: clock first, then patchers, then recorders (which therefore
-    # see the value actually used downstream)
-    all_names = dict(points)
-    all_names.update(iv_points)
-    for name, hp in all_names.items():
-        hook_list.append((hp, make_clock_hook(name)))
-    for name, hp in iv_points.items():
-        ivs = [iv for iv in interventions if resolve_hooks(loop, [iv.hook])[0].keys() == {name}]
-        hook_list.append((hp, make_patch_hook(name, ivs, pos_dim_of(hp))))
-    for name, rec in recorders.items():
-        rec.label_fn = (lambda n: lambda: last_label[n])(name)
-        hook_list.append((points[name], rec))
-
-    grad_ctx = nullcontext() if grad else torch.no_grad()
-    with grad_ctx, attach(hook_list):
+    n_iter, ivs, generator = _validate(loop, n_iter, interventions, generator, seed, blowup)
+    session = HookSession(
+        loop,
+        capture=capture,
+        interventions=ivs,
+        positions=positions,
+        offload=offload,
+        store_dtype=store_dtype,
+    )
+    budget = _Budget(max_bytes, offload)
+    with nullcontext() if grad else torch.no_grad(), session:
         ctx = loop.encode(inputs)
-        init = options.get("init")
-        if init is None:
-            h = loop.init_state(ctx, generator)
-        elif callable(init) and not isinstance(init, Tensor):
-            h = init(ctx, generator)
-        elif isinstance(init, Tensor):
-            h = init
-        else:
-            raise LoopscopeError(f"init must be a tensor or callable, got {type(init).__name__}")
-        if not isinstance(h, Tensor) or h.dim() < 1:
-            raise LoopscopeError("init_state must return a tensor with a leading batch axis")
-        B = h.shape[0]
-        diverged_at = torch.full((B,), -1, dtype=torch.long)
-        halted_at = torch.full((B,), -1, dtype=torch.long)
-        ref_norm = h.detach().reshape(B, -1).double().norm(dim=1).clamp_min(1.0).cpu()
-        states: list[Tensor] = []
-        logits: list[Tensor] = []
-        halt = options.get("halt")
-        want_logits = bool(options.get("decode", False))
-        max_bytes = options.get("max_bytes")
-        for t in range(n_iter):
-            clock.advance(t)
-            h = state_hp(h)  # fires hook_state: capture / transplant of h_t
-            states.append(h.detach().clone() if not grad else h)
-            if want_logits:
-                logits.append(loop.decode(h, ctx))
-            h_next = loop.step(h, ctx, t)
-            if not isinstance(h_next, Tensor) or h_next.shape != h.shape:
-                raise LoopscopeError(
-                    f"step must return a tensor of the state's shape {tuple(h.shape)}, got "
-                    f"{tuple(h_next.shape) if isinstance(h_next, Tensor) else type(h_next).__name__}"
-                )
-            frozen = (diverged_at >= 0) | (halted_at >= 0)
-            bad = _per_sample_bad(h_next, ref_norm.to(h_next.device), blowup).cpu() & ~frozen
-            if bad.any():
-                diverged_at[bad] = t + 1
-            freeze = (frozen | bad).to(h_next.device)
-            if freeze.any():
-                mask = freeze.view(B, *([1] * (h.dim() - 1)))
-                h_next = torch.where(mask, h, h_next)
-            if halt is not None:
-                stop = torch.as_tensor(halt(t, h, h_next, ctx)).bool().cpu().reshape(B)
-                newly = stop & (halted_at < 0) & (diverged_at < 0)
-                halted_at[newly] = t + 1
-            if t == 0 and recorders:
-                _check_budget(recorders, n_iter, max_bytes, options.get("offload"), h)
-            h = h_next
-            if halt is not None and bool(((halted_at >= 0) | (diverged_at >= 0)).all()):
-                break
-        states.append(h.detach().clone() if not grad else h)
-        if want_logits:
-            logits.append(loop.decode(h, ctx))
-
-    status = [
-        "diverged" if diverged_at[b] >= 0 else "halted" if halted_at[b] >= 0 else "max_iter"
-        for b in range(B)
-    ]
-    meta = {"loopscope_version": _version(), "n_iter_requested": n_iter}
-    if options.get("seed") is not None:
-        meta["seed"] = int(options["seed"])
-    if options.get("positions") is not None:
-        meta["positions"] = torch.as_tensor(options["positions"]).tolist()
-    meta.update(options.get("meta") or {})
+        session.clock.advance(IterationClock.INIT)  # init_state's own firings: iteration -1
+        h = _initial_state(loop, ctx, init, generator)
+        run = _iterate(loop, ctx, h, n_iter, session, budget, halt, decode, grad, blowup)
+    meta_out: dict[str, Any] = {"loopscope_version": _version(), "n_iter_requested": n_iter}
+    if seed is not None:
+        meta_out["seed"] = int(seed)
+    if positions is not None:
+        meta_out["positions"] = torch.as_tensor(positions).tolist()
+    meta_out.update(meta or {})
     return Trace(
-        states=torch.stack(states),
-        acts={n: r.stacked() for n, r in recorders.items() if r.values},
-        labels={n: r.labels for n, r in recorders.items() if r.values},
-        status=status,
-        diverged_at=diverged_at,
-        halted_at=halted_at,
-        logits=torch.stack(logits) if want_logits else None,
-        meta=meta,
-        aliases=aliases,
+        states=run.states(),
+        acts=session.acts(),
+        labels=session.labels(),
+        status=run.status(),
+        diverged_at=run.diverged_at,
+        halted_at=run.halted_at,
+        logits=torch.stack(run.logits) if decode else None,
+        meta=meta_out,
+        aliases=session.aliases,
         loop=loop,
         ctx=ctx,
     )
 
 
-def _check_budget(
-    recorders: dict[str, Recorder], n_iter: int, max_bytes: Any, offload: Any, h: Tensor
-) -> None:
-    per_iter = sum(r.nbytes for r in recorders.values())
-    estimate = per_iter * n_iter
-    device = offload if offload is not None else h.device
-    budget = int(max_bytes) if max_bytes is not None else available_memory_bytes(device) // 2
-    if estimate > budget:
-        raise CaptureMemoryError(
-            f"capture would need ~{estimate / 2**20:.1f} MiB ({per_iter / 2**20:.2f} MiB per iteration x "
-            f"{n_iter}) but the budget is {budget / 2**20:.1f} MiB; capture fewer hooks, keep fewer "
-            "positions (positions=), store in a smaller dtype (store_dtype=), offload to CPU "
-            "(offload='cpu') or raise max_bytes"
-        )
+# -- validation ---------------------------------------------------------------------------------
+def _validate(
+    loop: Any, n_iter: Any, interventions: Any, generator: Any, seed: Any, blowup: Any
+) -> tuple[int, list[Intervention], torch.Generator | None]:
+    if not isinstance(loop, Loop):
+        raise LoopscopeError(f"unroll needs a loopscope.Loop, got {type(loop).__name__}")
+    n_iter = check_positive_int("n_iter", n_iter)
+    if isinstance(interventions, Intervention):
+        interventions = [interventions]
+    ivs = list(interventions or [])
+    for iv in ivs:
+        if not isinstance(iv, Intervention):
+            raise LoopscopeError(
+                f"interventions must be loopscope interventions, got {type(iv).__name__}"
+            )
+    if generator is None and seed is not None:
+        generator = torch.Generator().manual_seed(check_seed(seed))
+    return n_iter, ivs, generator
+
+
+def _initial_state(loop: Loop, ctx: Any, init: Any, generator: Any) -> Tensor:
+    if init is None:
+        h = loop.init_state(ctx, generator)
+    elif callable(init) and not isinstance(init, Tensor):
+        h = init(ctx, generator)
+    elif isinstance(init, Tensor):
+        h = init
+    else:
+        raise LoopscopeError(f"init must be a tensor or callable, got {type(init).__name__}")
+    if not isinstance(h, Tensor) or h.dim() < 1:
+        raise LoopscopeError("init_state must return a tensor with a leading batch axis")
+    return h
+
+
+# -- memory -------------------------------------------------------------------------------------
+@dataclass
+class _Budget:
+    """What the trace keeps, against ``max_bytes`` (default half the free memory)."""
+
+    max_bytes: Any
+    offload: Any
+    _limit: int | None = None
+
+    def limit(self, device: Any) -> int:
+        if self._limit is None:
+            if self.max_bytes is not None:
+                self._limit = int(self.max_bytes)
+            else:
+                dev = self.offload if self.offload is not None else device
+                self._limit = available_memory_bytes(dev) // 2
+        return self._limit
+
+    def check_capture(self, session: HookSession, n_iter: int, device: Any) -> None:
+        per_iter = session.bytes_so_far()
+        estimate = per_iter * n_iter
+        budget = self.limit(device)
+        if estimate > budget:
+            raise CaptureMemoryError(
+                f"capture would need ~{estimate / 2**20:.1f} MiB ({per_iter / 2**20:.2f} MiB per "
+                f"iteration x {n_iter}) but the budget is {budget / 2**20:.1f} MiB; capture fewer "
+                "hooks, keep fewer positions (positions=), store in a smaller dtype "
+                "(store_dtype=), offload to CPU (offload='cpu') or raise max_bytes"
+            )
+
+
+# -- the loop -----------------------------------------------------------------------------------
+@dataclass
+class _Run:
+    """What the loop produced: states ``h_0..h_T`` (a buffer, or a list under grad), flags."""
+
+    diverged_at: Tensor
+    halted_at: Tensor
+    buf: Tensor | None = None
+    n: int = 0
+    kept: list[Tensor] = field(default_factory=list)
+    logits: list[Tensor] = field(default_factory=list)
+
+    def keep(self, h: Tensor, grad: bool) -> None:
+        if grad:  # the graph must survive: keep the tensors themselves
+            self.kept.append(h)
+            return
+        if self.n == self.buf.shape[0]:  # a halting run outgrew its first guess
+            grown = torch.empty((2 * self.n, *h.shape), dtype=h.dtype, device=h.device)
+            grown[: self.n].copy_(self.buf)
+            self.buf = grown
+        self.buf[self.n].copy_(h)
+        self.n += 1
+
+    def states(self) -> Tensor:
+        return torch.stack(self.kept) if self.kept else self.buf[: self.n]
+
+    def status(self) -> list[str]:
+        return [
+            "diverged" if d >= 0 else "halted" if s >= 0 else "max_iter"
+            for d, s in zip(self.diverged_at.tolist(), self.halted_at.tolist(), strict=True)
+        ]
+
+
+def _iterate(
+    loop: Loop,
+    ctx: Any,
+    h: Tensor,
+    n_iter: int,
+    session: HookSession,
+    budget: _Budget,
+    halt: HaltFn | None,
+    decode: bool,
+    grad: bool,
+    blowup: float,
+) -> _Run:
+    """Iterate ``h_{t+1} = step(h_t)``: freeze diverged or halted samples, stop when all are."""
+    B = h.shape[0]
+    run = _Run(
+        diverged_at=torch.full((B,), -1, dtype=torch.long),
+        halted_at=torch.full((B,), -1, dtype=torch.long),
+    )
+    if not grad:  # a halting run usually stops early: start small and grow
+        rows = n_iter + 1 if halt is None else min(n_iter + 1, 64)
+        run.buf = torch.empty((rows, *h.shape), dtype=h.dtype, device=h.device)
+    ref_norm = reference_norm(h).to(h.device)
+    clock, state_hp = session.clock, loop.hook_state
+    for t in range(n_iter):
+        clock.advance(t)
+        h = state_hp(h)  # fires hook_state: capture / transplant of h_t
+        run.keep(h.detach() if not grad else h, grad)
+        if decode:
+            run.logits.append(loop.decode(h, ctx))
+        h_next = loop.step(h, ctx, t)
+        if not isinstance(h_next, Tensor) or h_next.shape != h.shape:
+            raise LoopscopeError(
+                f"step must return a tensor of the state's shape {tuple(h.shape)}, got "
+                f"{tuple(h_next.shape) if isinstance(h_next, Tensor) else type(h_next).__name__}"
+            )
+        h_next = _guard(run, t, h, h_next, ref_norm, blowup)
+        if halt is not None:
+            stop = torch.as_tensor(halt(t, h, h_next, ctx)).bool().cpu().reshape(B)
+            run.halted_at[stop & (run.halted_at < 0) & (run.diverged_at < 0)] = t + 1
+        if t == 0 and session.recorders:
+            budget.check_capture(session, n_iter, h.device)
+            session.reserve(n_iter)
+        h = h_next
+        if halt is not None and bool(((run.halted_at >= 0) | (run.diverged_at >= 0)).all()):
+            break
+    run.keep(h.detach() if not grad else h, grad)
+    if decode:
+        run.logits.append(loop.decode(h, ctx))
+    return run
+
+
+def _guard(run: _Run, t: int, h: Tensor, h_next: Tensor, ref_norm: Tensor, blowup: float) -> Tensor:
+    """Flag samples diverging at step t and hold every flagged or halted sample at ``h``."""
+    frozen = (run.diverged_at >= 0) | (run.halted_at >= 0)
+    bad = diverged(h_next, ref_norm, blowup).cpu() & ~frozen
+    if bad.any():
+        run.diverged_at[bad] = t + 1
+    freeze = (frozen | bad).to(h_next.device)
+    if freeze.any():
+        mask = freeze.view(h.shape[0], *([1] * (h.dim() - 1)))
+        h_next = torch.where(mask, h, h_next)
+    return h_next
 
 
 def _version() -> str:

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from loopscope.core.capture import Recorder, attach, pos_dim_of, resolve_hooks
+from loopscope.core.capture import HookSession, resolve_hooks
 from loopscope.core.errors import LoopscopeError, reject_unknown_kwargs
 from loopscope.core.interventions import Intervention
 from loopscope.core.loop import Loop
@@ -289,10 +289,15 @@ def hrm_text_loop(bridge: Any) -> HrmTextLoops:
 
 
 class _HLClock:
-    """Boundary-hook clock: ``L_blocks.0.hook_in`` starts an L pass, ``H_blocks.0.hook_in`` an H pass."""
+    """Boundary-hook clock: ``L_blocks.0.hook_in`` starts an L pass, ``H_blocks.0.hook_in`` an H pass.
+
+    Labels are ``(h_cycle, l_cycle)`` (``l_cycle = -1`` inside the H stack); ``k`` counts a hook's
+    firings over the whole forward.
+    """
 
     def __init__(self) -> None:
         self.h, self.l, self.in_H = 0, -1, False
+        self.counts: dict[str, int] = {}
 
     def on_L(self, x: Tensor, hook: Any) -> None:
         if self.in_H:  # first L pass after an H pass: a new slow cycle
@@ -307,6 +312,18 @@ class _HLClock:
     def label(self) -> tuple[int, int]:
         return (self.h, -1 if self.in_H else self.l)
 
+    def tick(self, name: str) -> tuple[tuple[int, int], int]:
+        k = self.counts.get(name, 0)
+        self.counts[name] = k + 1
+        return self.label, k
+
+    def hooks(self, bridge: Any) -> list[tuple[Any, Any]]:
+        hd = dict(bridge.hook_dict)
+        return [(hd["L_blocks.0.hook_in"], self.on_L), (hd["H_blocks.0.hook_in"], self.on_H)]
+
+
+_ZH = "H_ln_final.hook_out"
+
 
 def capture_forward(
     bridge: Any, input_ids: Tensor, capture: Any = None, interventions: Any = (), grad: bool = False
@@ -319,47 +336,30 @@ def capture_forward(
     these labels (an int matches every firing of that H-cycle, ``(h, l)`` one L pass).
     """
     hd = dict(bridge.hook_dict)
-    for name in ("L_blocks.0.hook_in", "H_blocks.0.hook_in", "H_ln_final.hook_out"):
+    for name in ("L_blocks.0.hook_in", "H_blocks.0.hook_in", _ZH):
         if name not in hd:
             raise LoopscopeError(f"capture_forward needs an HRM-Text bridge (no hook {name!r})")
-    points, aliases = resolve_hooks(bridge, capture)
+    points, aliases = resolve_hooks(bridge, capture, what="capture")
+    if isinstance(interventions, Intervention):
+        interventions = [interventions]
     ivs = list(interventions or [])
     for iv in ivs:
         if not isinstance(iv, Intervention):
             raise LoopscopeError(
                 f"interventions must be loopscope interventions, got {type(iv).__name__}"
             )
-    iv_points, _ = resolve_hooks(bridge, [iv.hook for iv in ivs])
-    clock = _HLClock()
-    counts: dict[str, int] = {}
-
-    def patcher(name: str, hp: Any) -> Any:
-        mine = [iv for iv in ivs if resolve_hooks(bridge, [iv.hook])[0].keys() == {name}]
-
-        def fn(x: Tensor, hook: Any) -> Tensor | None:
-            label = clock.label
-            k = counts.get(name, 0)
-            counts[name] = k + 1
-            out = None
-            for iv in mine:
-                if iv.applies(label):
-                    out = iv(x if out is None else out, label, k, pos_dim_of(hp))
-            return out
-
-        return fn
-
-    recs = {n: Recorder(n, lambda: clock.label, pos_dim=pos_dim_of(hp)) for n, hp in points.items()}
-    zH_rec = Recorder("H_ln_final.hook_out", lambda: clock.label)
-    hooks = [(hd["L_blocks.0.hook_in"], clock.on_L), (hd["H_blocks.0.hook_in"], clock.on_H)]
-    hooks += [(hp, patcher(n, hp)) for n, hp in iv_points.items()]
-    hooks += [(points[n], r) for n, r in recs.items()]
-    hooks.append((hd["H_ln_final.hook_out"], zH_rec))
+    # z_H after each H-cycle is read from the final norm's hook, captured or not
+    session = HookSession(bridge, capture=[*points, _ZH], interventions=ivs, clock=_HLClock())
     hf = bridge.original_model
-    ctx = torch.enable_grad() if grad else torch.no_grad()
-    with ctx, attach(hooks):
+    with torch.enable_grad() if grad else torch.no_grad(), session:
         x = hf.model.embed_tokens(input_ids) * hf.model.embedding_scale
         out = hf(input_ids)
-        zHs = torch.stack([x.detach()] + [v for v in zH_rec.values])
+    acts, labels = session.acts(), session.labels()
+    zHs = torch.cat([x.detach()[None], acts[_ZH]])
+    if _ZH not in points:
+        acts.pop(_ZH)
+        labels.pop(_ZH)
+    with torch.enable_grad() if grad else torch.no_grad():
         logits = hf.lm_head(zHs.flatten(0, 1)).view(*zHs.shape[:3], -1)
     B = input_ids.shape[0]
     if not torch.equal(logits[-1], out.logits.detach()):  # the clock and the model must agree
@@ -368,8 +368,8 @@ def capture_forward(
         )
     return Trace(
         states=zHs,
-        acts={n: r.stacked() for n, r in recs.items() if r.values},
-        labels={n: r.labels for n, r in recs.items() if r.values},
+        acts=acts,
+        labels=labels,
         status=["max_iter"] * B,
         diverged_at=torch.full((B,), -1, dtype=torch.long),
         halted_at=torch.full((B,), -1, dtype=torch.long),
