@@ -290,3 +290,21 @@ _add(
         ["memory", "fam"],
     )
 )
+_add(
+    Recipe(
+        "assoc_fam",
+        TrainConfig(
+            task="assoc_recall",
+            preset="fam",
+            model_overrides={"norm": "pre"},
+            steps=2000,
+            batch_size=64,
+            lr=3e-3,
+            iters=(1.0, 1.0),
+            seed=0,
+        ),
+        _FAM_EVALS,
+        "TransformerFAM (as passkey_fam) on associative recall: 2 key-value pairs in separate blocks of 3 context blocks.",
+        ["memory", "fam"],
+    )
+)
