@@ -663,6 +663,53 @@ def _put(ctx: Any, wrt: Any, x: Tensor) -> Any:
     raise LoopscopeError(f"cannot substitute wrt={wrt!r} in a {type(ctx).__name__} context")
 
 
+def _dfdx(
+    m: LoopMap, f_of_x: Any, x: Tensor, direction: Tensor | None, batched: bool, p: int
+) -> Tensor:
+    """∂f/∂x as ``[B, n, p]`` (or times ``direction``: ``[B, n, 1]``): forward mode on the map's
+    Jacobian path, reverse mode (one pullback per output) where forward AD is unsupported."""
+    B, n = m.B, m.n
+    xs = x.shape[1:] if batched else x.shape
+    if direction is not None:
+        out = m._forward_mode(lambda: torch.func.jvp(f_of_x, (x,), (direction.to(x.dtype),))[1])
+        m.n_jvp += 1
+        if out is not None:
+            return out.detach()[:, :, None]
+    else:
+        eye = torch.eye(p, dtype=x.dtype)
+        # column j: e_j in every sample (batched x) or in the shared x
+        E = eye.reshape(p, 1, *xs).expand(p, B, *xs) if batched else eye.reshape(p, *xs)
+        m.n_jvp += p
+        out = m._forward_mode(
+            lambda: torch.func.vmap(lambda V: torch.func.jvp(f_of_x, (x,), (V,))[1])(E)
+        )
+        if out is not None:
+            return out.detach().permute(1, 2, 0)
+    xx = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        fx = f_of_x(xx)
+    rows = []
+    for i in range(n):  # samples are independent: one pullback gives row i of each (batched x)
+        if batched:
+            e = torch.zeros_like(fx)
+            e[:, i] = 1.0
+            rows.append(torch.autograd.grad(fx, xx, e, retain_graph=True)[0].reshape(B, p))
+        else:
+            g = [torch.autograd.grad(fx[b, i], xx, retain_graph=True)[0] for b in range(B)]
+            rows.append(torch.stack(g).reshape(B, p))
+    F = torch.stack(rows, 1).detach()
+    if direction is not None:
+        return _apply_dir(F, direction.to(x.dtype), batched)
+    return F
+
+
+def _apply_dir(F: Tensor, d: Tensor, batched: bool) -> Tensor:
+    """``F [B, n, p]`` times a tangent ``d`` shaped like x: ``[B, n, 1]``."""
+    B = F.shape[0]
+    dv = d.reshape(B, -1) if batched else d.reshape(1, -1).expand(B, -1)
+    return torch.einsum("bnp,bp->bn", F, dv)[:, :, None]
+
+
 def _sensitivity_map(
     m: LoopMap,
     z: Tensor,
@@ -682,26 +729,12 @@ def _sensitivity_map(
         out = m._call(lambda: m.loop.step(m.unflatten(z), _put(m.ctx, wrt, xx), m.t))
         return out.reshape(B, n)
 
-    def dfdx(V: Tensor) -> Tensor:  # V [*x.shape] tangent -> [B, n]
-        m.n_jvp += 1
-        return torch.func.jvp(f_of_x, (x,), (V,))[1].detach()
-
-    if direction is not None:
-        if tuple(direction.shape) != tuple(x.shape):
-            raise LoopscopeError(
-                f"direction must have the shape of the context tensor {tuple(x.shape)}, got "
-                f"{tuple(direction.shape)}"
-            )
-        F = dfdx(direction.to(x.dtype))[:, :, None]  # [B, n, 1]
-    else:
-        eye = torch.eye(p, dtype=x.dtype)
-        if batched:
-            E = eye.reshape(p, 1, *xs).expand(p, B, *xs)  # column j: e_j in every sample
-        else:
-            E = eye.reshape(p, *xs)
-        F = torch.func.vmap(lambda V: torch.func.jvp(f_of_x, (x,), (V,))[1])(E).detach()
-        m.n_jvp += p
-        F = F.permute(1, 2, 0)  # [B, n, p]
+    if direction is not None and tuple(direction.shape) != tuple(x.shape):
+        raise LoopscopeError(
+            f"direction must have the shape of the context tensor {tuple(x.shape)}, got "
+            f"{tuple(direction.shape)}"
+        )
+    F = _dfdx(m, f_of_x, x, direction, batched, p)  # [B, n, p] or [B, n, 1]
     use_dense = method == "dense" or (method == "auto" and n <= dense_max)
     if use_dense:
         J = m.jacobian(z)

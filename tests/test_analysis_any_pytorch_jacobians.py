@@ -186,3 +186,36 @@ def test_hrm_text_fast_loop_spectrum_runs_in_float64_through_its_unregistered_br
     assert s64.status == ["ok"] and abs(s64.rho[0] - s32.rho[0]) < 1e-4 * s64.rho[0]
     assert s64.rho[0] != s32.rho[0]  # the float64 run really computed in float64
     assert next(model.parameters()).dtype == torch.float32
+
+
+def test_mha_looped_transformer_lyapunov_and_census_run_through_the_fallback(transformer):
+    from loopscope.analysis import lyapunov
+
+    model, tokens = transformer
+    loop = make_loop(model)
+    res = lyapunov(loop, tokens, n_steps=30, warmup=5, k=2, bootstrap=0)
+    lam = res.to_frame()
+    # it ran on the fallback path (a bare jvp raises here, see the spectrum test) for every sample
+    assert len(lam) == 4 and np.isfinite(lam["exponent"]).all() and not lam["diverged"].any()
+    c = find_fixed_points(loop, tokens[:1], 2, max_iter=5, spectra=True)
+    assert c.meta["jacobian_path"] in ("forward (math attention)", "reverse")
+    assert len(c.seeds_frame()) == 2
+
+
+def test_input_sensitivity_without_forward_ad_matches_the_implicit_function_formula():
+    from loopscope.analysis import input_sensitivity
+
+    g = torch.Generator().manual_seed(6)
+    W = 0.5 * torch.randn(4, 4, generator=g, dtype=F64) / 2
+    loop = FnLoop(step=lambda h, x: _NoForwardAD.apply(h @ W.T + x))
+    x = torch.randn(2, 4, generator=g, dtype=F64)
+    hs = solve(loop, x, h0=torch.zeros(2, 4, dtype=F64), tol=1e-15, max_iter=300).z_best
+    S = input_sensitivity(loop, x, hs)
+    assert S.meta["jacobian_path"] == "reverse"
+    v = torch.randn(2, 4, generator=g, dtype=F64)
+    Sv = input_sensitivity(loop, x, hs, direction=v).dh_dx
+    for b in range(2):
+        D = torch.diag(1 - hs[b] ** 2)
+        ref = torch.linalg.solve(torch.eye(4, dtype=F64) - D @ W, D)  # (I - J)^-1 df/dx
+        assert torch.allclose(S.dh_dx[b], ref, atol=1e-12)
+        assert torch.allclose(Sv[b], ref @ v[b], atol=1e-12)
