@@ -44,7 +44,18 @@ def test_stability_numbers_are_those_the_cli_measured_before():
     table = res.to_frame().set_index("split")
     for split, cols in STABILITY_BEFORE.items():
         for col, want in cols.items():
-            assert table.loc[split, col] == pytest.approx(want, rel=1e-9, abs=1e-12), (split, col)
+            # counts and fractions are exact; the model runs in float32, whose rounding moves
+            # with the CPU's kernels: rho / lambda1 agree to ~1e-6, and a relative residual
+            # (a difference of near-equal states) only down to the float32 floor, ~1e-6
+            exact = col in {"n_iter", "seq_acc", "converged_fraction", "t_conv_mean",
+                            "correct_basin_fraction"}  # fmt: skip
+            if exact:
+                tol = pytest.approx(want, rel=0, abs=0)
+            elif col == "residual_at_budget":
+                tol = pytest.approx(want, rel=5e-3, abs=1e-6)
+            else:
+                tol = pytest.approx(want, rel=1e-5)
+            assert table.loc[split, col] == tol, (split, col)
     s = res.summary()
     assert s["ood/seq_acc"] == 0.75 and all(isinstance(v, float) for v in s.values())
     assert res.meta["seed"] == 0 and res.meta["model"] == "s3_fprm"

@@ -42,10 +42,11 @@ def test_paper_quick_writes_every_figure(tmp_path):
     run_paper(tmp_path, quick=True, progress=False)
     assert before == {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("*.png")}
     # the recipes moved into loopscope.experiments: a few numbers pinned from before the move
+    # (float32 models: rho and lambda1 agree to float32 rounding, which moves with the CPU)
     sp = pd.read_csv(tmp_path / "spectra.csv")
     first = sp[(sp.model == "s3_fprm") & (sp.split == "id") & (sp["sample"] == 0)].iloc[0]
-    assert first.rho == pytest.approx(0.46923202232040784, rel=1e-9)
-    assert first.lambda1 == pytest.approx(-0.7554915315881042, rel=1e-9)
+    assert first.rho == pytest.approx(0.46923202232040784, rel=1e-6)
+    assert first.lambda1 == pytest.approx(-0.7554915315881042, rel=1e-6)
     cv = pd.read_csv(tmp_path / "convergence.csv")
     assert cv.iloc[0]["median"] == pytest.approx(1.0154121737502977, rel=1e-12)
     assert cv.iloc[0]["accuracy"] == pytest.approx(0.234375)
