@@ -163,10 +163,11 @@ def test_kill_9_mid_sweep_then_rerun_completes_the_same_table(tmp_path, referenc
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray = pytest.importorskip("ray")
+    import ray
+
     ray.init(
         num_cpus=2,
-        object_store_memory=80 * 1024**2,
+        object_store_memory=100 * 1024**2,
         include_dashboard=False,
         logging_level="ERROR",
         log_to_driver=False,

@@ -106,8 +106,11 @@ def _split_row(model: Any, task: Any, job: Job, split: str) -> tuple[dict[str, A
     pred = tr.logits.argmax(-1)  # [T+1, B, pos]
     tok = token_correct(pred[-1], b.targets) & labelled(b.targets)
     summ = metrics(tr, p_max=4).summary()
-    classes = classify(tr, p_max=4)["class"].astype(str).str.replace(r"\(\d+\)", "", regex=True)
-    shares = classes.value_counts(normalize=True).to_dict()
+    shares = {
+        k[len("class[") : -1]: v
+        for k, v in classify(tr, p_max=4).summary().items()
+        if k.startswith("class[")
+    }
     row: dict[str, Any] = {
         "n_iter": T,
         "token_acc": float(tok.sum() / labelled(b.targets).sum().clamp_min(1)),

@@ -129,6 +129,8 @@ def _atomic_parquet(df: pd.DataFrame, path: Path) -> None:
 def write_table(out: Path, jobs: list[Job], rows: dict[str, dict]) -> pd.DataFrame:
     """Rebuild ``results.parquet`` and ``results.csv`` from the rows (study order), atomically."""
     df = pd.DataFrame([rows[j.key] for j in jobs if j.key in rows])
+    if not len(df):  # no job done yet: a valid table with the identity columns and no rows
+        df = pd.DataFrame(columns=[*config_columns(jobs[0]), "status", "error"] if jobs else [])
     if len(df):
         for c in df.columns:  # config axes may mix types across jobs: keep Parquet happy
             if df[c].dtype == object:
@@ -296,6 +298,7 @@ def run_sweep(
     atomic_write_text(out / "study.json", json.dumps(spec, indent=1))
     rows = read_rows(out, jobs)
     todo = [j for j in jobs if rows.get(j.key, {}).get("status") != "ok"]
+    write_table(out, jobs, rows)  # a table exists from the start (a kill never leaves none)
     used = _backend(backend, len(todo)) if todo else "none"
     prog = _Progress(study.name, len(jobs), len(jobs) - len(todo), progress and bool(todo))
     ran = failed = 0
