@@ -42,6 +42,8 @@ __all__ = ["Job", "Study", "load_study", "expand_grid", "JOB_FORMAT"]
 
 #: bump when a job's row changes meaning (a new key for every job: old rows are not reused)
 JOB_FORMAT = "loopscope.sweep.job/1"
+#: bump when training changes meaning (a new training key: old checkpoints are not reused)
+TRAIN_FORMAT = "loopscope.sweep.train/1"
 _TABLES = ("train", "model", "task_params", "analysis")
 _SCALARS = ("task", "preset", "seed", "recipe")
 _ANALYSIS_DEFAULTS: dict[str, Any] = {
@@ -84,6 +86,12 @@ class Job:
         d = self.to_dict()
         d.pop("axes")
         return fingerprint({"format": JOB_FORMAT, **d})
+
+    @property
+    def train_key(self) -> str:
+        """Hash of the training config alone: jobs that differ only in what they measure share
+        it (and one checkpoint), so changing the analysis never retrains."""
+        return fingerprint({"format": TRAIN_FORMAT, **self.train_config().to_dict()})
 
     @property
     def label(self) -> str:

@@ -138,8 +138,11 @@ def _split_row(model: Any, task: Any, job: Job, split: str) -> tuple[dict[str, A
 
 
 @did_you_mean
-def run_job(job: Job, *, work_dir: str | Path = "runs/job") -> dict[str, Any]:
-    """Train ``job`` (resuming a checkpoint in ``work_dir/train``) and analyse it; one flat row.
+def run_job(
+    job: Job, *, work_dir: str | Path = "runs/job", train_dir: str | Path | None = None
+) -> dict[str, Any]:
+    """Train ``job`` (resuming a checkpoint in ``train_dir``, default ``work_dir/train``) and
+    analyse it; one flat row.
 
     Runs on one torch thread (restored afterwards), so the row is the same on a Ray worker and
     in-process: same job, same row (``wall_s`` aside). Writes ``work_dir/model`` (the trained
@@ -161,12 +164,14 @@ def run_job(job: Job, *, work_dir: str | Path = "runs/job") -> dict[str, Any]:
     t0 = time.perf_counter()
     try:
         cfg = job.train_config()
-        model, history = train(cfg, out_dir=work / "train", progress=False)
+        tdir = Path(train_dir) if train_dir is not None else work / "train"
+        model, history = train(cfg, out_dir=tdir, progress=False)
         task = tasks.get(cfg.task, **cfg.task_params)
         row: dict[str, Any] = {
             **config_columns(job),
             "status": "ok",
             "error": "",
+            "train_key": job.train_key,
             "n_params": int(sum(p.numel() for p in model.parameters())),
             "final_loss": float(history[-1]["loss"]) if history else _NAN,
         }

@@ -6,9 +6,11 @@ Layout of the output folder::
     results.parquet / .csv     one row per job, in the study's job order (rewritten atomically
                                after every finished job)
     jobs/<key>/row.json        the job's row: written last, atomically = the job is done
-    jobs/<key>/train/          its training checkpoint (a killed job resumes from it)
     jobs/<key>/model/          the trained model (safetensors + config + card)
     jobs/<key>/trace_summary.json
+    train/<train_key>/         the training checkpoint, keyed by the training config alone (a
+                               killed job resumes from it; a job that only measures differently
+                               reuses it)
 
 Rerunning skips every job whose ``row.json`` says ``ok`` (keyed by the config hash, so a changed
 config is a new job); failed jobs are retried. A job that raises is recorded (``status``
@@ -108,12 +110,23 @@ def _failed_row(job: Job, err: BaseException, wall: float) -> dict[str, Any]:
     return {**config_columns(job), "status": "failed", "error": msg[:300], "wall_s": wall}
 
 
-def safe_job(job_dict: dict[str, Any], work_dir: str) -> dict[str, Any]:
-    """:func:`~loopscope.experiments.job.run_job` that returns a failed row instead of raising."""
+def safe_job(job_dict: dict[str, Any], out: str) -> dict[str, Any]:
+    """:func:`~loopscope.experiments.job.run_job` of one job of the sweep folder ``out``; a
+    failed row instead of raising."""
     job = Job.from_dict(job_dict)
     t0 = time.perf_counter()
     try:
-        return run_job(job, work_dir=work_dir)
+        row = run_job(
+            job,
+            work_dir=Path(out) / "jobs" / job.key,
+            train_dir=Path(out) / "train" / job.train_key,
+        )
+        # paths relative to the sweep folder: the same table wherever the folder lives
+        return {
+            **row,
+            "checkpoint": f"jobs/{job.key}/model",
+            "trace_summary": f"jobs/{job.key}/trace_summary.json",
+        }
     except Exception as e:  # any job error is data: recorded, the sweep goes on
         if os.environ.get("LOOPSCOPE_DEBUG") == "1":
             traceback.print_exc()
@@ -197,7 +210,7 @@ class _Progress:
 def _sequential(todo: list[Job], out: Path, record: Callable, prog: _Progress) -> None:
     for job in todo:
         prog.update(running=1)
-        record(job, safe_job(job.to_dict(), str(out / "jobs" / job.key)))
+        record(job, safe_job(job.to_dict(), str(out)))
     prog.update(running=0)
 
 
@@ -236,8 +249,13 @@ def _ray(
         queue, pending = list(todo), {}
         while queue or pending:
             while queue and len(pending) < limit:
-                job = queue.pop(0)
-                pending[remote.remote(job.to_dict(), str(out / "jobs" / job.key))] = job
+                # two jobs that share a training checkpoint never train it at the same time
+                busy = {j.train_key for j in pending.values()}
+                job = next((j for j in queue if j.train_key not in busy), None)
+                if job is None:
+                    break
+                queue.remove(job)
+                pending[remote.remote(job.to_dict(), str(out))] = job
             prog.update(running=len(pending))
             ready, _ = ray.wait(list(pending), num_returns=1)
             for ref in ready:
