@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -120,6 +121,8 @@ def closure_modules(loop: Loop, depth: int = 4) -> list[nn.Module]:
         for obj in frontier:
             if id(obj) in seen or isinstance(obj, (str, bytes, int, float, bool, Tensor)):
                 continue
+            if isinstance(obj, _WEAK):  # a weak reference owns nothing (TL's capture hooks
+                continue  # point at their block through one): never a module the step uses
             seen.add(id(obj))
             if isinstance(obj, nn.Module):
                 if id(obj) not in own and not any(id(m) in found for m in [obj]):
@@ -159,6 +162,25 @@ def _nan_rows(ctx: Any, B: int, batched: bool) -> Tensor:
         elif hasattr(obj, "__dataclass_fields__"):
             stack.extend(getattr(obj, f) for f in obj.__dataclass_fields__)
     return bad
+
+
+_WEAK = (weakref.ProxyType, weakref.CallableProxyType, weakref.ReferenceType)
+
+
+def _slots(root: nn.Module) -> Iterator[tuple[str, Tensor]]:
+    """``(path, tensor)`` once per distinct (module, attribute) slot under ``root``.
+
+    A module registered under two paths (TransformerLens bridges expose HF layers as both
+    ``_original_component.q_proj`` and ``q``) is listed once; a tensor tied between two modules
+    is listed in both. Swapping exactly these slots with ``tie_weights=False`` restores every
+    original on exit (``tie_weights=True`` swaps an aliased slot twice and leaves the swapped-in
+    copy behind, mutating the user's model).
+    """
+    for mname, mod in root.named_modules(remove_duplicate=True):
+        pre = f"{mname}." if mname else ""
+        for pname, t in (*mod._parameters.items(), *mod._buffers.items()):
+            if t is not None:
+                yield pre + pname, t
 
 
 class _Holder(nn.Module):
@@ -254,6 +276,7 @@ class LoopMap:
             )  # fmt: skip
             self.jacobian_path = _shared.jacobian_path
         self._parent = _shared
+        self._reach_checked = False  # the first step is run under _dtype_checked
         self.dtype = dtype
         with torch.no_grad():
             ctx = self._call(lambda: self.loop.encode(inputs)) if ctx is None else ctx
@@ -294,16 +317,19 @@ class LoopMap:
         self._holder = _Holder(mods) if mods else None
         self._extra_state: dict[str, Tensor] = {}
         if self._holder is not None:
-            named = (*self._holder.named_parameters(), *self._holder.named_buffers())
-            self._extra_state = {
-                k: (v.detach().to(dtype) if v.is_floating_point() else v) for k, v in named
-            }
+            cast: dict[int, Tensor] = {}  # one copy per tensor: ties stay tied
+            for k, v in _slots(self._holder):
+                if id(v) not in cast:
+                    cast[id(v)] = v.detach().to(dtype) if v.is_floating_point() else v
+                self._extra_state[k] = cast[id(v)]
 
     def _call(self, thunk: Callable[[], Any]) -> Any:
         """Run ``thunk`` with the closure modules' tensors in the analysis dtype."""
         if self._holder is None:
             return thunk()
-        return torch.func.functional_call(self._holder, self._extra_state, (thunk,))
+        return torch.func.functional_call(
+            self._holder, self._extra_state, (thunk,), tie_weights=False
+        )
 
     # -- shapes -------------------------------------------------------------------------------
     def flatten(self, h: Tensor) -> Tensor:
@@ -323,7 +349,14 @@ class LoopMap:
         return self.loop.select(self.ctx, index)
 
     def _raw(self, z: Tensor, ctx: Any) -> Tensor:
-        out = self._call(lambda: self.loop.step(self.unflatten(z), ctx, self.t))
+        root = self
+        while root._parent is not None:
+            root = root._parent
+        if self.dtype is not None and not root._reach_checked:
+            out = self._dtype_checked(lambda: self.loop.step(self.unflatten(z), ctx, self.t))
+            root._reach_checked = True
+        else:
+            out = self._call(lambda: self.loop.step(self.unflatten(z), ctx, self.t))
         if not isinstance(out, Tensor) or out.numel() != z.shape[0] * self.n:
             got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
             raise LoopscopeError(
@@ -331,6 +364,48 @@ class LoopMap:
                 "the state does not match the loop's state shape"
             )
         return out.reshape(z.shape[0], self.n)
+
+    def _dtype_checked(self, thunk: Callable[[], Any]) -> Any:
+        """``self._call(thunk)`` with every module the step calls checked: a floating parameter
+        or buffer not in the analysis dtype (a module the copy and the closure search did not
+        reach) fails here, naming the tensor, instead of a ``float != double`` from inside the
+        model or a float64 analysis silently computed partly in float32."""
+        bad: list[tuple[nn.Module, str, torch.dtype]] = []
+
+        def check(mod: nn.Module, args: Any) -> None:
+            if bad:
+                return
+            for name, t in (*mod._parameters.items(), *mod._buffers.items()):
+                if t is not None and t.is_floating_point() and t.dtype != self.dtype:
+                    bad.append((mod, name, t.dtype))
+                    return
+
+        handle = nn.modules.module.register_module_forward_pre_hook(check)
+        try:
+            out = self._call(thunk)
+        except (RuntimeError, TypeError):
+            if not bad:
+                raise
+            out = None
+        finally:
+            handle.remove()
+        if bad:
+            mod, name, dt = bad[0]
+            raise LoopscopeError(
+                f"{self._tensor_name(mod, name)} is {dt} but the analysis runs in {self.dtype}: "
+                "the step reaches a module that is neither registered on the Loop nor found in "
+                "its functions' closures; register it on the Loop (or pass dtype=None)"
+            )
+        return out
+
+    def _tensor_name(self, mod: nn.Module, name: str) -> str:
+        roots: list[tuple[str, nn.Module]] = [("loop", self.loop)]
+        roots += [(type(m).__name__, m) for m in closure_modules(self.loop)]
+        for prefix, root in roots:
+            for path, m in root.named_modules():
+                if m is mod:
+                    return f"{prefix}.{path}.{name}" if path else f"{prefix}.{name}"
+        return f"{type(mod).__name__}.{name}"
 
     def check_state(self, z: Tensor, name: str = "state") -> None:
         """One step on the first sample of ``z``: a state that does not fit the loop is a one-line

@@ -12,6 +12,7 @@ from torch import nn
 
 from loopscope import FnLoop
 from loopscope.analysis import LoopMap, find_fixed_points, solve, spectrum
+from loopscope.core.errors import LoopscopeError
 
 F64 = torch.float64
 
@@ -219,3 +220,32 @@ def test_input_sensitivity_without_forward_ad_matches_the_implicit_function_form
         ref = torch.linalg.solve(torch.eye(4, dtype=F64) - D @ W, D)  # (I - J)^-1 df/dx
         assert torch.allclose(S.dh_dx[b], ref, atol=1e-12)
         assert torch.allclose(Sv[b], ref @ v[b], atol=1e-12)
+
+
+class _Registry:
+    lin = nn.Linear(4, 4)  # a class attribute: no closure, attribute or global search reaches it
+
+
+def test_a_module_the_float64_copy_cannot_reach_fails_up_front_naming_the_tensor():
+    loop = FnLoop(step=lambda h: torch.tanh(_Registry.lin(h)))
+    with pytest.raises(LoopscopeError, match=r"Linear\.weight is torch\.float32 but the analysis"):
+        spectrum(loop, None, torch.zeros(1, 4))
+    assert spectrum(loop, None, torch.zeros(1, 4), dtype=torch.float32).status == ["ok"]
+
+
+def test_a_float64_analysis_of_a_step_closing_over_a_bridge_block_leaves_it_float32():
+    # TransformerLens bridge components register one HF layer under two paths; swapping both
+    # (torch's tie_weights=True) left the float64 copy in the user's model
+    from loopscope.models import bridge_hrm_text, build_tiny_hrm_text
+
+    model, tok = build_tiny_hrm_text(seed=0)
+    attn = bridge_hrm_text(model, tok).L_blocks[0].attn  # q_proj is also reachable as attn.q
+    loop = FnLoop(step=lambda h: torch.tanh(attn.q(h)))
+    h = torch.randn(1, 64, generator=torch.Generator().manual_seed(0))
+    m = LoopMap(loop, None, state_shape=(64,), batch_size=1)
+    z = h.double()
+    J = m.jacobian(z)[0]
+    with torch.no_grad():
+        ref = fd_jacobian(lambda x: m._raw(x.reshape(1, 64), None), z)
+    assert torch.allclose(J, ref, rtol=1e-6, atol=1e-9)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}

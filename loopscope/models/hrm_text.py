@@ -124,6 +124,14 @@ class _BridgeLoop(Loop):
         for mod in self.bridge.modules():
             if getattr(mod, "_captured_pre_ln_residual", None) is not None:
                 mod._captured_pre_ln_residual = None
+            # a block's first forward wires pre-hooks on its norms whose closures hold weak
+            # proxies to *this* block's attention: a copy would share them and write into (and,
+            # for a dtype cast, be steered by) the original. Unwired, each block (original and
+            # copy) wires its own again on its next forward.
+            if getattr(mod, "_capture_hooks_wired", False) and hasattr(
+                mod, "_teardown_capture_hooks"
+            ):
+                mod._teardown_capture_hooks()
         new = type(self).__new__(type(self))
         memo[id(self)] = new
         for k, v in self.__dict__.items():
