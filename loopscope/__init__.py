@@ -8,7 +8,8 @@
     ls.analysis.metrics(trace).to_frame()
 
 Core names (:mod:`loopscope.core`): :class:`Loop`, :class:`FnLoop`, :func:`unroll`,
-:class:`Trace`, :class:`Result` and the interventions :class:`Patch`, :class:`Add`, :class:`Zero`,
+:class:`Trace`, :class:`Result`, :func:`wrap` (hook points on any model's looped
+submodule) and the interventions :class:`Patch`, :class:`Add`, :class:`Zero`,
 :class:`MeanAblate`, :class:`Transplant`. Subpackages: ``models``, ``tasks``, ``zoo``,
 ``analysis``, ``probes``, ``circuits``, ``experiments``.
 
@@ -38,11 +39,13 @@ if TYPE_CHECKING:  # what static tools and IDEs follow; at run time the same nam
     from loopscope.core.result import Result
     from loopscope.core.trace import Trace
     from loopscope.core.unroll import unroll
+    from loopscope.core.wrap import wrap
 
 _CORE = {
     "Loop": "loopscope.core.loop",
     "FnLoop": "loopscope.core.loop",
     "unroll": "loopscope.core.unroll",
+    "wrap": "loopscope.core.wrap",
     "Trace": "loopscope.core.trace",
     "Result": "loopscope.core.result",
     "Intervention": "loopscope.core.interventions",
@@ -56,7 +59,7 @@ _CORE = {
 _SUBPACKAGES = ("models", "tasks", "zoo", "analysis", "probes", "circuits", "experiments", "core")
 
 __all__ = [
-    "Loop", "FnLoop", "unroll", "Trace", "Result", "Intervention", "Patch", "Add", "Zero",
+    "Loop", "FnLoop", "unroll", "wrap", "Trace", "Result", "Intervention", "Patch", "Add", "Zero",
     "MeanAblate", "Transplant", "LoopscopeError", "models", "tasks", "zoo", "analysis",
     "probes", "circuits", "experiments", "core", "__version__",
 ]  # fmt: skip

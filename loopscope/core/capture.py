@@ -52,6 +52,13 @@ def _hook_dict(model: Any) -> dict[str, HookPoint]:
     return dict(d)
 
 
+def _wrap_hint(model: Any, name: str) -> str:
+    """Where a missing hook's module is, and that ``loopscope.wrap`` adds hook points to it."""
+    from loopscope.core.wrap import unknown_hook_hint
+
+    return unknown_hook_hint(model, name)
+
+
 def pos_dim_of(hp: HookPoint) -> int:
     """Position axis of a hook's activation (``HookPoint.pos_dim`` if set, else 1)."""
     pd_ = getattr(hp, "pos_dim", None)
@@ -95,12 +102,15 @@ def resolve_hooks(
                 if not hits:
                     raise UnknownHookError(
                         f"hook pattern {item!r} matches no hook point{suggest(item, hd)}"
+                        f"{_wrap_hint(model, item)}"
                     )
                 names.extend(hits)
             elif item in hd:
                 names.append(item)
             else:
-                raise UnknownHookError(f"unknown hook name {item!r}{suggest(item, hd)}")
+                raise UnknownHookError(
+                    f"unknown hook name {item!r}{suggest(item, hd)}{_wrap_hint(model, item)}"
+                )
     out: dict[str, HookPoint] = {}
     aliases: dict[str, str] = {}
     seen: dict[int, str] = {}

@@ -87,14 +87,35 @@ class Loop(HookedRootModule):
 
     Subclasses implement :meth:`init_state` and :meth:`step`; :meth:`encode` and :meth:`decode`
     default to the identity. Hook points: ``hook_state`` (``[B, ...]``, the state entering a step).
+
+    ``state_axes`` names the state's axes (``("batch", "pos", "d_model")``,
+    ``("batch", "stack", "pos", "d_model")`` ...; see :mod:`loopscope.core.layout`): set it on the
+    class or the instance; patching, probes and path independence read positions from it, and
+    ``hook_state.pos_dim`` follows it.
     """
 
     #: names of the label fields of one firing inside the loop, e.g. ("iteration", "sub")
     label_names: tuple[str, ...] = ("iteration", "sub")
+    #: names of the state's axes, batch first (None: undeclared, see loopscope.core.layout)
+    state_axes: tuple[str, ...] | None = None
 
     def __init__(self) -> None:
         super().__init__()
         self.hook_state = HookPoint()
+        if type(self).state_axes is not None:
+            self.state_axes = type(self).state_axes
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "state_axes":
+            from loopscope.core.layout import check_state_axes
+
+            value = check_state_axes(value)
+            super().__setattr__(name, value)
+            hp = self.__dict__.get("_modules", {}).get("hook_state")
+            if hp is not None:  # positions of hook_state (capture, interventions) follow it
+                hp.pos_dim = value.index("pos") if value and "pos" in value else None
+            return
+        super().__setattr__(name, value)
 
     # -- the protocol -------------------------------------------------------------------------
     def encode(self, inputs: Any) -> Any:
@@ -174,6 +195,8 @@ class FnLoop(Loop):
             batch axis (broadcast to the batch), or None (then ``unroll`` needs ``init=``).
         decode: ``decode(h, ctx)`` -> readout (identity if None).
         encode: ``encode(inputs)`` -> ctx (identity if None).
+        state_axes: the state's axes, e.g. ``("batch", "pos", "d_model")`` (see
+            :mod:`loopscope.core.layout`; None: undeclared).
 
     Modules passed as callables are registered as submodules (their parameters and hook points
     move and are found with the loop).
@@ -194,6 +217,7 @@ class FnLoop(Loop):
         init_state: Callable | Tensor | None = None,
         decode: Callable | None = None,
         encode: Callable | None = None,
+        state_axes: tuple[str, ...] | None = None,
     ) -> None:
         super().__init__()
         if not callable(step):
@@ -214,6 +238,8 @@ class FnLoop(Loop):
             self.register_buffer("fixed_init", init_state.detach().clone())
         self._step_takes_t = _accepts_t(step)
         self._step_takes_ctx = _accepts_ctx(step)
+        if state_axes is not None:
+            self.state_axes = state_axes
         self.setup()
 
     def encode(self, inputs: Any) -> Any:
