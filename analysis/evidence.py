@@ -266,10 +266,10 @@ def probe_onset_row(
     from loopscope.probes import onset, probe_trace
 
     try:
-        _, df = probe_trace(tr, targets, pooled=False, positions=positions, seed=seed)
+        df = probe_trace(tr, targets, pooled=False, positions=positions, seed=seed).to_frame()
     except LoopscopeError:
         return  # no position with enough labelled sequences of 2+ classes
-    on = onset(df, threshold=0.9)
+    on = onset(df, threshold=0.9).to_frame()
     dpos = {p: float(depth[mask[:, p], p][0]) for p in positions}
     d = on["position"].map(dpos).to_numpy(dtype=float)
     t_on = on["onset"].to_numpy(dtype=float)

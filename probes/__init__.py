@@ -9,6 +9,9 @@
 * :func:`steer`, :func:`dose_response`, :func:`intervene`, :func:`erase` (LEACE / INLP),
   :func:`interchange_intervention_accuracy`.
 * :func:`inductive_bias`, :func:`inductive_bias_probe` (Vafa et al.).
+
+Every fit and measurement returns a :class:`loopscope.Result` (``meta``, a tidy ``to_frame()``,
+``summary()`` of floats); every option is an explicit keyword parameter.
 """
 
 from loopscope.probes.activations import ActivationSet, collect
@@ -37,10 +40,11 @@ from loopscope.probes.steer import (
     steer,
 )
 from loopscope.probes.store import ActivationStore
-from loopscope.probes.trace_fit import fit_trace, probe_trace
+from loopscope.probes.trace_fit import TraceProbeResult, fit_trace, probe_trace
 from loopscope.probes.transfer import (
     LensResult,
     OnsetRegression,
+    OnsetResult,
     TransferResult,
     logit_lens,
     onset,
@@ -59,8 +63,10 @@ __all__ = [
     "LensResult",
     "LinearProbe",
     "OnsetRegression",
+    "OnsetResult",
     "ProbeResult",
     "SelectivityResult",
+    "TraceProbeResult",
     "TransferResult",
     "add_direction",
     "collect",

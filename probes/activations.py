@@ -24,13 +24,15 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from loopscope.core.errors import LoopscopeError
+from loopscope.core.errors import LoopscopeError, did_you_mean
+from loopscope.core.result import Result, float_summary
+from loopscope.core.trace import Trace
 
 __all__ = ["ActivationSet", "collect"]
 
 
-@dataclass
-class ActivationSet:
+@dataclass(kw_only=True, repr=False)
+class ActivationSet(Result):
     """Stacked activations ``X [E, B, P, d]`` with one key dict per entry.
 
     Attributes:
@@ -46,7 +48,6 @@ class ActivationSet:
     positions: list[int]
     widths: list[int] = field(default_factory=list)
     diverged: Tensor | None = None
-    meta: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -75,12 +76,12 @@ class ActivationSet:
                 f"no entries for site={site!r}, iterations={iterations!r} (sites: {self.sites})"
             )
         return ActivationSet(
-            self.X[idx],
-            [self.keys[i] for i in idx],
-            list(self.positions),
-            [self.widths[i] for i in idx] if self.widths else [],
-            self.diverged,
-            dict(self.meta),
+            X=self.X[idx],
+            keys=[self.keys[i] for i in idx],
+            positions=list(self.positions),
+            widths=[self.widths[i] for i in idx] if self.widths else [],
+            diverged=self.diverged,
+            meta=dict(self.meta),
         )
 
     def _pos(self, position: int) -> int:
@@ -106,6 +107,34 @@ class ActivationSet:
             df["width"] = self.widths
         return df
 
+    def summary(self) -> dict[str, float]:
+        """Entries, sites, samples, positions, feature width and diverged samples."""
+        return float_summary(
+            {
+                "n_entries": len(self.keys),
+                "n_sites": len(self.sites),
+                "batch_size": self.batch_size,
+                "n_positions": len(self.positions),
+                "d": int(self.X.shape[-1]),
+                "n_diverged": 0 if self.diverged is None else int(self.diverged.sum()),
+            }
+        )
+
+
+def _state_layout(trace: Any, a: Tensor) -> Tensor:
+    """States ``[n, B, ...]`` in probe layout ``[n, B, *stack, pos, d]``, read from the loop's
+    declared ``state_axes`` (:mod:`loopscope.core.layout`; an undeclared ``[B, 2, pos, d]`` is
+    refused, not guessed)."""
+    from loopscope.core.layout import probe_layout
+
+    if trace.loop is None and a.dim() > 4:
+        raise LoopscopeError(
+            f"the state has shape {tuple(a.shape[1:])} and the trace has no loop attached "
+            "(loaded from disk?): set trace.loop to the Loop so its state_axes say which axis "
+            "holds positions"
+        )
+    return probe_layout(trace.loop, a, lead=1)
+
 
 def _split_components(name: str, a: Tensor) -> list[tuple[str, Tensor]]:
     """``[n, B, ...]`` -> list of (site name, ``[n, B, P, d]``)."""
@@ -125,8 +154,9 @@ def _split_components(name: str, a: Tensor) -> list[tuple[str, Tensor]]:
     return out
 
 
+@did_you_mean
 def collect(
-    trace: Any, sites: Any = None, positions: Any = None, iterations: Any = None
+    trace: Trace, sites: Any = None, positions: Any = None, iterations: Any = None
 ) -> ActivationSet:
     """Collect activations of ``trace`` keyed by (iteration, site, position).
 
@@ -148,10 +178,12 @@ def collect(
     raw: list[tuple[str, Tensor, list[tuple]]] = []
     for name in names:
         if name == "state":
-            a = trace.states
+            a = _state_layout(trace, trace.states)
             labels = [(t, 0) for t in range(a.shape[0])]
         else:
             a = trace[name]  # raises UnknownHookError with suggestions
+            if name == "hook_state":
+                a = _state_layout(trace, a)
             labels = trace.labels.get(name) or trace.labels.get(trace.aliases.get(name, ""))
             labels = labels or [(t, 0) for t in range(a.shape[0])]
         for site, arr in _split_components(name, a.detach()):
@@ -198,4 +230,5 @@ def collect(
     diverged = None
     if getattr(trace, "diverged_at", None) is not None:
         diverged = torch.as_tensor(trace.diverged_at) >= 0
-    return ActivationSet(X, keys, pos, widths, diverged, dict(getattr(trace, "meta", {}) or {}))
+    meta = dict(getattr(trace, "meta", {}) or {})
+    return ActivationSet(X=X, keys=keys, positions=pos, widths=widths, diverged=diverged, meta=meta)

@@ -15,8 +15,10 @@ Example:
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -24,8 +26,9 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from loopscope.core.errors import LoopscopeError, check_positive_int, reject_unknown_kwargs
-from loopscope.probes.fit import FIT_OPTIONS, ProbeResult, fit_probes
+from loopscope.core.errors import LoopscopeError, check_positive_int, check_seed, did_you_mean
+from loopscope.core.result import Result, float_summary
+from loopscope.probes.fit import ProbeResult, fit_probes
 
 __all__ = ["control_task", "type_keys", "selectivity", "SelectivityResult"]
 
@@ -108,9 +111,16 @@ def control_task(
     return torch.as_tensor(out.reshape(lab.shape))
 
 
-@dataclass
-class SelectivityResult:
-    """Task and control accuracy per site with a paired bootstrap CI of their difference."""
+@dataclass(kw_only=True, repr=False)
+class SelectivityResult(Result):
+    """Task and control accuracy per site with a paired bootstrap CI of their difference.
+
+    Attributes:
+        task, control: the two fits (same sites, examples and split).
+        task_acc, control_acc, selectivity: ``[S]`` held-out accuracies and their difference.
+        ci_low, ci_high: ``[S]`` bootstrap interval of the difference.
+        meta: seed, n_boot, ci, probe.
+    """
 
     task: ProbeResult
     control: ProbeResult
@@ -119,7 +129,6 @@ class SelectivityResult:
     selectivity: np.ndarray
     ci_low: np.ndarray
     ci_high: np.ndarray
-    meta: dict[str, Any] = field(default_factory=dict)
 
     def to_frame(self) -> pd.DataFrame:
         """One row per site: labels, task_acc, control_acc, selectivity, ci_low, ci_high, seed."""
@@ -137,6 +146,19 @@ class SelectivityResult:
             )
             rows.append(r)
         return pd.DataFrame(rows)
+
+    def summary(self) -> dict[str, float]:
+        """Sites, mean / max selectivity, and the fraction of sites whose CI lies above 0."""
+        sel = np.asarray(self.selectivity, dtype=float)
+        ok = np.isfinite(sel)
+        return float_summary(
+            {
+                "n_sites": len(sel),
+                "mean_selectivity": float(sel[ok].mean()) if ok.any() else None,
+                "max_selectivity": float(sel[ok].max()) if ok.any() else None,
+                "frac_ci_above_zero": float(np.mean(np.asarray(self.ci_low) > 0)),
+            }
+        )
 
 
 def _bootstrap(
@@ -167,62 +189,180 @@ def _bootstrap(
     return lo, hi
 
 
-def selectivity(task: Any, control: Any, *args: Any, **options: Any) -> SelectivityResult:
+def _is_default(value: Any, default: Any) -> bool:
+    """``value`` is the signature's default (arrays are never a default: they were passed)."""
+    if value is default:
+        return True
+    return (
+        isinstance(value, (str, int, float)) and type(value) is type(default) and value == default
+    )
+
+
+@did_you_mean
+def selectivity(
+    task: ProbeResult | Any,
+    control: ProbeResult | Any,
+    control_y: Any = None,
+    *,
+    n_boot: int = 1000,
+    ci: float = 0.95,
+    seed: int | None = None,
+    probe: str = "logistic",
+    C: float = 1.0,
+    alpha: float = 1.0,
+    rank: int | None = None,
+    hidden: int = 256,
+    weight_decay: float = 1e-4,
+    lr: float = 3e-3,
+    epochs: int = 50,
+    batch_size: int = 256,
+    max_iter: int = 1000,
+    tol: float = 1e-4,
+    dtype: str = "float64",
+    groups: Any = None,
+    folds: int | None = None,
+    split: Any = "random",
+    test_frac: float = 0.25,
+    mask: Any = None,
+    classes: Any = None,
+    standardize: bool = True,
+    site_labels: list[dict[str, Any]] | None = None,
+    meta: dict[str, Any] | None = None,
+) -> SelectivityResult:
     """Selectivity = task accuracy - control accuracy, with a paired bootstrap CI.
 
     Two call forms:
 
-    * ``selectivity(task_result, control_result, n_boot=1000, ci=0.95, seed=0)`` with two
-      :class:`ProbeResult` fitted with the same options and split;
-    * ``selectivity(X, y, control_y, **fit_options, n_boot=..., ci=...)`` fits the task and the
-      control in one batched solve (``X [S, N, d]``), guaranteeing the same split.
+    * ``selectivity(task_result, control_result, n_boot=1000, ci=0.95)`` with two
+      :class:`ProbeResult` fitted with the same options and split (the fit options below are
+      then already fixed and may not be passed);
+    * ``selectivity(X, y, control_y, probe=..., ...)`` fits the task and the control in one
+      batched solve (``X [S, N, d]``), guaranteeing the same split.
 
     The bootstrap resamples held-out groups (examples) and recomputes both accuracies on the
     same resample (paired).
+
+    Args:
+        task: the task :class:`ProbeResult`, or the activations ``X [S, N, d]``.
+        control: the control :class:`ProbeResult`, or (with ``X``) the task labels ``y``.
+        control_y: (with ``X``) the control-task labels, e.g. from :func:`control_task`.
+        n_boot: bootstrap resamples.
+        ci: coverage of the interval, in (0, 1).
+        seed: bootstrap seed (and, with ``X``, the split seed); default the fit's seed (0).
+        probe: probe family (with ``X``; see :func:`fit_probes` for it and the options below).
+        C: inverse L2 strength (logistic, lowrank).
+        alpha: L2 strength (ridge).
+        rank: rank of the lowrank probe.
+        hidden: hidden units (mlp).
+        weight_decay: L2 strength (mlp).
+        lr: learning rate (mlp).
+        epochs: passes over the data (mlp).
+        batch_size: minibatch size (mlp).
+        max_iter: iteration cap (logistic, lowrank).
+        tol: gradient tolerance (logistic, lowrank).
+        dtype: precision of the data passes, ``"float64"`` or ``"float32"``.
+        groups: ``[N]`` example ids (resampled as units).
+        folds: k-fold cross-validation (overrides ``split``).
+        split: ``"random"`` (``test_frac`` held out), ``"all"`` or explicit.
+        test_frac: held-out fraction for ``split="random"``.
+        mask: ``[N]`` or ``[S, N]`` bool, the rows to use.
+        classes: the label set.
+        standardize: z-score every site with its training-fold statistics.
+        site_labels: one dict per site (frame columns).
+        meta: extra entries for the fits' ``meta``.
     """
-    boot = {"n_boot": 1000, "ci": 0.95}
-    for k in boot:
-        if k in options:
-            boot[k] = options.pop(k)
-    check_positive_int("n_boot", boot["n_boot"])
-    if not 0 < float(boot["ci"]) < 1:
-        raise LoopscopeError(f"ci must lie in (0, 1), got {boot['ci']!r}")
+    check_positive_int("n_boot", n_boot)
+    if not 0 < float(ci) < 1:
+        raise LoopscopeError(f"ci must lie in (0, 1), got {ci!r}")
+    # the fit, with every option named once; its keywords double as the "were any passed" check
+    fit = functools.partial(
+        fit_probes,
+        probe=probe,
+        C=C,
+        alpha=alpha,
+        rank=rank,
+        hidden=hidden,
+        weight_decay=weight_decay,
+        lr=lr,
+        epochs=epochs,
+        batch_size=batch_size,
+        max_iter=max_iter,
+        tol=tol,
+        dtype=dtype,
+        groups=groups,
+        folds=folds,
+        split=split,
+        test_frac=test_frac,
+        mask=mask,
+        classes=classes,
+        standardize=standardize,
+        meta=meta,
+    )
     if isinstance(task, ProbeResult):
-        if args:
-            raise LoopscopeError("selectivity(task_result, control_result) takes no more args")
-        reject_unknown_kwargs("selectivity", options, ["seed"])
-        if not isinstance(control, ProbeResult):
-            raise LoopscopeError("control must be a ProbeResult when task is one")
-        res_t, res_c = task, control
-        if res_t.correct.shape != res_c.correct.shape or any(
-            not torch.equal(a[1], b[1]) for a, b in zip(res_t.folds, res_c.folds, strict=True)
-        ):
-            raise LoopscopeError("task and control probes must share sites, examples and split")
-        seed = int(options.get("seed", res_t.meta.get("seed", 0)))
-    else:
-        if len(args) != 1:
-            raise LoopscopeError("selectivity(X, y, control_y, **options) needs control_y")
-        reject_unknown_kwargs("selectivity", options, FIT_OPTIONS)
-        X = torch.as_tensor(task)
-        if X.dim() != 3:
-            raise LoopscopeError(f"X must be [sites, examples, features], got {tuple(X.shape)}")
-        S, N = X.shape[:2]
-        y_t = torch.as_tensor(_np(control)).long().expand(S, N)
-        y_c = torch.as_tensor(_np(args[0])).long().expand(S, N)
-        labels = options.pop("site_labels", None)
-        both = fit_probes(
-            torch.cat([X, X]),
-            torch.cat([y_t, y_c]),
-            site_labels=None if labels is None else list(labels) * 2,
-            **options,
+        res_t, res_c = _fitted_pair(
+            task, control, control_y, {**fit.keywords, "site_labels": site_labels}
         )
-        res_t, res_c = _halves(both, S)
-        seed = int(options.get("seed", 0))
-    lo, hi = _bootstrap(res_t, res_c, int(boot["n_boot"]), float(boot["ci"]), seed)
+        seed = check_seed(res_t.meta.get("seed", 0) if seed is None else seed)
+    else:
+        seed = check_seed(0 if seed is None else seed)
+        res_t, res_c = _fit_pair(task, control, control_y, fit, seed=seed, site_labels=site_labels)
+    lo, hi = _bootstrap(res_t, res_c, int(n_boot), float(ci), seed)
     ta, ca = res_t.accuracy, res_c.accuracy
     return SelectivityResult(
-        res_t, res_c, ta, ca, ta - ca, lo, hi, {"seed": seed, **boot, "probe": res_t.kind}
+        task=res_t,
+        control=res_c,
+        task_acc=ta,
+        control_acc=ca,
+        selectivity=ta - ca,
+        ci_low=lo,
+        ci_high=hi,
+        meta={"seed": seed, "n_boot": n_boot, "ci": ci, "probe": res_t.kind},
     )
+
+
+def _fitted_pair(
+    task: ProbeResult, control: Any, control_y: Any, fit_options: dict[str, Any]
+) -> tuple[ProbeResult, ProbeResult]:
+    """Check two given fits: same sites, examples and split, and no fit options passed."""
+    if control_y is not None:
+        raise LoopscopeError("selectivity(task_result, control_result) takes no control_y")
+    params = inspect.signature(selectivity).parameters
+    given = [k for k, v in fit_options.items() if not _is_default(v, params[k].default)]
+    if given:
+        raise LoopscopeError(
+            f"selectivity(task_result, control_result) takes no fit options (got {given[0]}=): "
+            "the probes are already fitted"
+        )
+    if not isinstance(control, ProbeResult):
+        raise LoopscopeError("control must be a ProbeResult when task is one")
+    if task.correct.shape != control.correct.shape or any(
+        not torch.equal(a[1], b[1]) for a, b in zip(task.folds, control.folds, strict=True)
+    ):
+        raise LoopscopeError("task and control probes must share sites, examples and split")
+    return task, control
+
+
+def _fit_pair(
+    X: Any,
+    y: Any,
+    control_y: Any,
+    fit: Callable[..., ProbeResult],
+    *,
+    seed: int,
+    site_labels: list[dict[str, Any]] | None,
+) -> tuple[ProbeResult, ProbeResult]:
+    """Fit the task and the control labels in ONE batched solve (so they share the split)."""
+    if control_y is None:
+        raise LoopscopeError("selectivity(X, y, control_y) needs control_y")
+    X = torch.as_tensor(X)
+    if X.dim() != 3:
+        raise LoopscopeError(f"X must be [sites, examples, features], got {tuple(X.shape)}")
+    S, N = X.shape[:2]
+    y_t = torch.as_tensor(_np(y)).long().expand(S, N)
+    y_c = torch.as_tensor(_np(control_y)).long().expand(S, N)
+    labels = None if site_labels is None else list(site_labels) * 2
+    both = fit(torch.cat([X, X]), torch.cat([y_t, y_c]), seed=seed, site_labels=labels)
+    return _halves(both, S)
 
 
 def _halves(res: ProbeResult, S: int) -> tuple[ProbeResult, ProbeResult]:

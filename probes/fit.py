@@ -30,44 +30,41 @@ from torch import Tensor
 
 from loopscope.core.errors import (
     LoopscopeError,
+    UnknownOptionError,
     check_positive_int,
     check_seed,
-    reject_unknown_kwargs,
+    did_you_mean,
 )
+from loopscope.core.result import Result, float_summary, result_meta
+from loopscope.core.trace import Trace
 from loopscope.probes import solvers
+from loopscope.probes.activations import ActivationSet
+from loopscope.probes.design import trace_design
 from loopscope.probes.splits import as_groups, make_folds
 
-__all__ = ["fit_probes", "ProbeResult", "LinearProbe", "FIT_OPTIONS"]
-
-#: keyword options of :func:`fit_probes` and their defaults
-FIT_OPTIONS: dict[str, Any] = {
-    "probe": "logistic",
-    "C": 1.0,
-    "alpha": 1.0,
-    "rank": None,
-    "hidden": 256,
-    "weight_decay": 1e-4,
-    "lr": 3e-3,
-    "epochs": 50,
-    "batch_size": 256,
-    "max_iter": 1000,
-    "tol": 1e-4,
-    "dtype": "float64",
-    "groups": None,
-    "folds": None,
-    "split": "random",
-    "test_frac": 0.25,
-    "mask": None,
-    "classes": None,
-    "standardize": True,
-    "seed": 0,
-    "site_labels": None,
-    "meta": None,
-}
+__all__ = ["fit_probes", "ProbeResult", "LinearProbe"]
 
 
-@dataclass
-class ProbeResult:
+def _nanmean(a: np.ndarray, axis: int | None = None) -> np.ndarray | float:
+    """Mean over the finite entries (NaN where there are none, without numpy's warning)."""
+    ok = ~np.isnan(a)
+    n = ok.sum(axis)
+    total = np.where(ok, a, 0.0).sum(axis)
+    return np.where(n > 0, total / np.maximum(n, 1), np.nan)
+
+
+def meta_columns(meta: dict[str, Any]) -> dict[str, Any]:
+    """The scalar entries of a result's ``meta`` that its frame repeats as columns (not None,
+    not the version)."""
+    return {
+        k: v
+        for k, v in meta.items()
+        if k != "loopscope_version" and v is not None and np.isscalar(v)
+    }
+
+
+@dataclass(kw_only=True, repr=False)
+class ProbeResult(Result):
     """Probes fitted for ``S`` sites over ``F`` folds.
 
     Attributes:
@@ -81,7 +78,9 @@ class ProbeResult:
             rows never held out or unlabelled (drives paired bootstraps in ``selectivity``).
         test_pred: ``[S, N]`` held-out predictions (class values; -100 where not held out).
         classes: ``[K]`` class values; folds: ``(train_idx, test_idx)`` per fold.
-        groups: ``[N]`` group id of each row; site_labels: one dict per site; meta: options.
+        groups: ``[N]`` group id of each row; site_labels: one dict per site.
+        meta: seed, model, split, loopscope version, the probe settings and ``n_nonfinite``
+            (per site, rows dropped for non-finite activations).
     """
 
     kind: str
@@ -98,7 +97,6 @@ class ProbeResult:
     folds: list[tuple[Tensor, Tensor]]
     groups: np.ndarray
     site_labels: list[dict[str, Any]] = field(default_factory=list)
-    meta: dict[str, Any] = field(default_factory=dict)
 
     @property
     def n_sites(self) -> int:
@@ -106,8 +104,8 @@ class ProbeResult:
 
     @property
     def accuracy(self) -> np.ndarray:
-        """Held-out accuracy per site ``[S]``, averaged over folds."""
-        return np.nanmean(self.test_acc.numpy(), axis=0)
+        """Held-out accuracy per site ``[S]``, averaged over folds (NaN without held-out rows)."""
+        return _nanmean(self.test_acc.numpy(), axis=0)
 
     def _standardise(self, X: Tensor, fold: int) -> Tensor:
         X = torch.as_tensor(X)
@@ -143,39 +141,152 @@ class ProbeResult:
         return W / W.norm(dim=1, keepdim=True).clamp_min(1e-30) if unit else W
 
     def to_frame(self, aggregate: bool = False) -> pd.DataFrame:
-        """Tidy table: one row per (site, fold) — or per site with ``aggregate`` (fold = -1)."""
+        """Tidy table: one row per (site, fold) — or per site with ``aggregate`` (fold = -1).
+
+        Columns: the site labels (``site``, and ``iteration`` / ``position`` on a trace),
+        fold, probe, train_acc, test_acc, n_train, n_test, seed, and model / task / split /
+        n_nonfinite where known.
+        """
         rows = []
         F = self.train_acc.shape[0]
         for s in range(self.n_sites):
             lab = dict(self.site_labels[s]) if self.site_labels else {"site": s}
-            folds = [None] if aggregate else range(F)
-            for f in folds:
-                r = dict(lab)
-                if f is None:
-                    r.update(
-                        fold=-1,
-                        probe=self.kind,
-                        train_acc=float(np.nanmean(self.train_acc[:, s].numpy())),
-                        test_acc=float(np.nanmean(self.test_acc[:, s].numpy())),
-                        n_train=int(self.n_train[:, s].sum()),
-                        n_test=int(self.n_test[:, s].sum()),
-                    )
-                else:
-                    r.update(
-                        fold=f,
-                        probe=self.kind,
-                        train_acc=float(self.train_acc[f, s]),
-                        test_acc=float(self.test_acc[f, s]),
-                        n_train=int(self.n_train[f, s]),
-                        n_test=int(self.n_test[f, s]),
-                    )
-                r["seed"] = self.meta.get("seed")
-                for k in ("model", "task", "split", "n_nonfinite"):
-                    if k in self.meta:
-                        v = self.meta[k]
-                        r[k] = v[s] if isinstance(v, list) else v
-                rows.append(r)
+            if aggregate:
+                rows.append(self._row(lab, s, None))
+            else:
+                rows.extend(self._row(lab, s, f) for f in range(F))
         return pd.DataFrame(rows)
+
+    def _row(self, lab: dict[str, Any], s: int, f: int | None) -> dict[str, Any]:
+        r = dict(lab)
+        if f is None:
+            r.update(
+                fold=-1,
+                probe=self.kind,
+                train_acc=float(_nanmean(self.train_acc[:, s].numpy())),
+                test_acc=float(_nanmean(self.test_acc[:, s].numpy())),
+                n_train=int(self.n_train[:, s].sum()),
+                n_test=int(self.n_test[:, s].sum()),
+            )
+        else:
+            r.update(
+                fold=f,
+                probe=self.kind,
+                train_acc=float(self.train_acc[f, s]),
+                test_acc=float(self.test_acc[f, s]),
+                n_train=int(self.n_train[f, s]),
+                n_test=int(self.n_test[f, s]),
+            )
+        r["seed"] = self.meta.get("seed")
+        for k in ("model", "task", "split", "n_nonfinite"):
+            v = self.meta.get(k)
+            if v is not None:
+                r[k] = v[s] if isinstance(v, list) else v
+        return r
+
+    def summary(self) -> dict[str, float]:
+        """Sites and folds, mean / best held-out accuracy (and the best site), mean train accuracy."""
+        acc = self.accuracy
+        has = ~np.isnan(acc)
+        return float_summary(
+            {
+                "n_sites": self.n_sites,
+                "n_folds": len(self.folds),
+                "mean_test_acc": float(_nanmean(acc)),
+                "max_test_acc": float(acc[has].max()) if has.any() else None,
+                "best_site": int(np.nanargmax(acc)) if has.any() else None,
+                "mean_train_acc": float(_nanmean(self.train_acc.numpy())),
+            }
+        )
+
+
+# -- validation -----------------------------------------------------------------------------------
+
+_DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class _ProbeSpec:
+    """A probe family with its checked hyperparameters; :meth:`solve` fits it on one fold."""
+
+    kind: str
+    C: float
+    alpha: float
+    rank: int | None
+    hidden: int
+    weight_decay: float
+    lr: float
+    epochs: int
+    batch_size: int
+    max_iter: int
+    tol: float
+    dtype: torch.dtype
+
+    @classmethod
+    def checked(cls, kind: str, *, dtype: Any, **hyper: Any) -> _ProbeSpec:
+        name = str(dtype).replace("torch.", "")
+        if name not in _DTYPES:
+            raise LoopscopeError(f"dtype must be 'float64' or 'float32', got {dtype!r}")
+        if kind not in solvers.KINDS:
+            raise LoopscopeError(
+                f"unknown probe kind {kind!r}; choose one of {', '.join(solvers.KINDS)}"
+            )
+        for key in ("C", "lr", "tol"):
+            if not float(hyper[key]) > 0:
+                raise LoopscopeError(f"{key} must be > 0, got {hyper[key]!r}")
+        for key in ("alpha", "weight_decay"):
+            if not float(hyper[key]) >= 0:
+                raise LoopscopeError(f"{key} must be >= 0, got {hyper[key]!r}")
+        for key in ("hidden", "epochs", "batch_size", "max_iter"):
+            check_positive_int(key, hyper[key])
+        if kind == "lowrank":
+            if hyper["rank"] is None:
+                raise LoopscopeError("probe='lowrank' needs rank= (a positive integer)")
+            check_positive_int("rank", hyper["rank"])
+        for key in ("C", "alpha", "weight_decay", "lr", "tol"):
+            hyper[key] = float(hyper[key])
+        return cls(kind=kind, dtype=_DTYPES[name], **hyper)
+
+    @property
+    def data_dtype(self) -> torch.dtype:
+        # the closed-form ridge with dtype="float32" reads the data in float32 end to end (no
+        # float64 copy of X); the iterative probes keep float64 data and cast per pass
+        return (
+            torch.float32 if self.kind == "ridge" and self.dtype == torch.float32 else torch.float64
+        )
+
+    def solve(self, Z: Tensor, y: Tensor, w: Tensor, K: int, gen: torch.Generator) -> dict:
+        """Fit every site on standardised training rows ``Z [S, n, d]`` (see solvers)."""
+        if self.kind == "ridge":
+            return solvers.ridge(Z, y, w, K, alpha=self.alpha)
+        if self.kind == "logistic":
+            return solvers.logistic(
+                Z, y, w, K, C=self.C, max_iter=self.max_iter, tol=self.tol, dtype=self.dtype
+            )
+        if self.kind == "lowrank":
+            return solvers.lowrank(
+                Z,
+                y,
+                w,
+                K,
+                rank=self.rank,
+                C=self.C,
+                max_iter=self.max_iter,
+                tol=self.tol,
+                generator=gen,
+            )
+        return solvers.mlp(
+            Z,
+            y,
+            w,
+            K,
+            hidden=self.hidden,
+            alpha=self.weight_decay,
+            lr=self.lr,
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            generator=gen,
+        )
 
 
 def _finite_rows(X: Tensor) -> Tensor:
@@ -206,60 +317,19 @@ def _as_labels(y: Any, S: int, N: int) -> Tensor:
     return y
 
 
-_DTYPES = {"float64": torch.float64, "float32": torch.float32}
+@dataclass(frozen=True)
+class _Data:
+    """Checked arrays of one fit: ``X`` in the solver's data dtype (non-finite rows zeroed),
+    class indices ``yi``, the usable rows ``valid`` and the class values."""
+
+    X: Tensor  # [S, N, d]
+    yi: Tensor  # [S, N] long, 0..K-1 (anything where not valid)
+    valid: Tensor  # [S, N] bool
+    finite: Tensor  # [S, N] bool
+    classes: Tensor  # [K]
 
 
-def _check_options(o: dict[str, Any]) -> None:
-    if str(o["dtype"]).replace("torch.", "") not in _DTYPES:
-        raise LoopscopeError(f"dtype must be 'float64' or 'float32', got {o['dtype']!r}")
-    if o["probe"] not in solvers.KINDS:
-        raise LoopscopeError(
-            f"unknown probe kind {o['probe']!r}; choose one of {', '.join(solvers.KINDS)}"
-        )
-    for name in ("C", "lr", "tol"):
-        if not float(o[name]) > 0:
-            raise LoopscopeError(f"{name} must be > 0, got {o[name]!r}")
-    for name in ("alpha", "weight_decay"):
-        if not float(o[name]) >= 0:
-            raise LoopscopeError(f"{name} must be >= 0, got {o[name]!r}")
-    for name in ("hidden", "epochs", "batch_size", "max_iter"):
-        check_positive_int(name, o[name])
-    o["seed"] = check_seed(o["seed"])
-    if o["probe"] == "lowrank":
-        if o["rank"] is None:
-            raise LoopscopeError("probe='lowrank' needs rank= (a positive integer)")
-        check_positive_int("rank", o["rank"])
-
-
-def fit_probes(X: Any, y: Any, **options: Any) -> ProbeResult:
-    """Fit one probe per site for all ``S`` sites (iterations x sites) in one batched solve.
-
-    Args:
-        X: ``[S, N, d]`` activations — or a :class:`loopscope.Trace` / :class:`ActivationSet`
-            with ``y`` the ``[B, pos]`` targets (see :func:`loopscope.probes.fit_trace`).
-        y: ``[N]`` labels shared by every site, or ``[S, N]``; ``-100`` = unlabelled.
-
-    Keyword options (defaults in ``FIT_OPTIONS``):
-        probe: ``"logistic"`` (L2, ``C``; batched L-BFGS to gradient ``tol``, ``max_iter``;
-            ``dtype="float32"`` runs the data passes in single precision, about 2x faster),
-            ``"ridge"`` (``alpha``), ``"lowrank"`` (``rank``, ``C``), ``"mlp"`` (``hidden``, ``weight_decay``, ``lr``, ``epochs``, ``batch_size``).
-        groups: ``[N]`` example ids (tokens of one example never straddle folds).
-        folds: k-fold cross-validation; else ``split`` (``"random"`` with ``test_frac``,
-            ``"all"``, ``(train_idx, test_idx)`` or a bool train mask).
-        mask: ``[N]`` or ``[S, N]`` bool, rows to use. classes: the label set (default: observed).
-        standardize: z-score every site with its training-fold statistics (default True).
-        seed: split and initialisation seed. site_labels: one dict per site (frame columns).
-
-    Returns:
-        :class:`ProbeResult` (``.to_frame()``: site, fold, probe, train_acc, test_acc, seed ...).
-    """
-    if not isinstance(X, (Tensor, np.ndarray)):
-        from loopscope.probes.trace_fit import fit_trace
-
-        return fit_trace(X, y, **options)
-    reject_unknown_kwargs("fit_probes", options, FIT_OPTIONS)
-    o = {**FIT_OPTIONS, **options}
-    _check_options(o)
+def _check_data(X: Any, y: Any, mask: Any, classes: Any, dtype: torch.dtype) -> _Data:
     X = torch.as_tensor(X)
     if X.dim() != 3:
         raise LoopscopeError(f"X must be [sites, examples, features], got {tuple(X.shape)}")
@@ -267,158 +337,287 @@ def fit_probes(X: Any, y: Any, **options: Any) -> ProbeResult:
     if S == 0 or N == 0 or d == 0:
         raise LoopscopeError(f"X must be non-empty, got shape {tuple(X.shape)}")
     y = _as_labels(y, S, N)
-    finite = _finite_rows(X)  # [S, N]
+    finite = _finite_rows(X)
     valid = (y != -100) & finite
-    if o["mask"] is not None:
-        m = torch.as_tensor(np.asarray(o["mask"]))
+    if mask is not None:
+        m = torch.as_tensor(np.asarray(mask))
         if m.dtype != torch.bool or m.shape not in ((N,), (S, N)):
             raise LoopscopeError(f"mask must be bool [N] or [S, N], got {m.dtype} {tuple(m.shape)}")
         valid = valid & m
-    if o["classes"] is None:
-        classes = torch.unique(y[valid])
+    if classes is None:
+        values = torch.unique(y[valid])
     else:
-        classes = torch.unique(torch.as_tensor(o["classes"]).long())
-        unknown = torch.unique(y[valid][~torch.isin(y[valid], classes)])
+        values = torch.unique(torch.as_tensor(classes).long())
+        unknown = torch.unique(y[valid][~torch.isin(y[valid], values)])
         if unknown.numel():
             raise LoopscopeError(f"labels {unknown.tolist()[:5]} are not in classes=")
-    if classes.numel() < 2:
+    if values.numel() < 2:
         raise LoopscopeError(
-            f"need at least 2 classes to fit probes, got {classes.tolist()} (pass classes=)"
+            f"need at least 2 classes to fit probes, got {values.tolist()} (pass classes=)"
         )
-    K = int(classes.numel())
-    yi = torch.searchsorted(classes, torch.where(valid, y, classes[0]).contiguous())
-    groups = as_groups(o["groups"], N)
-    folds = make_folds(
-        N,
-        groups=groups,
-        folds=o["folds"],
-        test_frac=o["test_frac"],
-        split=o["split"],
-        seed=o["seed"],
-    )
-    # the closed-form ridge with dtype="float32" reads the data in float32 end to end (no float64
-    # copy of X); the iterative probes keep float64 data and cast per pass (see solvers)
-    data_dtype = torch.float64
-    if o["probe"] == "ridge" and _DTYPES[str(o["dtype"]).replace("torch.", "")] == torch.float32:
-        data_dtype = torch.float32
-    X0 = X.to(data_dtype)  # no copy when X already has that dtype
+    yi = torch.searchsorted(values, torch.where(valid, y, values[0]).contiguous())
+    X = X.to(dtype)  # no copy when X already has that dtype
     if not bool(finite.all()):
-        X0 = torch.where(finite.unsqueeze(-1), X0, torch.zeros((), dtype=data_dtype))
-    Fn = len(folds)
-    out = {k: torch.full((Fn, S), float("nan"), dtype=torch.float64) for k in ("tr", "te")}
-    n_tr = torch.zeros(Fn, S, dtype=torch.long)
-    n_te = torch.zeros(Fn, S, dtype=torch.long)
-    correct = torch.full((S, N), float("nan"), dtype=torch.float64)
-    test_pred = torch.full((S, N), -100, dtype=torch.long)
-    params, means, stds = [], [], []
-    for f, (tr, te) in enumerate(folds):
-        w = valid[:, tr].double()
-        # full-array passes dominate at probe sizes: standardise the training rows in place
-        # and score every row through weights with the standardisation folded in
-        gen = torch.Generator().manual_seed(int(o["seed"]) * 1000 + f)
-        Ztr = X0[:, tr]  # an index tensor: always a copy, so the in-place passes are safe
-        if o["standardize"]:
-            mean = solvers._wmean(Ztr, w)
-            Ztr -= mean
-            mean = mean.double()
-            if o["probe"] == "ridge":
-                # the closed form never needs the scaled copy: std comes from the centred Gram
-                p, std = solvers.ridge_centred(Ztr, yi[:, tr], w, K, mean, alpha=float(o["alpha"]))
-            else:
-                std = solvers.standard_deviation(Ztr, w, mean)
-                Ztr /= std
-                p = _solve(o, Ztr, yi[:, tr], w, K, gen)
+        X = torch.where(finite.unsqueeze(-1), X, torch.zeros((), dtype=dtype))
+    return _Data(X, yi, valid, finite, values)
+
+
+def _check_trace_only(on_trace: bool, **given: Any) -> None:
+    """Options of one input kind are refused on the other (never silently ignored)."""
+    defaults = {
+        "sites": None,
+        "positions": None,
+        "iterations": None,
+        "pooled": False,
+        "exclude_diverged": True,
+        "groups": None,
+        "site_labels": None,
+    }
+    for key, value in given.items():
+        if value is defaults[key] or (isinstance(value, bool) and value == defaults[key]):
+            continue
+        if on_trace and key in ("groups", "site_labels"):
+            raise UnknownOptionError(
+                f"fit_probes() got an unknown option {key!r} for a Trace (set from the trace: "
+                "sequence ids and site keys)"
+            )
+        if not on_trace and key not in ("groups", "site_labels"):
+            raise LoopscopeError(f"{key}= applies to a Trace or ActivationSet X, not an array")
+
+
+# -- the fit --------------------------------------------------------------------------------------
+
+
+def _fit_fold(
+    spec: _ProbeSpec, data: _Data, tr: Tensor, standardize: bool, gen: torch.Generator
+) -> tuple[dict[str, Tensor], Tensor, Tensor, Tensor]:
+    """Fit every site on the rows ``tr``: ``(params, mean, std, predicted class index [S, N])``."""
+    S, N, d = data.X.shape
+    K = int(data.classes.numel())
+    w = data.valid[:, tr].double()
+    yi = data.yi[:, tr]
+    # full-array passes dominate at probe sizes: standardise the training rows in place and
+    # score every row through weights with the standardisation folded in
+    Ztr = data.X[:, tr]  # an index tensor: always a copy, so the in-place passes are safe
+    if not standardize:
+        mean = torch.zeros(S, 1, d, dtype=torch.float64)
+        std = torch.ones(S, 1, d, dtype=torch.float64)
+        p = spec.solve(Ztr, yi, w, K, gen)
+    else:
+        mean = solvers._wmean(Ztr, w)
+        Ztr -= mean
+        mean = mean.double()
+        if spec.kind == "ridge":
+            # the closed form never needs the scaled copy: std comes from the centred Gram
+            p, std = solvers.ridge_centred(Ztr, yi, w, K, mean, alpha=spec.alpha)
         else:
-            mean = torch.zeros(S, 1, d, dtype=torch.float64)
-            std = torch.ones(S, 1, d, dtype=torch.float64)
-            p = _solve(o, Ztr, yi[:, tr], w, K, gen)
-        del Ztr
-        raw = solvers.fold_standardisation(o["probe"], p, mean, std)
-        raw_x = (
-            raw if data_dtype == torch.float64 else {k: v.to(data_dtype) for k, v in raw.items()}
-        )
-        pred = solvers.scores(o["probe"], raw_x, X0).argmax(-1)  # [S, N] class indices
-        ok = (pred == yi).double()
+            std = solvers.standard_deviation(Ztr, w, mean)
+            Ztr /= std
+            p = spec.solve(Ztr, yi, w, K, gen)
+    del Ztr
+    raw = solvers.fold_standardisation(spec.kind, p, mean, std)
+    if data.X.dtype != torch.float64:
+        raw = {k: v.to(data.X.dtype) for k, v in raw.items()}
+    pred = solvers.scores(spec.kind, raw, data.X).argmax(-1)
+    return p, mean, std, pred
+
+
+class _Tally:
+    """Accuracies and held-out predictions, filled in fold by fold."""
+
+    def __init__(self, n_folds: int, S: int, N: int) -> None:
+        nan = float("nan")
+        self.acc = {k: torch.full((n_folds, S), nan, dtype=torch.float64) for k in ("tr", "te")}
+        self.n = {k: torch.zeros(n_folds, S, dtype=torch.long) for k in ("tr", "te")}
+        self.correct = torch.full((S, N), nan, dtype=torch.float64)
+        self.test_pred = torch.full((S, N), -100, dtype=torch.long)
+
+    def add(self, f: int, tr: Tensor, te: Tensor, pred: Tensor, data: _Data) -> None:
+        ok = (pred == data.yi).double()
         for key, idx in (("tr", tr), ("te", te)):
-            v = valid[:, idx]
+            v = data.valid[:, idx]
             n = v.sum(1)
             acc = (ok[:, idx] * v).sum(1) / n.clamp_min(1)
-            out[key][f] = torch.where(n > 0, acc, torch.full_like(acc, float("nan")))
-            (n_tr if key == "tr" else n_te)[f] = n
-        vte = valid[:, te]
-        correct[:, te] = torch.where(vte, ok[:, te], torch.full_like(ok[:, te], float("nan")))
-        test_pred[:, te] = torch.where(
-            vte, classes[pred[:, te]], torch.full_like(pred[:, te], -100)
+            self.acc[key][f] = torch.where(n > 0, acc, torch.full_like(acc, float("nan")))
+            self.n[key][f] = n
+        vte = data.valid[:, te]
+        self.correct[:, te] = torch.where(vte, ok[:, te], torch.full_like(ok[:, te], float("nan")))
+        held = torch.where(vte, data.classes[pred[:, te]], torch.full_like(pred[:, te], -100))
+        self.test_pred[:, te] = held
+
+
+@did_you_mean
+def fit_probes(
+    X: Tensor | np.ndarray | Trace | ActivationSet,
+    y: Any,
+    *,
+    probe: str = "logistic",
+    C: float = 1.0,
+    alpha: float = 1.0,
+    rank: int | None = None,
+    hidden: int = 256,
+    weight_decay: float = 1e-4,
+    lr: float = 3e-3,
+    epochs: int = 50,
+    batch_size: int = 256,
+    max_iter: int = 1000,
+    tol: float = 1e-4,
+    dtype: str = "float64",
+    groups: Any = None,
+    folds: int | None = None,
+    split: Any = "random",
+    test_frac: float = 0.25,
+    mask: Any = None,
+    classes: Any = None,
+    standardize: bool = True,
+    seed: int = 0,
+    site_labels: list[dict[str, Any]] | None = None,
+    meta: dict[str, Any] | None = None,
+    sites: Any = None,
+    positions: Any = None,
+    iterations: Any = None,
+    pooled: bool = False,
+    exclude_diverged: bool = True,
+) -> ProbeResult:
+    """Fit one probe per site for all ``S`` sites (iterations x sites) in one batched solve.
+
+    Args:
+        X: ``[S, N, d]`` activations — or a :class:`loopscope.Trace` / :class:`ActivationSet`
+            with ``y`` the ``[B, pos]`` targets (see :func:`loopscope.probes.fit_trace`).
+        y: ``[N]`` labels shared by every site, or ``[S, N]``; ``-100`` = unlabelled.
+        probe: ``"logistic"`` (L2), ``"ridge"`` (closed form), ``"lowrank"`` (logistic with a
+            rank-``rank`` weight matrix) or ``"mlp"`` (one ReLU hidden layer).
+        C: inverse L2 strength of the logistic and low-rank probes (scikit-learn's ``C``).
+        alpha: L2 strength of the ridge probe (scikit-learn's ``Ridge(alpha)``).
+        rank: rank of the ``lowrank`` probe's weight matrix (required for that kind).
+        hidden: hidden units of the ``mlp`` probe.
+        weight_decay: L2 strength of the ``mlp`` probe (scikit-learn's ``MLPClassifier(alpha)``).
+        lr: Adam learning rate of the ``mlp`` probe.
+        epochs: passes over the data of the ``mlp`` probe.
+        batch_size: minibatch size of the ``mlp`` probe.
+        max_iter: iteration cap of the logistic and low-rank solvers.
+        tol: the logistic and low-rank solvers stop at ``max |gradient| <= tol`` of the objective
+            scaled by ``1 / (C n)`` (scikit-learn's convention).
+        dtype: ``"float64"`` or ``"float32"``: the precision of the passes over the data
+            (float32 is about 2x faster; the solver state stays float64).
+        groups: ``[N]`` example ids (tokens of one example never straddle folds).
+        folds: k-fold cross-validation (k >= 2); overrides ``split``.
+        split: ``"random"`` (one seeded split, ``test_frac`` held out), ``"all"`` (train on
+            every row, no test rows), ``(train_idx, test_idx)`` or a bool train mask ``[N]``.
+        test_frac: held-out fraction of groups for ``split="random"``.
+        mask: ``[N]`` or ``[S, N]`` bool, the rows to use (on a trace: ``[B, pos]``).
+        classes: the label set (default: the labels observed).
+        standardize: z-score every site with its training-fold statistics.
+        seed: split and initialisation seed.
+        site_labels: one dict per site (columns of the frame); on a trace, set from its keys.
+        meta: extra entries for the result's ``meta`` (e.g. model, task, split).
+        sites: on a trace: ``"state"`` and/or captured hook names (default: all).
+        positions: on a trace: positions to probe (default: all).
+        iterations: on a trace: iterations to probe (default: all).
+        pooled: on a trace: one probe per (iteration, site) over every labelled token, split by
+            sequence, instead of one per (iteration, site, position).
+        exclude_diverged: on a trace: leave out the samples it flagged as diverged.
+
+    Returns:
+        :class:`ProbeResult` (``.to_frame()``: site, fold, probe, train_acc, test_acc, seed ...).
+    """
+    spec = _ProbeSpec.checked(
+        probe,
+        C=C,
+        alpha=alpha,
+        rank=rank,
+        hidden=hidden,
+        weight_decay=weight_decay,
+        lr=lr,
+        epochs=epochs,
+        batch_size=batch_size,
+        max_iter=max_iter,
+        tol=tol,
+        dtype=dtype,
+    )
+    seed = check_seed(seed)
+    on_trace = isinstance(X, (Trace, ActivationSet))
+    _check_trace_only(
+        on_trace,
+        sites=sites,
+        positions=positions,
+        iterations=iterations,
+        pooled=pooled,
+        exclude_diverged=exclude_diverged,
+        groups=groups,
+        site_labels=site_labels,
+    )
+    extra: dict[str, Any] = {}
+    if on_trace:
+        design = trace_design(
+            X,
+            y,
+            sites=sites,
+            positions=positions,
+            iterations=iterations,
+            pooled=pooled,
+            exclude_diverged=exclude_diverged,
+            mask=mask,
         )
+        X, y, groups, site_labels, extra = (
+            design.X,
+            design.y,
+            design.groups,
+            design.site_labels,
+            dict(design.meta),
+        )
+        mask = None
+    data = _check_data(X, y, mask, classes, spec.data_dtype)
+    S, N, _ = data.X.shape
+    labels = list(site_labels) if site_labels is not None else []
+    if labels and len(labels) != S:
+        raise LoopscopeError(f"site_labels must have one dict per site ({S}), got {len(labels)}")
+    groups = as_groups(groups, N)
+    fold_idx = make_folds(
+        N, groups=groups, folds=folds, test_frac=test_frac, split=split, seed=seed
+    )
+
+    tally = _Tally(len(fold_idx), S, N)
+    params, means, stds = [], [], []
+    for f, (tr, te) in enumerate(fold_idx):
+        gen = torch.Generator().manual_seed(seed * 1000 + f)
+        p, mean, std, pred = _fit_fold(spec, data, tr, standardize, gen)
+        tally.add(f, tr, te, pred, data)
         params.append(p)
         means.append(mean)
         stds.append(std)
-    meta = {k: o[k] for k in ("probe", "seed", "C", "alpha", "rank", "hidden", "folds")}
-    meta["split_mode"] = o["split"] if isinstance(o["split"], str) else "explicit"
-    meta["n_nonfinite"] = (~finite).sum(1).tolist()
-    meta.update(o["meta"] or {})
-    labels = list(o["site_labels"]) if o["site_labels"] is not None else []
-    if labels and len(labels) != S:
-        raise LoopscopeError(f"site_labels must have one dict per site ({S}), got {len(labels)}")
+
+    settings = {
+        "probe": spec.kind,
+        "C": C,
+        "alpha": alpha,
+        "rank": rank,
+        "hidden": hidden,
+        "folds": folds,
+        "split_mode": split if isinstance(split, str) else "explicit",
+        "n_nonfinite": (~data.finite).sum(1).tolist(),
+    }
+    extra.update(meta or {})
+    info = result_meta(
+        model=extra.get("model"), seed=seed, split=extra.get("split"), settings=settings
+    )
+    info.update(extra)
     return ProbeResult(
-        kind=o["probe"],
+        kind=spec.kind,
         params=params,
         mean=means,
         std=stds,
-        train_acc=out["tr"],
-        test_acc=out["te"],
-        n_train=n_tr,
-        n_test=n_te,
-        correct=correct,
-        test_pred=test_pred,
-        classes=classes,
-        folds=folds,
+        train_acc=tally.acc["tr"],
+        test_acc=tally.acc["te"],
+        n_train=tally.n["tr"],
+        n_test=tally.n["te"],
+        correct=tally.correct,
+        test_pred=tally.test_pred,
+        classes=data.classes,
+        folds=fold_idx,
         groups=groups,
         site_labels=labels,
-        meta=meta,
-    )
-
-
-def _solve(
-    o: dict[str, Any], Z: Tensor, y: Tensor, w: Tensor, K: int, gen: torch.Generator
-) -> dict[str, Tensor]:
-    kind = o["probe"]
-    if kind == "ridge":
-        return solvers.ridge(Z, y, w, K, alpha=float(o["alpha"]))
-    if kind == "logistic":
-        return solvers.logistic(
-            Z,
-            y,
-            w,
-            K,
-            C=float(o["C"]),
-            max_iter=o["max_iter"],
-            tol=float(o["tol"]),
-            dtype=_DTYPES[str(o["dtype"]).replace("torch.", "")],
-        )
-    if kind == "lowrank":
-        return solvers.lowrank(
-            Z,
-            y,
-            w,
-            K,
-            rank=o["rank"],
-            C=float(o["C"]),
-            max_iter=o["max_iter"],
-            tol=float(o["tol"]),
-            generator=gen,
-        )
-    return solvers.mlp(
-        Z,
-        y,
-        w,
-        K,
-        hidden=o["hidden"],
-        alpha=float(o["weight_decay"]),
-        lr=float(o["lr"]),
-        epochs=o["epochs"],
-        batch_size=o["batch_size"],
-        generator=gen,
+        meta=info,
     )
 
 
@@ -426,7 +625,26 @@ class LinearProbe:
     """scikit-learn-style estimator over :func:`fit_probes` (trains on all rows given).
 
     ``X`` may be ``[N, d]`` (one probe) or ``[S, N, d]`` (S probes fitted in one batched solve;
-    ``predict`` / ``score`` then return per-site results).
+    ``predict`` / ``score`` then return per-site results). The keyword parameters are those of
+    :func:`fit_probes` (same defaults), kept as attributes like a scikit-learn estimator's.
+
+    Args:
+        kind: probe family (``fit_probes``'s ``probe``): logistic, ridge, lowrank or mlp.
+        C: inverse L2 strength (logistic, lowrank).
+        alpha: L2 strength (ridge).
+        rank: rank of the lowrank probe.
+        hidden: hidden units (mlp).
+        weight_decay: L2 strength (mlp).
+        lr: learning rate (mlp).
+        epochs: passes over the data (mlp).
+        batch_size: minibatch size (mlp).
+        max_iter: iteration cap (logistic, lowrank).
+        tol: gradient tolerance (logistic, lowrank).
+        dtype: precision of the data passes, ``"float64"`` or ``"float32"``.
+        mask: ``[N]`` or ``[S, N]`` bool, the rows to train on.
+        classes: the label set (default: the labels seen by :meth:`fit`).
+        standardize: z-score the features with the training statistics.
+        seed: initialisation seed (lowrank, mlp).
 
     Example:
         >>> import torch
@@ -436,11 +654,43 @@ class LinearProbe:
         True
     """
 
-    def __init__(self, kind: str = "logistic", **options: Any) -> None:
-        allowed = [k for k in FIT_OPTIONS if k not in ("split", "folds", "test_frac", "probe")]
-        reject_unknown_kwargs("LinearProbe", options, allowed)
+    @did_you_mean
+    def __init__(
+        self,
+        kind: str = "logistic",
+        *,
+        C: float = 1.0,
+        alpha: float = 1.0,
+        rank: int | None = None,
+        hidden: int = 256,
+        weight_decay: float = 1e-4,
+        lr: float = 3e-3,
+        epochs: int = 50,
+        batch_size: int = 256,
+        max_iter: int = 1000,
+        tol: float = 1e-4,
+        dtype: str = "float64",
+        mask: Any = None,
+        classes: Any = None,
+        standardize: bool = True,
+        seed: int = 0,
+    ) -> None:
         self.kind = kind
-        self.options = options
+        self.C = C
+        self.alpha = alpha
+        self.rank = rank
+        self.hidden = hidden
+        self.weight_decay = weight_decay
+        self.lr = lr
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.max_iter = max_iter
+        self.tol = tol
+        self.dtype = dtype
+        self.mask = mask
+        self.classes = classes
+        self.standardize = standardize
+        self.seed = seed
         self.result_: ProbeResult | None = None
         self._single = False
 
@@ -448,7 +698,27 @@ class LinearProbe:
         X = torch.as_tensor(X)
         self._single = X.dim() == 2
         Xs = X.unsqueeze(0) if self._single else X
-        self.result_ = fit_probes(Xs, y, probe=self.kind, split="all", **self.options)
+        self.result_ = fit_probes(
+            Xs,
+            y,
+            probe=self.kind,
+            split="all",
+            C=self.C,
+            alpha=self.alpha,
+            rank=self.rank,
+            hidden=self.hidden,
+            weight_decay=self.weight_decay,
+            lr=self.lr,
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            max_iter=self.max_iter,
+            tol=self.tol,
+            dtype=self.dtype,
+            mask=self.mask,
+            classes=self.classes,
+            standardize=self.standardize,
+            seed=self.seed,
+        )
         return self
 
     def _res(self) -> ProbeResult:

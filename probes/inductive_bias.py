@@ -36,7 +36,9 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from loopscope.core.errors import LoopscopeError, check_positive_int
+from loopscope.core.errors import LoopscopeError, check_positive_int, did_you_mean
+from loopscope.core.result import Result, float_summary
+from loopscope.probes.fit import fit_probes
 
 __all__ = [
     "inductive_bias",
@@ -47,6 +49,11 @@ __all__ = [
 ]
 
 _RAW = ("R_raw", "D_raw", "D_q_eq_raw", "D_q_neq_raw")
+
+
+def _finite_mean(v: np.ndarray) -> float:
+    v = v[np.isfinite(v)]
+    return float(v.mean()) if v.size else float("nan")
 
 
 def _ids(x: Any, name: str, M: int) -> Tensor:
@@ -69,13 +76,18 @@ def _agree_pairs(pred: Tensor, group: Tensor, n_vals: int) -> tuple[Tensor, Tens
     return total.expand(B), (cnt * (cnt - 1) / 2).sum(1)
 
 
-@dataclass
-class InductiveBiasResult:
-    """Per-dataset R-IB / D-IB (raw) for each site; summaries via :meth:`to_frame`."""
+@dataclass(kw_only=True, repr=False)
+class InductiveBiasResult(Result):
+    """Per-dataset R-IB / D-IB (raw) for each site; summaries via :meth:`to_frame`.
+
+    Attributes:
+        per_dataset: metric -> ``[S, K]`` raw value per site and dataset (NaN: no pairs).
+        site_labels: one dict per site.
+        meta: n_datasets, n_eval (and seed, n_train from :func:`inductive_bias_probe`).
+    """
 
     per_dataset: dict[str, np.ndarray]  # metric -> [S, K]
     site_labels: list[dict[str, Any]] = field(default_factory=list)
-    meta: dict[str, Any] = field(default_factory=dict)
 
     def _stats(self, metric: str, site: int) -> tuple[float, float, int]:
         raw = metric.replace("_norm", "_raw")
@@ -120,6 +132,17 @@ class InductiveBiasResult:
                 df[k] = v
         return df
 
+    def summary(self) -> dict[str, float]:
+        """Every metric (raw and normalised) averaged over datasets, at site 0 and over sites."""
+        S = next(iter(self.per_dataset.values())).shape[0]
+        out: dict[str, Any] = {"n_sites": S, "n_datasets": self.meta.get("n_datasets")}
+        for m in self.metrics:
+            vals = np.array([self.value(m, s) for s in range(S)])
+            out[m] = vals[0]
+            if S > 1:
+                out[f"mean_{m}"] = float(_finite_mean(vals))
+        return float_summary(out)
+
 
 def inductive_bias(
     preds: Any, states: Any, q: Any = None, site_labels: list[dict] | None = None
@@ -161,7 +184,9 @@ def inductive_bias(
             A_n = A_all - (A_q + A_s - A_qs)
             out["D_q_neq_raw"] = (1 - A_n / T_n).numpy()
     per = {k: np.where(np.isfinite(v), v, np.nan).reshape(S, K) for k, v in out.items()}
-    return InductiveBiasResult(per, list(site_labels or []), {"n_datasets": K, "n_eval": M})
+    return InductiveBiasResult(
+        per_dataset=per, site_labels=list(site_labels or []), meta={"n_datasets": K, "n_eval": M}
+    )
 
 
 def white_noise(states: Any, n_datasets: int, seed: int = 0) -> Tensor:
@@ -172,18 +197,67 @@ def white_noise(states: Any, n_datasets: int, seed: int = 0) -> Tensor:
     return bits[:, st]
 
 
+@did_you_mean
 def linear_head(
-    kind: str = "logistic", **options: Any
+    kind: str = "logistic",
+    *,
+    C: float = 1.0,
+    alpha: float = 1.0,
+    rank: int | None = None,
+    hidden: int = 256,
+    weight_decay: float = 1e-4,
+    lr: float = 3e-3,
+    epochs: int = 50,
+    batch_size: int = 256,
+    max_iter: int = 1000,
+    tol: float = 1e-4,
+    dtype: str = "float64",
+    standardize: bool = True,
+    seed: int = 0,
 ) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
     """A batched "learning algorithm": fit a linear head per dataset, predict held-out inputs.
 
     Returns ``learner(X_train [b, n, d], y_train [b, n], X_eval [b, m, d]) -> preds [b, m]``
-    (all ``b`` heads in one :func:`fit_probes` call; ``options`` go to it, e.g. ``C=``).
+    (all ``b`` heads in one :func:`fit_probes` call on every training row, classes ``{0, 1}``).
+
+    Args:
+        kind: probe family (``fit_probes``'s ``probe``): logistic, ridge, lowrank or mlp.
+        C: inverse L2 strength (logistic, lowrank).
+        alpha: L2 strength (ridge).
+        rank: rank of the lowrank probe.
+        hidden: hidden units (mlp).
+        weight_decay: L2 strength (mlp).
+        lr: learning rate (mlp).
+        epochs: passes over the data (mlp).
+        batch_size: minibatch size (mlp).
+        max_iter: iteration cap (logistic, lowrank).
+        tol: gradient tolerance (logistic, lowrank).
+        dtype: precision of the data passes, ``"float64"`` or ``"float32"``.
+        standardize: z-score the features with the training statistics.
+        seed: initialisation seed (lowrank, mlp).
     """
-    from loopscope.probes.fit import fit_probes
 
     def learner(Xtr: Tensor, ytr: Tensor, Xev: Tensor) -> Tensor:
-        res = fit_probes(Xtr, ytr, probe=kind, split="all", classes=[0, 1], **options)
+        res = fit_probes(
+            Xtr,
+            ytr,
+            probe=kind,
+            split="all",
+            classes=[0, 1],
+            C=C,
+            alpha=alpha,
+            rank=rank,
+            hidden=hidden,
+            weight_decay=weight_decay,
+            lr=lr,
+            epochs=epochs,
+            batch_size=batch_size,
+            max_iter=max_iter,
+            tol=tol,
+            dtype=dtype,
+            standardize=standardize,
+            seed=seed,
+        )
         return res.predict(Xev)
 
     return learner

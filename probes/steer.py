@@ -34,7 +34,11 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from loopscope.core.errors import LoopscopeError, check_positive_int
+from loopscope.core.errors import LoopscopeError, check_positive_int, did_you_mean
+from loopscope.core.loop import Loop
+from loopscope.core.result import Result, float_summary, result_meta
+from loopscope.core.trace import Trace
+from loopscope.probes.fit import fit_probes, meta_columns
 
 __all__ = [
     "set_projection",
@@ -102,15 +106,20 @@ def _default_readout(trace: Any) -> Tensor:
     return torch.as_tensor(trace.decode()).argmax(-1)
 
 
-@dataclass
-class EditResult:
-    """Outputs of a clean and an edited run (``changed``: where they differ)."""
+@dataclass(kw_only=True, repr=False)
+class EditResult(Result):
+    """Outputs of a clean and an edited run (``changed``: where they differ).
+
+    Attributes:
+        clean_out, edited_out: the readouts of the two runs.
+        clean, edited: the two :class:`~loopscope.Trace` s.
+        meta: model, seed, hook, iteration, n_iter (and mode / value from :func:`steer`).
+    """
 
     clean_out: Tensor
     edited_out: Tensor
-    clean: Any = field(repr=False)
-    edited: Any = field(repr=False)
-    meta: dict[str, Any] = field(default_factory=dict)
+    clean: Trace = field(repr=False)
+    edited: Trace = field(repr=False)
 
     @property
     def changed(self) -> Tensor:
@@ -127,13 +136,21 @@ class EditResult:
         return float(ch.double().mean()) if ch.numel() else float("nan")
 
     def to_frame(self) -> pd.DataFrame:
-        row = {k: v for k, v in self.meta.items() if np.isscalar(v) or v is None}
-        row["flip_rate"] = self.flip_rate()
-        return pd.DataFrame([row])
+        """One row: the settings (meta) and flip_rate."""
+        return pd.DataFrame([{**meta_columns(self.meta), "flip_rate": self.flip_rate()}])
+
+    def summary(self) -> dict[str, float]:
+        """Fraction of outputs changed, and of samples with any output changed."""
+        ch = self.changed
+        per = ch.reshape(ch.shape[0], -1).any(1) if ch.dim() else ch.reshape(1)
+        return float_summary(
+            {"flip_rate": self.flip_rate(), "frac_samples_changed": float(per.double().mean())}
+        )
 
 
+@did_you_mean
 def intervene(
-    loop: Any,
+    loop: Loop,
     inputs: Any,
     *,
     n_iter: int,
@@ -154,8 +171,14 @@ def intervene(
     clean = unroll(loop, inputs, n_iter, seed=seed)
     patch = Patch(hook, iteration, value=lambda x, label: edit(x), positions=positions)
     edited = unroll(loop, inputs, n_iter, seed=seed, interventions=[patch])
-    meta = {"hook": hook, "iteration": iteration, "n_iter": n_iter, "seed": seed}
-    return EditResult(readout(clean), readout(edited), clean, edited, meta)
+    settings = {"hook": hook, "iteration": iteration, "n_iter": n_iter}
+    return EditResult(
+        clean_out=readout(clean),
+        edited_out=readout(edited),
+        clean=clean,
+        edited=edited,
+        meta=result_meta(loop, seed=seed, settings=settings),
+    )
 
 
 def _make_edit(direction: Any, mode: str, value: Any) -> Callable[[Tensor], Tensor]:
@@ -168,8 +191,9 @@ def _make_edit(direction: Any, mode: str, value: Any) -> Callable[[Tensor], Tens
     raise LoopscopeError(f"mode must be 'set', 'add' or 'erase', got {mode!r}")
 
 
+@did_you_mean
 def steer(
-    loop: Any,
+    loop: Loop,
     inputs: Any,
     *,
     n_iter: int,
@@ -212,24 +236,42 @@ def steer(
     return res
 
 
-@dataclass
-class DoseResponse:
-    """Behaviour change as a function of the steering strength."""
+@dataclass(kw_only=True, repr=False)
+class DoseResponse(Result):
+    """Behaviour change as a function of the steering strength.
+
+    Attributes:
+        values: the steering strengths; metric: the behaviour change at each.
+        meta: model, seed, mode, hook.
+    """
 
     values: np.ndarray
     metric: np.ndarray
-    meta: dict[str, Any] = field(default_factory=dict)
 
     def to_frame(self) -> pd.DataFrame:
+        """One row per strength: value, metric, and meta."""
         df = pd.DataFrame({"value": self.values, "metric": self.metric})
-        for k, v in self.meta.items():
-            if np.isscalar(v):
-                df[k] = v
+        for k, v in meta_columns(self.meta).items():
+            df[k] = v
         return df
 
+    def summary(self) -> dict[str, float]:
+        """Strengths swept, the largest change and the smallest |strength| that reaches half of it."""
+        m = np.asarray(self.metric, dtype=float)
+        top = float(np.nanmax(m)) if np.isfinite(m).any() else float("nan")
+        half = np.abs(self.values[m >= top / 2]) if np.isfinite(top) and top > 0 else []
+        return float_summary(
+            {
+                "n_values": len(m),
+                "max_metric": top,
+                "half_max_value": float(np.min(half)) if len(half) else None,
+            }
+        )
 
+
+@did_you_mean
 def dose_response(
-    loop: Any,
+    loop: Loop,
     inputs: Any,
     *,
     n_iter: int,
@@ -265,7 +307,11 @@ def dose_response(
             seed=seed,
         )
         out.append(float(metric(r.edited_out, r.clean_out)))
-    return DoseResponse(vals, np.asarray(out), {"mode": mode, "hook": hook, "seed": seed})
+    return DoseResponse(
+        values=vals,
+        metric=np.asarray(out),
+        meta=result_meta(loop, seed=seed, settings={"mode": mode, "hook": hook}),
+    )
 
 
 # -- concept erasure ------------------------------------------------------------------------------
@@ -332,8 +378,6 @@ def _leace(X: Tensor, z: Tensor, tol: float) -> Eraser:
 
 def _inlp(X: Tensor, z: Tensor, n_iter: int, C: float, seed: int) -> Eraser:
     """INLP (Ravfogel et al. 2020): repeatedly fit a linear probe and project out its directions."""
-    from loopscope.probes.fit import fit_probes
-
     d = X.shape[1]
     Q = torch.zeros(d, 0, dtype=torch.float64)
     Xk = X.clone()
@@ -349,6 +393,7 @@ def _inlp(X: Tensor, z: Tensor, n_iter: int, C: float, seed: int) -> Eraser:
     return Eraser(Q @ Q.T, torch.zeros(d, dtype=torch.float64), Q, "inlp")
 
 
+@did_you_mean
 def erase(
     X: Any,
     z: Any = None,
@@ -394,9 +439,17 @@ def erase(
 # -- interchange intervention accuracy ------------------------------------------------------------
 
 
-@dataclass
-class IIAResult:
-    """Interchange intervention accuracy (token- and example-level), with an optional control."""
+@dataclass(kw_only=True, repr=False)
+class IIAResult(Result):
+    """Interchange intervention accuracy (token- and example-level), with an optional control.
+
+    Attributes:
+        iia: fraction of scored outputs equal to the counterfactual; iia_example: fraction of
+            examples with every scored output right; n: scored outputs.
+        correct, outputs, expected: per output (``-100`` in ``expected`` = not scored).
+        control_iia: the IIA of a random orthogonal subspace of the same rank (or None).
+        meta: model, seed, hook, iteration, n_iter, rank.
+    """
 
     iia: float
     iia_example: float
@@ -405,18 +458,29 @@ class IIAResult:
     outputs: Tensor
     expected: Tensor
     control_iia: float | None = None
-    meta: dict[str, Any] = field(default_factory=dict)
 
     def to_frame(self) -> pd.DataFrame:
-        row = {k: v for k, v in self.meta.items() if np.isscalar(v) or v is None}
+        """One row: the settings (meta), iia, iia_example, n, control_iia."""
+        row = {**meta_columns(self.meta), "rank": self.meta.get("rank")}
         row.update(
             iia=self.iia, iia_example=self.iia_example, n=self.n, control_iia=self.control_iia
         )
         return pd.DataFrame([row])
 
+    def summary(self) -> dict[str, float]:
+        """iia, iia_example, n and control_iia (NaN without a control)."""
+        return float_summary(
+            {
+                "iia": self.iia,
+                "iia_example": self.iia_example,
+                "n": self.n,
+                "control_iia": self.control_iia,
+            }
+        )
+
 
 def _iia_run(
-    loop: Any,
+    loop: Loop,
     base: Any,
     src: Any,
     hook: str,
@@ -440,8 +504,9 @@ def _iia_run(
     return readout(unroll(loop, base, n_iter, seed=seed, interventions=[patch]))
 
 
+@did_you_mean
 def interchange_intervention_accuracy(
-    loop: Any,
+    loop: Loop,
     base: Any,
     source: Any,
     *,
@@ -503,15 +568,15 @@ def interchange_intervention_accuracy(
         Qc = _basis(R - Q @ (Q.T @ R))
         oc = _iia_run(loop, base, src, hook, iteration, Qc, positions, n_iter, readout, seed)
         ctrl = float(((oc == exp) & valid).sum()) / n
-    meta = {"hook": hook, "iteration": iteration, "n_iter": n_iter, "seed": seed}
-    meta["rank"] = None if Q is None else int(Q.shape[1])
+    settings = {"hook": hook, "iteration": iteration, "n_iter": n_iter}
+    settings["rank"] = None if Q is None else int(Q.shape[1])
     return IIAResult(
-        float(ok.sum()) / n,
-        float(per_ex.double().mean()),
-        n,
-        ok,
-        out,
-        exp,
-        ctrl,
-        meta,
+        iia=float(ok.sum()) / n,
+        iia_example=float(per_ex.double().mean()),
+        n=n,
+        correct=ok,
+        outputs=out,
+        expected=exp,
+        control_iia=ctrl,
+        meta=result_meta(loop, seed=seed, settings=settings),
     )

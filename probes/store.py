@@ -174,4 +174,4 @@ class ActivationStore:
         chunks = self._index["chunks"]
         positions = chunks[0]["info"].get("positions") if chunks else None
         positions = positions or list(range(X.shape[2]))
-        return ActivationSet(X, dict_keys, positions, [], None, self.meta)
+        return ActivationSet(X=X, keys=dict_keys, positions=positions, meta=self.meta)

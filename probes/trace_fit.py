@@ -1,8 +1,9 @@
 """Probes on a Trace: one batched fit over every (iteration, site, position).
 
-``fit_trace(trace, targets)`` (also reached as ``fit_probes(trace, targets)``) collects the
-activations (:func:`collect`), stacks iterations x sites (x positions) on the probe axis and fits
-them all in one :func:`fit_probes` call. ``targets [B, pos]`` use ``-100`` for "no label".
+``fit_trace(trace, targets)`` (the same as ``fit_probes(trace, targets)``) collects the
+activations (:func:`collect`), stacks iterations x sites (x positions) on the probe axis
+(:func:`loopscope.probes.design.trace_design`) and fits them all in one :func:`fit_probes` call.
+``targets [B, pos]`` use ``-100`` for "no label".
 
 * per position (default): one probe per (iteration, site, position), examples = sequences;
 * ``pooled=True``: one probe per (iteration, site) on every labelled token, split by sequence
@@ -28,91 +29,154 @@ Example:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 
-from loopscope.core.errors import LoopscopeError, reject_unknown_kwargs
-from loopscope.probes.activations import ActivationSet, collect
-from loopscope.probes.fit import FIT_OPTIONS, ProbeResult, fit_probes
+from loopscope.core.errors import LoopscopeError, did_you_mean
+from loopscope.core.result import Result, float_summary
+from loopscope.core.trace import Trace
+from loopscope.probes.activations import ActivationSet
+from loopscope.probes.fit import ProbeResult, fit_probes
 
-__all__ = ["fit_trace", "probe_trace"]
-
-_TRACE_OPTIONS = ("sites", "positions", "iterations", "pooled", "exclude_diverged")
-_META_KEYS = ("model", "task", "split", "seed")
+__all__ = ["fit_trace", "probe_trace", "TraceProbeResult"]
 
 
-def fit_trace(trace: Any, targets: Any, **options: Any) -> ProbeResult:
+@did_you_mean
+def fit_trace(
+    trace: Trace | ActivationSet,
+    targets: Any,
+    *,
+    sites: Any = None,
+    positions: Any = None,
+    iterations: Any = None,
+    pooled: bool = False,
+    exclude_diverged: bool = True,
+    mask: Any = None,
+    probe: str = "logistic",
+    C: float = 1.0,
+    alpha: float = 1.0,
+    rank: int | None = None,
+    hidden: int = 256,
+    weight_decay: float = 1e-4,
+    lr: float = 3e-3,
+    epochs: int = 50,
+    batch_size: int = 256,
+    max_iter: int = 1000,
+    tol: float = 1e-4,
+    dtype: str = "float64",
+    folds: int | None = None,
+    split: Any = "random",
+    test_frac: float = 0.25,
+    classes: Any = None,
+    standardize: bool = True,
+    seed: int = 0,
+    meta: dict[str, Any] | None = None,
+) -> ProbeResult:
     """Fit probes for a ``[B, pos]`` (or ``[B]``) target at every (iteration, site, position).
 
-    Keyword options: ``sites``, ``positions``, ``iterations`` (see :func:`collect`), ``pooled``
-    (default False), ``exclude_diverged`` (default True), and every :func:`fit_probes` option
-    except ``groups`` / ``mask`` / ``site_labels`` (set here).
+    Args:
+        trace: a :class:`~loopscope.Trace`, or an :class:`ActivationSet` from :func:`collect`.
+        targets: ``[B, pos]`` labels (``-100`` = no label), or ``[B]`` for every position.
+        sites: ``"state"`` and/or captured hook names (default: the state and every hook).
+        positions: positions to probe (default: all; negative counts from the end).
+        iterations: iterations to probe (default: all).
+        pooled: one probe per (iteration, site) over every labelled token, split by sequence
+            (``position = -1`` in the frame), instead of one per position.
+        exclude_diverged: leave out the samples the trace flagged as diverged (counted in
+            ``meta["n_diverged_excluded"]``).
+        mask: ``[B, pos]`` bool, False = leave that token out.
+        probe: probe family: ``"logistic"``, ``"ridge"``, ``"lowrank"`` or ``"mlp"``.
+        C: inverse L2 strength (logistic, lowrank).
+        alpha: L2 strength (ridge).
+        rank: rank of the lowrank probe.
+        hidden: hidden units (mlp).
+        weight_decay: L2 strength (mlp).
+        lr: learning rate (mlp).
+        epochs: passes over the data (mlp).
+        batch_size: minibatch size (mlp).
+        max_iter: iteration cap (logistic, lowrank).
+        tol: gradient tolerance (logistic, lowrank).
+        dtype: precision of the data passes, ``"float64"`` or ``"float32"``.
+        folds: k-fold cross-validation over sequences (overrides ``split``).
+        split: ``"random"`` (``test_frac`` of the sequences held out), ``"all"``, explicit.
+        test_frac: held-out fraction for ``split="random"``.
+        classes: the label set (default: the labels observed).
+        standardize: z-score every site with its training-fold statistics.
+        seed: split and initialisation seed.
+        meta: extra entries for the result's ``meta``.
+
+    Returns:
+        :class:`ProbeResult` whose frame has ``site``, ``iteration`` and ``position`` columns.
     """
-    fit_allowed = [k for k in FIT_OPTIONS if k not in ("groups", "site_labels")]
-    reject_unknown_kwargs("fit_probes", options, [*_TRACE_OPTIONS, *fit_allowed])
-    tro = {k: options.pop(k) for k in _TRACE_OPTIONS if k in options}
-    extra_mask = options.pop("mask", None)
-    if isinstance(trace, ActivationSet):
-        aset = trace
-        if tro.get("sites") is not None or tro.get("iterations") is not None:
-            aset = aset.select(tro.get("sites"), tro.get("iterations"))
-        if tro.get("positions") is not None:
-            idx = [aset._pos(int(p)) for p in tro["positions"]]
-            aset = ActivationSet(
-                aset.X[:, :, idx],
-                aset.keys,
-                [aset.positions[i] for i in idx],
-                aset.widths,
-                aset.diverged,
-                aset.meta,
-            )
-    else:
-        aset = collect(trace, tro.get("sites"), tro.get("positions"), tro.get("iterations"))
-    E, B, P, d = aset.X.shape
-    tg = torch.as_tensor(np.asarray(targets.cpu() if torch.is_tensor(targets) else targets))
-    if tg.dim() == 1:
-        tg = tg.unsqueeze(1).expand(B, max(aset.positions) + 1)
-    if tg.dim() != 2 or tg.shape[0] != B or tg.shape[1] <= max(aset.positions):
-        raise LoopscopeError(
-            f"targets must be [B, pos] = [{B}, >{max(aset.positions)}] (or [B]), got {tuple(tg.shape)}"
-        )
-    tg = tg.long().clone()
-    if extra_mask is not None:
-        m = torch.as_tensor(np.asarray(extra_mask))
-        if m.shape != tg.shape or m.dtype != torch.bool:
-            raise LoopscopeError(f"mask must be bool {tuple(tg.shape)}, got {tuple(m.shape)}")
-        tg[~m] = -100
-    tg = tg[:, aset.positions]  # [B, P]
-    keep = torch.ones(B, dtype=torch.bool)
-    n_div = 0
-    if tro.get("exclude_diverged", True) and aset.diverged is not None:
-        keep = ~aset.diverged
-        n_div = int(aset.diverged.sum())
-    show_firing = any(k["firing"] for k in aset.keys)
-    base = [{k: v for k, v in key.items() if k != "firing" or show_firing} for key in aset.keys]
-    meta = {k: aset.meta[k] for k in _META_KEYS if k in aset.meta and k != "seed"}
-    meta["n_diverged_excluded"] = n_div
-    if tro.get("pooled", False):
-        b_idx, p_idx = torch.nonzero((tg != -100) & keep.unsqueeze(1), as_tuple=True)
-        if b_idx.numel() == 0:
-            raise LoopscopeError("no labelled (non -100) targets at the collected positions")
-        X = aset.X[:, b_idx, p_idx]
-        labels = [{**k, "position": -1} for k in base]
-        return fit_probes(
-            X, tg[b_idx, p_idx], groups=b_idx.numpy(), site_labels=labels, meta=meta, **options
-        )
-    X = aset.X.permute(0, 2, 1, 3).reshape(E * P, B, d)
-    y = tg.T.unsqueeze(0).expand(E, P, B).reshape(E * P, B)
-    y = torch.where(keep.unsqueeze(0), y, torch.full_like(y, -100))
-    labels = [{**k, "position": p} for k in base for p in aset.positions]
-    return fit_probes(X, y, site_labels=labels, meta=meta, **options)
+    return fit_probes(
+        trace,
+        targets,
+        sites=sites,
+        positions=positions,
+        iterations=iterations,
+        pooled=pooled,
+        exclude_diverged=exclude_diverged,
+        mask=mask,
+        probe=probe,
+        C=C,
+        alpha=alpha,
+        rank=rank,
+        hidden=hidden,
+        weight_decay=weight_decay,
+        lr=lr,
+        epochs=epochs,
+        batch_size=batch_size,
+        max_iter=max_iter,
+        tol=tol,
+        dtype=dtype,
+        folds=folds,
+        split=split,
+        test_frac=test_frac,
+        classes=classes,
+        standardize=standardize,
+        seed=seed,
+        meta=meta,
+    )
 
 
+@dataclass(kw_only=True, repr=False)
+class TraceProbeResult(Result):
+    """:func:`probe_trace`'s answer: the fit and its per-(iteration, position) table.
+
+    Attributes:
+        fit: the :class:`ProbeResult` over every (iteration, position) probe.
+        frame: one row per probe, averaged over folds (``fold = -1``), probes without held-out
+            rows left out: site, iteration, position, train_acc, test_acc, n_train, n_test ...
+    """
+
+    fit: ProbeResult
+    frame: pd.DataFrame
+
+    def to_frame(self) -> pd.DataFrame:
+        return self.frame.copy()
+
+    def summary(self) -> dict[str, float]:
+        """Probes, mean and best held-out accuracy, first iteration reaching the best - 0.01."""
+        acc = self.frame["test_acc"].to_numpy(dtype=float)
+        best = float(np.nanmax(acc)) if np.isfinite(acc).any() else float("nan")
+        near = self.frame["iteration"][acc >= best - 0.01] if np.isfinite(best) else []
+        return float_summary(
+            {
+                "n_probes": len(self.frame),
+                "mean_test_acc": float(np.nanmean(acc)) if np.isfinite(acc).any() else None,
+                "max_test_acc": best,
+                "first_iteration_near_max": int(near.min()) if len(near) else None,
+            }
+        )
+
+
+@did_you_mean
 def probe_trace(
-    trace: Any,
+    trace: Trace,
     targets: Any,
     *,
     site: str = "state",
@@ -122,12 +186,25 @@ def probe_trace(
     alpha: float = 1.0,
     pooled: bool = True,
     probe: str = "ridge",
-) -> tuple[ProbeResult, pd.DataFrame]:
+) -> TraceProbeResult:
     """Probe one site at iterations ``1..T`` (the states after each step) — the quick path
     used by the CLI and the paper figures.
 
-    Returns the fit and a per-(iteration, position) frame averaged over folds; positions with
-    fewer than 8 labelled sequences or a single class are left out (nothing to probe).
+    Args:
+        trace: a :class:`~loopscope.Trace` (with ``site`` captured unless it is ``"state"``).
+        targets: ``[B, pos]`` labels (``-100`` = none) or ``[B]`` (the same at every position).
+        site: ``"state"`` (h_1 .. h_T) or a captured hook name (every firing).
+        positions: positions to probe (default: all).
+        mask: ``[B, pos]`` bool, False = unlabel that token.
+        seed: split seed.
+        alpha: L2 strength of the ridge probe.
+        pooled: one probe per iteration over every position (else one per position; positions
+            with fewer than 8 labelled sequences or a single class are left out).
+        probe: probe family (see :func:`fit_probes`).
+
+    Returns:
+        :class:`TraceProbeResult`: ``.to_frame()`` is one row per (iteration, position) probe,
+        averaged over folds; ``.fit`` the :class:`ProbeResult`.
     """
     T = trace.n_iter
     its = range(1, T + 1) if site == "state" else None
@@ -138,19 +215,8 @@ def probe_trace(
     if mask is not None:
         tg[~torch.as_tensor(mask)] = -100
     if not pooled:
-        P = tg.shape[1]
-        pos = range(P) if positions is None else positions
-        good = []
-        for p in pos:
-            if not -P <= p < P:
-                raise LoopscopeError(f"position {p} out of range 0..{P - 1}")
-            col = tg[:, p][tg[:, p] != -100]
-            if col.numel() >= 8 and col.unique().numel() >= 2:
-                good.append(p % P)
-        if not good:
-            raise LoopscopeError("no position has >= 8 labelled sequences with 2+ classes")
-        positions = good
-    res = fit_trace(
+        positions = _probeable_positions(tg, positions)
+    res = fit_probes(
         trace,
         tg,
         sites=[site],
@@ -162,4 +228,21 @@ def probe_trace(
         seed=seed,
     )
     df = res.to_frame(aggregate=True)
-    return res, df[df["n_test"] > 0].reset_index(drop=True)
+    return TraceProbeResult(
+        fit=res, frame=df[df["n_test"] > 0].reset_index(drop=True), meta=dict(res.meta)
+    )
+
+
+def _probeable_positions(tg: torch.Tensor, positions: Any) -> list[int]:
+    """Positions with >= 8 labelled sequences of 2+ classes (the rest have nothing to probe)."""
+    P = tg.shape[1]
+    good = []
+    for p in range(P) if positions is None else positions:
+        if not -P <= p < P:
+            raise LoopscopeError(f"position {p} out of range 0..{P - 1}")
+        col = tg[:, p][tg[:, p] != -100]
+        if col.numel() >= 8 and col.unique().numel() >= 2:
+            good.append(p % P)
+    if not good:
+        raise LoopscopeError("no position has >= 8 labelled sequences with 2+ classes")
+    return good

@@ -11,7 +11,7 @@ Example:
     >>> import pandas as pd
     >>> df = pd.DataFrame({"position": [0, 0, 0, 1, 1, 1], "iteration": [1, 2, 3] * 2,
     ...                    "test_acc": [0.5, 0.95, 0.97, 0.5, 0.6, 0.99]})
-    >>> onset(df, threshold=0.9)["onset"].tolist()
+    >>> onset(df, threshold=0.9).to_frame()["onset"].tolist()
     [2, 3]
 """
 
@@ -25,7 +25,9 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from loopscope.core.errors import LoopscopeError
+from loopscope.core.errors import LoopscopeError, did_you_mean
+from loopscope.core.result import Result, float_summary
+from loopscope.core.trace import Trace
 from loopscope.probes import solvers
 from loopscope.probes.fit import ProbeResult
 
@@ -33,6 +35,7 @@ __all__ = [
     "transfer_matrix",
     "TransferResult",
     "onset",
+    "OnsetResult",
     "onset_regression",
     "OnsetRegression",
     "logit_lens",
@@ -40,9 +43,12 @@ __all__ = [
 ]
 
 
-@dataclass
-class TransferResult:
-    """``acc[t, t']``: probe fitted at site t scored at site t' on held-out rows."""
+@dataclass(kw_only=True, repr=False)
+class TransferResult(Result):
+    """``acc[t, t']``: probe fitted at site t scored at site t' on held-out rows.
+
+    Indexing the result indexes ``acc`` (``res[i, j]``, ``np.asarray(res)``).
+    """
 
     acc: np.ndarray
     site_labels: list[dict[str, Any]] = field(default_factory=list)
@@ -70,7 +76,20 @@ class TransferResult:
                 rows.append(r)
         return pd.DataFrame(rows)
 
+    def summary(self) -> dict[str, float]:
+        """Mean accuracy on the diagonal (own site) and off it (transferred)."""
+        S = self.acc.shape[0]
+        off = ~np.eye(S, dtype=bool)
+        return float_summary(
+            {
+                "n_sites": S,
+                "mean_diagonal_acc": float(np.mean(np.diag(self.acc))),
+                "mean_offdiagonal_acc": float(self.acc[off].mean()) if S > 1 else None,
+            }
+        )
 
+
+@did_you_mean
 def transfer_matrix(res: ProbeResult, X: Any, y: Any, fold: int = 0) -> TransferResult:
     """Cross-site transfer of fitted probes on the held-out rows of ``fold``.
 
@@ -98,21 +117,62 @@ def transfer_matrix(res: ProbeResult, X: Any, y: Any, fold: int = 0) -> Transfer
         pred = res.classes[solvers.scores(res.kind, p1, Z).argmax(-1)]  # [S, M]
         ok = ((pred == yt) & valid).double().sum(1) / valid.sum(1).clamp_min(1)
         acc[t] = ok.numpy()
-    return TransferResult(acc, list(res.site_labels))
+    meta = {k: res.meta.get(k) for k in ("loopscope_version", "model", "seed", "split")}
+    return TransferResult(
+        acc=acc, site_labels=list(res.site_labels), meta={**meta, "fold": fold, "probe": res.kind}
+    )
 
 
+@dataclass(kw_only=True, repr=False)
+class OnsetResult(Result):
+    """Onset iteration per variable (``by`` key): the first iteration meeting the criterion.
+
+    Attributes:
+        frame: one row per variable: the ``by`` column(s) and ``onset`` (-1 = never).
+        meta: threshold, min_selectivity, acc (the accuracy column), by.
+    """
+
+    frame: pd.DataFrame
+
+    def to_frame(self) -> pd.DataFrame:
+        return self.frame.copy()
+
+    def summary(self) -> dict[str, float]:
+        """Variables, how many reach the criterion, and the mean / min / max onset among them."""
+        on = self.frame["onset"].to_numpy(dtype=float) if len(self.frame) else np.zeros(0)
+        hit = on[on >= 0]
+        return float_summary(
+            {
+                "n_variables": len(on),
+                "n_reached": len(hit),
+                "mean_onset": float(hit.mean()) if hit.size else None,
+                "min_onset": float(hit.min()) if hit.size else None,
+                "max_onset": float(hit.max()) if hit.size else None,
+            }
+        )
+
+
+@did_you_mean
 def onset(
     frame: pd.DataFrame,
     threshold: float = 0.9,
     min_selectivity: float | None = None,
     by: Any = "position",
     acc: str = "test_acc",
-) -> pd.DataFrame:
+) -> OnsetResult:
     """First iteration with ``acc >= threshold`` (and ``selectivity >= min_selectivity``).
 
-    ``frame`` needs ``iteration``, ``acc`` and the ``by`` column(s) (plus ``selectivity`` when
-    ``min_selectivity`` is set); rows of several folds are averaged first. ``onset = -1`` where
-    the criterion is never met.
+    Args:
+        frame: a probe table (e.g. ``probe_trace(...).to_frame()``) with ``iteration``, ``acc``
+            and the ``by`` column(s) (plus ``selectivity`` when ``min_selectivity`` is set);
+            rows of several folds are averaged first.
+        threshold: accuracy the probe must reach.
+        min_selectivity: selectivity it must reach too (None: no selectivity criterion).
+        by: the column(s) that name a variable (default ``"position"``).
+        acc: the accuracy column.
+
+    Returns:
+        :class:`OnsetResult`; ``onset = -1`` where the criterion is never met.
     """
     by = [by] if isinstance(by, str) else list(by)
     need = [*by, "iteration", acc] + (["selectivity"] if min_selectivity is not None else [])
@@ -131,12 +191,17 @@ def onset(
         r = dict(zip(by, key, strict=True))
         r["onset"] = int(grp["iteration"][hit].iloc[0]) if hit.any() else -1
         rows.append(r)
-    return pd.DataFrame(rows)
+    settings = {"threshold": threshold, "min_selectivity": min_selectivity, "acc": acc, "by": by}
+    return OnsetResult(frame=pd.DataFrame(rows), meta=settings)
 
 
-@dataclass
-class OnsetRegression:
-    """Least-squares fit onset = slope * depth + intercept (scipy.stats.linregress)."""
+@dataclass(kw_only=True, repr=False)
+class OnsetRegression(Result):
+    """Least-squares fit onset = slope * depth + intercept (scipy.stats.linregress).
+
+    Attributes:
+        slope, intercept, r, p, stderr: the fit; n: variables used; data: their rows.
+    """
 
     slope: float
     intercept: float
@@ -147,29 +212,30 @@ class OnsetRegression:
     data: pd.DataFrame
 
     def to_frame(self) -> pd.DataFrame:
-        return pd.DataFrame(
-            [
-                {
-                    "slope": self.slope,
-                    "intercept": self.intercept,
-                    "r": self.r,
-                    "p": self.p,
-                    "stderr": self.stderr,
-                    "n": self.n,
-                }
-            ]
-        )
+        return pd.DataFrame([self.summary()]).astype({"n": int})
+
+    def summary(self) -> dict[str, float]:
+        """slope, intercept, r, p, stderr and n."""
+        keys = ("slope", "intercept", "r", "p", "stderr", "n")
+        return float_summary({k: getattr(self, k) for k in keys})
 
 
-def onset_regression(onsets: pd.DataFrame, depth: Any, by: str = "position") -> OnsetRegression:
+@did_you_mean
+def onset_regression(
+    onsets: OnsetResult | pd.DataFrame, depth: Any, by: str = "position"
+) -> OnsetRegression:
     """Regress onset iteration on computation-graph depth ℓ(v) (variables that never reach the
     threshold, ``onset = -1``, are left out).
 
-    ``depth``: a column name of ``onsets``, or a mapping / Series from the ``by`` key to depth.
+    Args:
+        onsets: :func:`onset`'s result (or its frame).
+        depth: a column name of the onsets frame, or a mapping / Series from the ``by`` key to
+            depth.
+        by: the key column that ``depth`` maps from.
     """
     from scipy import stats
 
-    df = onsets.copy()
+    df = onsets.to_frame() if isinstance(onsets, OnsetResult) else onsets.copy()
     if isinstance(depth, str):
         if depth not in df.columns:
             raise LoopscopeError(f"onsets has no column {depth!r}")
@@ -186,23 +252,29 @@ def onset_regression(onsets: pd.DataFrame, depth: Any, by: str = "position") -> 
         )
     fit = stats.linregress(df["depth"].astype(float), df["onset"].astype(float))
     return OnsetRegression(
-        float(fit.slope),
-        float(fit.intercept),
-        float(fit.rvalue),
-        float(fit.pvalue),
-        float(fit.stderr),
-        len(df),
-        df.reset_index(drop=True),
+        slope=float(fit.slope),
+        intercept=float(fit.intercept),
+        r=float(fit.rvalue),
+        p=float(fit.pvalue),
+        stderr=float(fit.stderr),
+        n=len(df),
+        data=df.reset_index(drop=True),
+        meta={"by": by},
     )
 
 
-@dataclass
-class LensResult:
-    """Logit lens: argmax of ``decode(h_t)`` for every iteration ``t = 0..T``."""
+@dataclass(kw_only=True, repr=False)
+class LensResult(Result):
+    """Logit lens: argmax of ``decode(h_t)`` for every iteration ``t = 0..T``.
+
+    Attributes:
+        argmax: ``[T+1, B, pos]`` decoded class per iteration.
+        targets: ``[B, pos]`` labels (-100 = none), or None.
+        meta: the trace's meta (model, task, split, seed ...).
+    """
 
     argmax: Tensor
     targets: Tensor | None
-    meta: dict[str, Any] = field(default_factory=dict)
 
     @property
     def accuracy(self) -> np.ndarray:
@@ -247,8 +319,23 @@ class LensResult:
                 df[k] = self.meta[k]
         return df
 
+    def summary(self) -> dict[str, float]:
+        """Iterations decoded; with targets, the accuracy at the first and last iteration, the
+        best one and where it is first reached."""
+        out: dict[str, Any] = {"n_iterations": int(self.argmax.shape[0])}
+        if self.targets is not None:
+            acc = self.accuracy
+            out.update(
+                initial_accuracy=acc[0],
+                final_accuracy=acc[-1],
+                max_accuracy=acc.max(),
+                first_iteration_max=int(np.argmax(acc)),
+            )
+        return float_summary(out)
 
-def logit_lens(trace: Any, targets: Any = None) -> LensResult:
+
+@did_you_mean
+def logit_lens(trace: Trace, targets: Any = None) -> LensResult:
     """Decode every state of ``trace`` with ``trace.loop.decode`` (or stored ``trace.logits``).
 
     Returns the per-iteration argmax ``[T+1, B, pos]`` (``[T+1, B, 1]`` for a readout without a
@@ -274,4 +361,4 @@ def logit_lens(trace: Any, targets: Any = None) -> LensResult:
             raise LoopscopeError(
                 f"targets must be {tuple(argmax.shape[1:])} like the readout, got {tuple(tg.shape)}"
             )
-    return LensResult(argmax, tg, dict(getattr(trace, "meta", {}) or {}))
+    return LensResult(argmax=argmax, targets=tg, meta=dict(getattr(trace, "meta", {}) or {}))

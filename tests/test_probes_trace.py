@@ -89,7 +89,7 @@ def test_planted_onset_per_position_and_pooled():
         "test_acc",
         "seed",
     } <= set(df.columns)
-    on = onset(df, threshold=0.95)
+    on = onset(df, threshold=0.95).to_frame()
     assert on["onset"].tolist() == ONSET
     # before onset the probe is at chance
     pre = df[df["iteration"] < df["position"] + 1]
@@ -116,7 +116,7 @@ def test_selectivity_onset_on_a_trace():
     sel = selectivity(task, control, n_boot=200)
     df = sel.to_frame()
     assert {"iteration", "position", "task_acc", "selectivity", "ci_low"} <= set(df.columns)
-    on = onset(df, threshold=0.95, min_selectivity=0.3, acc="task_acc")
+    on = onset(df, threshold=0.95, min_selectivity=0.3, acc="task_acc").to_frame()
     assert on["onset"].tolist() == ONSET
     assert df[df["iteration"] >= 5]["selectivity"].min() > 0.3
 
@@ -130,9 +130,9 @@ def test_onset_requires_selectivity_when_asked():
             "selectivity": [0.0, 0.05, 0.3, 0.4],
         }
     )
-    assert onset(df, 0.9)["onset"].tolist() == [1]
-    assert onset(df, 0.9, min_selectivity=0.2)["onset"].tolist() == [3]
-    assert onset(df, 0.99)["onset"].tolist() == [-1]
+    assert onset(df, 0.9).to_frame()["onset"].tolist() == [1]
+    assert onset(df, 0.9, min_selectivity=0.2).to_frame()["onset"].tolist() == [3]
+    assert onset(df, 0.99).to_frame()["onset"].tolist() == [-1]
     with pytest.raises(LoopscopeError, match="lacks column"):
         onset(df.drop(columns="selectivity"), 0.9, min_selectivity=0.2)
 
@@ -208,9 +208,9 @@ def test_diverged_samples_are_excluded_not_fatal():
 def test_probe_trace_quick_path_frame():
     z = _labels()
     tr = ls.unroll(_planted_loop(), z, T)
-    _, df = probe_trace(tr, z, pooled=False, seed=0)
+    df = probe_trace(tr, z, pooled=False, seed=0).to_frame()
     assert sorted(df["iteration"].unique()) == list(range(1, T + 1))  # states after each step
-    assert onset(df, threshold=0.95)["onset"].tolist() == ONSET
+    assert onset(df, threshold=0.95).to_frame()["onset"].tolist() == ONSET
 
 
 def test_activation_store_append_resume_and_corruption(tmp_path):

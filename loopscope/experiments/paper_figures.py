@@ -404,10 +404,10 @@ def fig_probes(ctx: PaperContext):
         L = b.tokens.shape[1] - 1
         tr = unroll(model, b.tokens, L + 8, seed=ctx.seed)
         positions = list(range(1, L + 1, 1 if L <= 16 else 2))
-        _, df = probe_trace(tr, b.targets, pooled=False, positions=positions, seed=ctx.seed)
+        df = probe_trace(tr, b.targets, pooled=False, positions=positions, seed=ctx.seed).to_frame()
         df["split"] = split
         frames.append(df)
-        on = onset(df, threshold=0.9)
+        on = onset(df, threshold=0.9).to_frame()
         on["split"] = split
         onsets.append(on)
         if split == "id":  # transfer matrix at one position: fit at iteration t, score at t'

@@ -97,11 +97,9 @@ def probe_study(
         y = probe_labels(b, target, task.name)
         T = cap_iterations(loop, b.tokens, 2 * b.length) if iterations is None else iterations
         tr = unroll(loop, b.tokens, T, seed=seed, capture=None if site == "state" else [site])
-        res = probe_trace(tr, y, site=site, pooled=False, seed=seed)
-        df = res[1] if isinstance(res, tuple) else res.to_frame()
+        df = probe_trace(tr, y, site=site, pooled=False, seed=seed).to_frame()
         frames.append(df.assign(split=sp))
-        on = onset(df)
-        on = on.to_frame() if hasattr(on, "to_frame") else on
+        on = onset(df).to_frame()
         onsets.append(on.assign(split=sp))
     settings = {"target": target, "splits": list(splits), "site": site, "n": n}
     return ProbeStudy(
