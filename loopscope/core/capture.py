@@ -9,6 +9,8 @@ module builds on the hook layer only (``HookPoint.add_hook``), never on TL's cac
   by identity, unknown names rejected with close-match suggestions);
 * :class:`Recorder` — copies every firing (detached, into a preallocated buffer; no in-place
   corruption), optional position subset, dtype and CPU offload;
+* :class:`BufferPool` (``buffers``) — recycles the CPU memory of dropped traces' buffers, so a
+  run of many unrolls writes into memory that is already mapped;
 * :class:`HookSession` — one run's wiring (clock, interventions, recorders), shared by
   :func:`loopscope.core.unroll` and the HRM-Text capture;
 * :func:`count_firings` / :func:`warn_looped_hooks` — the counting pass that warns where stock TL
@@ -19,6 +21,10 @@ from __future__ import annotations
 
 import fnmatch
 import itertools
+import math
+import mmap
+import sys
+import threading
 import warnings
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
@@ -32,6 +38,9 @@ from loopscope.core.errors import LoopedHookWarning, LoopscopeError, UnknownHook
 
 __all__ = [
     "resolve_hooks",
+    "BufferPool",
+    "buffers",
+    "release_buffers",
     "Recorder",
     "HookSession",
     "IterationClock",
@@ -128,14 +137,127 @@ def resolve_hooks(
     return out, aliases
 
 
+class BufferPool:
+    """Recycles the CPU memory of record buffers that nothing references any more.
+
+    Fresh memory costs a page fault per 4 KiB page the first time it is written; on a busy
+    machine that, not the copy, is most of what recording a firing costs. A buffer handed out here
+    is a tensor over an anonymous memory map that the pool keeps: once every tensor, view and
+    NumPy array over it is gone (the trace was dropped), the next request of a similar size gets
+    the same memory back, already mapped, as PyTorch's CUDA caching allocator does for GPU memory.
+    A map is handed out again only when the pool holds the only reference to it
+    (``torch.frombuffer`` holds one for as long as any tensor over the memory lives), so a buffer
+    still in use is never reused. Maps kept for reuse total at most ``max_bytes``; :meth:`clear`
+    returns the idle ones to the system. Other devices (their allocators cache already) and
+    buffers under ``min_bytes`` come from ``torch.empty``.
+
+    Args:
+        max_bytes: most memory the pool keeps mapped for reuse (in use or idle).
+        min_bytes: smaller buffers are plain ``torch.empty``.
+
+    Example:
+        >>> pool = BufferPool(max_bytes=2**24)
+        >>> a = pool.empty((256, 1024), dtype=torch.float32)
+        >>> ptr = a.data_ptr()
+        >>> del a  # the only tensor over that memory
+        >>> pool.empty((256, 1024), dtype=torch.float32).data_ptr() == ptr
+        True
+    """
+
+    def __init__(self, *, max_bytes: int = 2**30, min_bytes: int = 2**20) -> None:
+        for name, v in (("max_bytes", max_bytes), ("min_bytes", min_bytes)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise LoopscopeError(f"BufferPool {name} must be an integer >= 0, got {v!r}")
+        self.max_bytes = max_bytes
+        self.min_bytes = min_bytes
+        self._maps: list[mmap.mmap] = []  # least recently handed out first
+        self._lock = threading.Lock()
+        self._maps.append(mmap.mmap(-1, mmap.PAGESIZE))
+        self._idle_refs = self._refs(0)  # what "only the pool holds it" reads as here
+        self._maps.clear()
+
+    def _refs(self, i: int) -> int:
+        return sys.getrefcount(self._maps[i])
+
+    def _idle(self, i: int) -> bool:
+        return self._refs(i) == self._idle_refs
+
+    def empty(
+        self,
+        shape: Iterable[int],
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+    ) -> Tensor:
+        """An uninitialised tensor of ``shape`` (recycled memory where there is some)."""
+        shape = tuple(int(s) for s in shape)
+        device = torch.device(device)
+        numel = math.prod(shape)
+        nbytes = numel * dtype.itemsize
+        if device.type != "cpu" or nbytes < max(1, self.min_bytes):
+            return torch.empty(shape, dtype=dtype, device=device)
+        with self._lock:
+            mm = self._take(-(-nbytes // mmap.PAGESIZE) * mmap.PAGESIZE)
+        return torch.frombuffer(mm, dtype=dtype, count=numel).view(shape)
+
+    def _take(self, size: int) -> mmap.mmap:
+        best = None
+        for i in reversed(range(len(self._maps))):  # most recently used first: warm in cache
+            n = len(self._maps[i])
+            if size <= n <= 2 * size and (best is None or n < len(self._maps[best])):
+                if self._idle(i):
+                    best = i
+        if best is not None:  # reuse; it becomes the most recently used
+            self._maps.append(self._maps.pop(best))
+            return self._maps[-1]
+        total = size + sum(len(m) for m in self._maps)
+        i = 0
+        while total > self.max_bytes and i < len(self._maps):  # evict idle maps, oldest first
+            if self._idle(i):
+                total -= len(self._maps.pop(i))
+            else:
+                i += 1
+        mm = mmap.mmap(-1, size)
+        if total <= self.max_bytes:
+            self._maps.append(mm)
+        return mm
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes the pool keeps mapped (buffers in use and idle ones)."""
+        with self._lock:
+            return sum(len(m) for m in self._maps)
+
+    def clear(self) -> int:
+        """Return every idle map to the system; returns the bytes released."""
+        with self._lock:
+            freed, i = 0, 0
+            while i < len(self._maps):
+                if self._idle(i):
+                    freed += len(self._maps.pop(i))
+                else:
+                    i += 1
+            return freed
+
+
+#: the pool every :class:`Recorder` and ``unroll``'s state buffer draw from
+buffers = BufferPool()
+
+
+def release_buffers() -> int:
+    """Return the idle memory of dropped traces to the system (see :class:`BufferPool`)."""
+    return buffers.clear()
+
+
 class Recorder:
     """Keeps a detached copy of every forward firing of one hook point, with its label.
 
-    Firings are copied into a preallocated ``[capacity, ...]`` buffer once :meth:`reserve` has
-    sized it (one copy per firing, no stacking at the end); before that, and for firings that do
-    not fit it (a different shape or dtype, more firings than reserved), each is kept as its own
-    copy. The copy is taken before the model can write into the activation in place (a model
-    doing ``x += ...`` after the hook cannot rewrite what was recorded).
+    Firings are copied into one preallocated ``[capacity, ...]`` buffer (one copy per firing, no
+    stacking at the end): allocated at the first firing when ``capacity`` is known and fits
+    ``allowance``, else by :meth:`reserve` once the first iteration has sized it. Firings that do
+    not fit the buffer (a different shape, dtype or device, more firings than reserved) are kept
+    as their own copies. The copy is taken before the model can write into the activation in place
+    (a model doing ``x += ...`` after the hook cannot rewrite what was recorded).
 
     Args:
         name: canonical hook name (bound here, not read from ``hook.name``, which is the alias in
@@ -144,6 +266,10 @@ class Recorder:
         pos_dim: the position axis of this hook's activation.
         offload: device to keep records on (e.g. ``"cpu"``), or None to keep them in place.
         dtype: optional storage dtype.
+        capacity: firings to preallocate room for at the first firing (None: wait for
+            :meth:`reserve`).
+        allowance: ``allowance(device) -> bytes``: the most that first buffer may take (a larger
+            one waits for the caller's memory check and :meth:`reserve`).
     """
 
     def __init__(
@@ -154,12 +280,16 @@ class Recorder:
         pos_dim: int = 1,
         offload: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
+        capacity: int | None = None,
+        allowance: Callable[[torch.device], int] | None = None,
     ) -> None:
         self.name = name
         self.positions = positions
         self.pos_dim = pos_dim
-        self.offload = offload
+        self.offload = None if offload is None else torch.device(offload)
         self.dtype = dtype
+        self.capacity = capacity
+        self.allowance = allowance
         self.labels: list[tuple] = []
         self.buf: Tensor | None = None  # [capacity, ...]: firings 0 .. n-1
         self.n = 0
@@ -180,18 +310,30 @@ class Recorder:
         """Copy firing ``x`` (``[B, ...]``) with ``label``."""
         v = self._select(x)
         buf = self.buf
+        if buf is None and self.capacity and not self.labels:
+            buf = self._first_buffer(v)
         if (
             buf is not None
             and not self.extra
             and self.n < buf.shape[0]
             and v.shape == buf.shape[1:]
             and (self.dtype is not None or v.dtype == buf.dtype)
+            and (self.offload is not None or v.device == buf.device)
         ):
             buf[self.n].copy_(v)
             self.n += 1
         else:
             self.extra.append(self._copy(v, x))
         self.labels.append(label)
+
+    def _first_buffer(self, v: Tensor) -> Tensor | None:
+        dtype = self.dtype if self.dtype is not None else v.dtype
+        device = self.offload if self.offload is not None else v.device
+        nbytes = self.capacity * v.numel() * dtype.itemsize
+        if self.allowance is not None and nbytes > self.allowance(device):
+            return None
+        self.buf = buffers.empty((self.capacity, *v.shape), dtype=dtype, device=device)
+        return self.buf
 
     def _copy(self, v: Tensor, x: Tensor) -> Tensor:
         if self.dtype is not None:
@@ -204,30 +346,46 @@ class Recorder:
     @property
     def firing_bytes(self) -> int:
         """Bytes one stored firing takes (0 before the first firing)."""
-        first = self.extra[0] if self.extra else self.buf[0] if self.buf is not None else None
-        return 0 if first is None else first.numel() * first.element_size()
+        if not self.labels:
+            return 0
+        first = self.buf[0] if self.buf is not None and self.n else self.extra[0]
+        return first.numel() * first.element_size()
 
     @property
     def nbytes(self) -> int:
         return self.firing_bytes * len(self)
 
     def reserve(self, capacity: int) -> None:
-        """Preallocate room for ``capacity`` firings (the firings so far move into it)."""
-        if self.buf is not None or not self.extra or capacity <= len(self.extra):
+        """Make room for ``capacity`` firings in one buffer (the firings so far move into it)."""
+        if (
+            not self.labels
+            or capacity <= len(self)
+            or (self.buf is not None and capacity <= self.buf.shape[0])
+        ):
             return
-        first = self.extra[0]
-        if any(v.shape != first.shape or v.dtype != first.dtype for v in self.extra):
+        if self.buf is not None and self.extra:
+            return  # already overflowed: stacked() joins the parts
+        parts = self.extra if self.buf is None else [self.buf[: self.n]]
+        first = parts[0][0] if self.buf is not None else parts[0]
+        if self.buf is None and any(
+            v.shape != first.shape or v.dtype != first.dtype or v.device != first.device
+            for v in parts
+        ):
             return  # varying firings: keep them apart (stacked() names the problem)
-        self.buf = torch.empty((capacity, *first.shape), dtype=first.dtype, device=first.device)
-        for i, v in enumerate(self.extra):
-            self.buf[i].copy_(v)
-        self.n, self.extra = len(self.extra), []
+        grown = buffers.empty((capacity, *first.shape), dtype=first.dtype, device=first.device)
+        if self.buf is not None:
+            grown[: self.n].copy_(self.buf[: self.n])
+        else:
+            for i, v in enumerate(self.extra):
+                grown[i].copy_(v)
+            self.n, self.extra = len(self.extra), []
+        self.buf = grown
 
     def stacked(self) -> Tensor:
         """Every firing ``[n_firings, B, ...]`` (a view of the buffer when nothing overflowed)."""
         if not self.labels:
             raise LoopscopeError(f"hook {self.name!r} never fired")
-        parts = [] if self.buf is None else [self.buf[: self.n]]
+        parts = [] if self.buf is None or not self.n else [self.buf[: self.n]]
         if not self.extra:
             return parts[0]
         shapes = {tuple(v.shape) for v in self.extra} | {tuple(p.shape[1:]) for p in parts}
@@ -281,6 +439,10 @@ class HookSession:
         positions: keep only these positions of recorded activations.
         offload: device to keep records on.
         store_dtype: storage dtype of records.
+        capacity: firings each recorder preallocates room for at its first firing (``unroll``
+            passes ``n_iter``); None waits for :meth:`reserve`.
+        allowance: ``allowance(device) -> bytes``, the most one recorder's first buffer may take
+            (``unroll`` passes its memory budget shared over the recorders).
 
     Example:
         >>> import torch
@@ -305,6 +467,8 @@ class HookSession:
         positions: Any = None,
         offload: str | torch.device | None = None,
         store_dtype: torch.dtype | None = None,
+        capacity: int | None = None,
+        allowance: Callable[[torch.device], int] | None = None,
     ) -> None:
         self.model = model
         self.points, self.aliases = resolve_hooks(model, capture, what="capture")
@@ -314,7 +478,13 @@ class HookSession:
         self.pos_dims = {n: pos_dim_of(hp) for n, hp in {**self.iv_points, **self.points}.items()}
         self.recorders = {
             n: Recorder(
-                n, positions=positions, pos_dim=self.pos_dims[n], offload=offload, dtype=store_dtype
+                n,
+                positions=positions,
+                pos_dim=self.pos_dims[n],
+                offload=offload,
+                dtype=store_dtype,
+                capacity=capacity,
+                allowance=allowance,
             )
             for n in self.points
         }

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from loopscope.core.capture import HookSession, IterationClock, available_memory_bytes
+from loopscope.core.capture import HookSession, IterationClock, available_memory_bytes, buffers
 from loopscope.core.errors import (
     CaptureMemoryError,
     LoopscopeError,
@@ -96,6 +96,7 @@ def unroll(
         0.9575
     """
     n_iter, ivs, generator = _validate(loop, n_iter, interventions, generator, seed, blowup)
+    budget = _Budget(max_bytes, offload)
     session = HookSession(
         loop,
         capture=capture,
@@ -103,8 +104,10 @@ def unroll(
         positions=positions,
         offload=offload,
         store_dtype=store_dtype,
+        capacity=n_iter,  # one firing per iteration until iteration 0 says otherwise
+        allowance=budget.share,
     )
-    budget = _Budget(max_bytes, offload)
+    budget.n_shares = max(1, len(session.recorders))
     with nullcontext() if grad else torch.no_grad(), session:
         ctx = loop.encode(inputs)
         session.clock.advance(IterationClock.INIT)  # init_state's own firings: iteration -1
@@ -123,7 +126,7 @@ def unroll(
         status=run.status(),
         diverged_at=run.diverged_at,
         halted_at=run.halted_at,
-        logits=torch.stack(run.logits) if decode else None,
+        logits=run.logits_tensor() if decode else None,
         meta=meta_out,
         aliases=session.aliases,
         loop=loop,
@@ -172,6 +175,7 @@ class _Budget:
 
     max_bytes: Any
     offload: Any
+    n_shares: int = 1
     _limit: int | None = None
 
     def limit(self, device: Any) -> int:
@@ -182,6 +186,10 @@ class _Budget:
                 dev = self.offload if self.offload is not None else device
                 self._limit = available_memory_bytes(dev) // 2
         return self._limit
+
+    def share(self, device: Any) -> int:
+        """What one recorder may preallocate before the check after iteration 0."""
+        return self.limit(device) // self.n_shares
 
     def check_capture(self, session: HookSession, n_iter: int, device: Any) -> None:
         per_iter = session.bytes_so_far()
@@ -198,29 +206,55 @@ class _Budget:
 
 # -- the loop -----------------------------------------------------------------------------------
 @dataclass
-class _Run:
-    """What the loop produced: states ``h_0..h_T`` (a buffer, or a list under grad), flags."""
+class _Rows:
+    """A ``[rows, ...]`` buffer filled one row per iteration (a list under grad: the graph must
+    survive); the memory comes from :data:`~loopscope.core.capture.buffers` and doubles when a
+    halting run outgrows its first guess."""
 
-    diverged_at: Tensor
-    halted_at: Tensor
+    rows: int
+    grad: bool
+    what: str
     buf: Tensor | None = None
     n: int = 0
     kept: list[Tensor] = field(default_factory=list)
-    logits: list[Tensor] = field(default_factory=list)
 
-    def keep(self, h: Tensor, grad: bool) -> None:
-        if grad:  # the graph must survive: keep the tensors themselves
-            self.kept.append(h)
+    def add(self, x: Tensor) -> None:
+        if self.grad:
+            self.kept.append(x)
             return
-        if self.n == self.buf.shape[0]:  # a halting run outgrew its first guess
-            grown = torch.empty((2 * self.n, *h.shape), dtype=h.dtype, device=h.device)
+        x = x.detach()
+        if self.buf is None:
+            self.buf = buffers.empty((self.rows, *x.shape), dtype=x.dtype, device=x.device)
+        elif x.shape != self.buf.shape[1:]:
+            raise LoopscopeError(
+                f"{self.what} changed shape from {tuple(self.buf.shape[1:])} to {tuple(x.shape)}"
+            )
+        if self.n == self.buf.shape[0]:
+            grown = buffers.empty((2 * self.n, *x.shape), dtype=self.buf.dtype, device=x.device)
             grown[: self.n].copy_(self.buf)
             self.buf = grown
-        self.buf[self.n].copy_(h)
+        self.buf[self.n].copy_(x)
         self.n += 1
 
+    def tensor(self) -> Tensor:
+        return torch.stack(self.kept) if self.grad else self.buf[: self.n]
+
+
+@dataclass
+class _Run:
+    """What the loop produced: states ``h_0..h_T``, logits, divergence and halting flags."""
+
+    diverged_at: Tensor
+    halted_at: Tensor
+    states_rows: _Rows
+    logits_rows: _Rows
+    frozen: bool = False  # some sample diverged or halted (the guard must hold it)
+
     def states(self) -> Tensor:
-        return torch.stack(self.kept) if self.kept else self.buf[: self.n]
+        return self.states_rows.tensor()
+
+    def logits_tensor(self) -> Tensor:
+        return self.logits_rows.tensor()
 
     def status(self) -> list[str]:
         return [
@@ -243,41 +277,73 @@ def _iterate(
 ) -> _Run:
     """Iterate ``h_{t+1} = step(h_t)``: freeze diverged or halted samples, stop when all are."""
     B = h.shape[0]
+    rows = n_iter + 1 if halt is None else min(n_iter + 1, 64)  # a halting run stops early
     run = _Run(
         diverged_at=torch.full((B,), -1, dtype=torch.long),
         halted_at=torch.full((B,), -1, dtype=torch.long),
+        states_rows=_Rows(rows, grad, "the state"),
+        logits_rows=_Rows(rows, grad, "decode's output"),
     )
-    if not grad:  # a halting run usually stops early: start small and grow
-        rows = n_iter + 1 if halt is None else min(n_iter + 1, 64)
-        run.buf = torch.empty((rows, *h.shape), dtype=h.dtype, device=h.device)
     ref_norm = reference_norm(h).to(h.device)
+    bound = _SafeBound(ref_norm, blowup)
     clock, state_hp = session.clock, loop.hook_state
     for t in range(n_iter):
         clock.advance(t)
         h = state_hp(h)  # fires hook_state: capture / transplant of h_t
-        run.keep(h.detach() if not grad else h, grad)
+        run.states_rows.add(h)
         if decode:
-            run.logits.append(loop.decode(h, ctx))
+            run.logits_rows.add(loop.decode(h, ctx))
         h_next = loop.step(h, ctx, t)
         if not isinstance(h_next, Tensor) or h_next.shape != h.shape:
             raise LoopscopeError(
                 f"step must return a tensor of the state's shape {tuple(h.shape)}, got "
                 f"{tuple(h_next.shape) if isinstance(h_next, Tensor) else type(h_next).__name__}"
             )
-        h_next = _guard(run, t, h, h_next, ref_norm, blowup)
+        if run.frozen or not bound.holds(h_next):
+            h_next = _guard(run, t, h, h_next, ref_norm, blowup)
         if halt is not None:
             stop = torch.as_tensor(halt(t, h, h_next, ctx)).bool().cpu().reshape(B)
-            run.halted_at[stop & (run.halted_at < 0) & (run.diverged_at < 0)] = t + 1
+            new = stop & (run.halted_at < 0) & (run.diverged_at < 0)
+            if bool(new.any()):
+                run.halted_at[new] = t + 1
+                run.frozen = True
         if t == 0 and session.recorders:
             budget.check_capture(session, n_iter, h.device)
             session.reserve(n_iter)
         h = h_next
         if halt is not None and bool(((run.halted_at >= 0) | (run.diverged_at >= 0)).all()):
             break
-    run.keep(h.detach() if not grad else h, grad)
+    run.states_rows.add(h)
     if decode:
-        run.logits.append(loop.decode(h, ctx))
+        run.logits_rows.add(loop.decode(h, ctx))
     return run
+
+
+class _SafeBound:
+    """A one-pass test that no sample of a state can have diverged: every norm, taken in the
+    state's own dtype, finite and under half the blow-up bound. Only a state failing it goes
+    through the exact float64 test of :func:`~loopscope.core.numerics.diverged` (the margin of
+    one half is far beyond the rounding of a float32 or even a bfloat16 norm)."""
+
+    def __init__(self, ref_norm: Tensor, blowup: float | None) -> None:
+        self.limit = (
+            None
+            if blowup is None
+            else (0.5 * float(blowup) * ref_norm).clamp_max(torch.finfo(torch.float32).max)
+        )
+        self._by_dtype: dict[torch.dtype, Tensor] = {}
+
+    def holds(self, h: Tensor) -> bool:
+        if not (h.is_floating_point() or h.is_complex()) or h.dim() == 0:
+            return False
+        norms = torch.linalg.vector_norm(h.detach().reshape(h.shape[0], -1), dim=1)
+        ok = torch.isfinite(norms)
+        if self.limit is not None:
+            lim = self._by_dtype.get(norms.dtype)
+            if lim is None:
+                lim = self._by_dtype[norms.dtype] = self.limit.to(norms.dtype)
+            ok &= norms <= lim
+        return bool(ok.all())
 
 
 def _guard(run: _Run, t: int, h: Tensor, h_next: Tensor, ref_norm: Tensor, blowup: float) -> Tensor:
@@ -286,6 +352,7 @@ def _guard(run: _Run, t: int, h: Tensor, h_next: Tensor, ref_norm: Tensor, blowu
     bad = diverged(h_next, ref_norm, blowup).cpu() & ~frozen
     if bad.any():
         run.diverged_at[bad] = t + 1
+        run.frozen = True
     freeze = (frozen | bad).to(h_next.device)
     if freeze.any():
         mask = freeze.view(h.shape[0], *([1] * (h.dim() - 1)))
