@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -44,10 +45,13 @@ def _study(tmp_path: Path, text: str = TINY, quick: bool = False) -> Study:
     return load_study(p, quick=quick)
 
 
+TIMES = ["wall_s", "train_s", "analysis_s"]  # wall-clock columns: never equal across runs
+
+
 def _same_table(a: pd.DataFrame, b: pd.DataFrame) -> None:
     pd.testing.assert_frame_equal(
-        a.drop(columns="wall_s").reset_index(drop=True),
-        b.drop(columns="wall_s").reset_index(drop=True),
+        a.drop(columns=TIMES, errors="ignore").reset_index(drop=True),
+        b.drop(columns=TIMES, errors="ignore").reset_index(drop=True),
     )
 
 
@@ -69,7 +73,8 @@ def test_config_hash_is_stable_and_ignores_key_order():
     )
     assert a[0].key == b[0].key
     # the literal pins the hash across versions: old results stay reusable (bump JOB_FORMAT to break)
-    assert a[0].key == "660030971140f7da"
+    assert a[0].key == "16d2cca7631e9083"
+    assert a[0].train_key == "c1873b9dfa9e4b55"
     c = expand_grid(
         {"defaults": {"task": "s3", "preset": "fprm", "train": {"steps": 6, "lr": 1e-3}}}
     )
@@ -97,13 +102,56 @@ def test_unknown_study_key_is_a_one_line_error_with_a_suggestion():
         expand_grid({"defaults": {"task": "s3"}})
 
 
+def test_quick_empty_axis_drops_its_grid_table_and_zoo_checkpoint_is_checked(tmp_path):
+    cfg = {
+        "grid": [
+            {"recipe": ["s3_rope"], "seed": [0], "checkpoint": "zoo"},
+            {"recipe": ["s3_rope"], "seed": [1]},
+        ],
+        "quick": {"checkpoint": [], "train.steps": 3},
+    }
+    full, quick = expand_grid(cfg), expand_grid(cfg, quick=True)
+    assert [(j.seed, j.checkpoint) for j in full] == [(0, "zoo"), (1, None)]
+    assert [(j.seed, j.checkpoint, j.train["steps"]) for j in quick] == [(1, None, 3)]
+    # the zoo model is measured only where its card's training config is the job's
+    from loopscope.experiments.job import _zoo_model
+
+    model, _ = _zoo_model(full[0])
+    assert model.zoo_name == "s3_rope"
+    (wrong,) = expand_grid({"grid": {"recipe": ["s3_rope"], "seed": [1], "checkpoint": "zoo"}})
+    with pytest.raises(LoopscopeError, match="differs in seed"):
+        _zoo_model(wrong)
+    with pytest.raises(LoopscopeError, match="needs a recipe"):
+        expand_grid({"defaults": {"task": "s3", "preset": "fprm", "checkpoint": "zoo"}})
+
+
+def test_row_has_every_column_of_the_issue(reference):
+    _, res = reference
+    row = res.frame.iloc[0]
+    for col in (
+        "id.seq_acc", "id.token_acc", "id.converged_fraction", "id.cycle_fraction",
+        "id.rho_median", "id.lambda1_median", "id.correct_basin_fraction",
+        "id.layer.core.0.rel_residual", "id.layer.core.0.period_residual",
+        "id.halt.residual.mean_steps", "id.halt.kl.accuracy", "wall_s", "train_s",
+        "final_loss", "train_key",
+    ):  # fmt: skip
+        assert col in row.index, col
+    assert 0 <= row["id.seq_acc"] <= 1 and row["id.n_iter"] >= 2
+    # the period-aware residual never exceeds the fixed-point one at the same state
+    assert row["id.layer.core.0.period_residual"] <= row["id.layer.core.0.rel_residual"] * 1.01
+    out = Path(res.meta["out"])
+    assert (out / row["checkpoint"] / "model.safetensors").exists()
+    summary = json.loads((out / row["trace_summary"]).read_text())
+    assert [s["split"] for s in summary] == ["id"] and summary[0]["halting"]
+
+
 def test_same_seed_gives_the_same_row_and_another_seed_another(tmp_path, reference):
     study, res = reference
     job = study.jobs[0]
     row = run_job(job, work_dir=tmp_path / "again")
     ref = res.frame.iloc[0].to_dict()
     for k, v in row.items():
-        if k != "wall_s":
+        if k not in TIMES:
             assert ref[k] == v or (pd.isna(ref[k]) and pd.isna(v)) or ref[k] == str(v), k
     other = res.frame.iloc[1]
     assert other["seed"] == 1 and other["final_loss"] != ref["final_loss"]

@@ -4,9 +4,12 @@ A study file has ``[study]`` (name, description), ``[defaults]`` (the job every 
 from: ``task``, ``preset``, ``seed`` and the tables ``train`` / ``model`` / ``task_params`` /
 ``analysis``), one ``[grid]`` or several ``[[grid]]`` tables (axes: key -> list of values; the
 jobs are the union of each table's cartesian product) and ``[quick]`` (what ``--quick`` changes:
-a list replaces that axis' values, a scalar overrides that setting in every job). Dotted keys
+a list replaces that axis' values, an empty list drops the grid tables with that axis, a
+scalar overrides that setting in every job). Dotted keys
 address the nested tables: ``"model.n_core" = [1, 2]``, ``"train.steps" = 40``. The axis
-``recipe`` starts a job from a zoo recipe (its training config and evaluation splits)::
+``recipe`` starts a job from a zoo recipe (its training config and evaluation splits);
+``checkpoint = "zoo"`` then measures the shipped model of that recipe instead of training it,
+once its card's training config is checked to be the job's (same recipe, seed, steps)::
 
     [study]
     name = "demo"
@@ -41,11 +44,11 @@ from loopscope.core.io import fingerprint
 __all__ = ["Job", "Study", "load_study", "expand_grid", "JOB_FORMAT"]
 
 #: bump when a job's row changes meaning (a new key for every job: old rows are not reused)
-JOB_FORMAT = "loopscope.sweep.job/1"
+JOB_FORMAT = "loopscope.sweep.job/2"
 #: bump when training changes meaning (a new training key: old checkpoints are not reused)
 TRAIN_FORMAT = "loopscope.sweep.train/1"
 _TABLES = ("train", "model", "task_params", "analysis")
-_SCALARS = ("task", "preset", "seed", "recipe")
+_SCALARS = ("task", "preset", "seed", "recipe", "checkpoint")
 _ANALYSIS_DEFAULTS: dict[str, Any] = {
     "splits": ["id", "ood"],
     "evals": {},
@@ -65,6 +68,7 @@ class Job:
     preset: str
     seed: int = 0
     recipe: str | None = None
+    checkpoint: str | None = None
     train: dict[str, Any] = field(default_factory=dict)
     model: dict[str, Any] = field(default_factory=dict)
     task_params: dict[str, Any] = field(default_factory=dict)
@@ -196,6 +200,10 @@ def _resolve(defaults: dict, point: dict, quick: dict) -> Job:
             raise LoopscopeError(f"a job has no {need!r}: set it in [defaults] or the grid")
     if "seed" in d.get("train", {}):
         raise LoopscopeError("set the training seed as 'seed', not 'train.seed'")
+    if d.get("checkpoint") not in (None, "zoo"):
+        raise LoopscopeError(f'checkpoint must be "zoo" (or absent), got {d["checkpoint"]!r}')
+    if d.get("checkpoint") == "zoo" and not d.get("recipe"):
+        raise LoopscopeError('checkpoint = "zoo" needs a recipe (the zoo model of that name)')
     return Job(**d, axes={k: v for k, v in point.items()})
 
 
@@ -203,10 +211,10 @@ def _axes(grid: dict[str, Any], quick: dict[str, Any] | None) -> dict[str, list]
     axes = {}
     for k, v in _flat(grid, "[grid]").items():
         vals = v if isinstance(v, list) else [v]
-        if quick is not None and isinstance(quick.get(k), list):
-            vals = quick[k]
         if not vals:
             raise LoopscopeError(f"grid axis {k!r} has no values")
+        if quick is not None and isinstance(quick.get(k), list):
+            vals = quick[k]  # [] in [quick]: the grid table has no quick jobs (empty product)
         axes[k] = vals
     return axes
 

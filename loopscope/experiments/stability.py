@@ -25,7 +25,7 @@ import torch
 from loopscope.core.errors import LoopscopeError, did_you_mean
 from loopscope.core.loop import Loop
 from loopscope.core.result import Result, result_meta
-from loopscope.core.targets import sequence_correct
+from loopscope.core.targets import labelled, sequence_correct, token_correct
 from loopscope.core.trace import Trace
 from loopscope.core.unroll import unroll
 from loopscope.experiments.common import cap_iterations, check_splits
@@ -232,7 +232,10 @@ def _split_row(loop: Loop, batch: Any, trace: Trace, name: str, split: str, n: i
     mt = metrics(trace, p_max=4)
     cls = classify(trace, p_max=4)
     cls = cls.to_frame() if hasattr(cls, "to_frame") else cls
-    correct = sequence_correct(trace.logits[-1].argmax(-1), batch.targets)
+    pred = trace.logits[-1].argmax(-1)
+    correct = sequence_correct(pred, batch.targets)
+    tok_ok = token_correct(pred, batch.targets) & labelled(batch.targets)
+    token_acc = float(tok_ok.sum() / labelled(batch.targets).sum().clamp_min(1))
     # the residual at t needs h_{t+1}: the last one measured is at T - 1
     mf = mt.to_frame()
     final = mf.loc[mf["iteration"] == trace.n_iter - 1, ["sample", "rel_residual"]]
@@ -240,7 +243,7 @@ def _split_row(loop: Loop, batch: Any, trace: Trace, name: str, split: str, n: i
     classes = cls["class"].astype(str).str.replace(r"\(\d+\)", "", regex=True)
     row = {
         "model": name, "split": split, "n": n, "n_iter": trace.n_iter,
-        "seq_acc": correct.float().mean().item(), **mt.summary(),
+        "seq_acc": correct.float().mean().item(), "token_acc": token_acc, **mt.summary(),
         **{f"class_{k}": v for k, v in classes.value_counts(normalize=True).to_dict().items()},
     }  # fmt: skip
     curve = mf[["iteration", "sample", "rel_residual"]].assign(split=split)
