@@ -223,6 +223,21 @@ def math_attention() -> Iterator[None]:
             mha.set_fastpath_enabled(prev)
 
 
+def _refuse_offloaded(loop: Loop) -> None:
+    """A Jacobian needs every weight in memory: weights offloaded to disk by an HF ``device_map``
+    (meta tensors swapped in by accelerate's hooks) break forward AD and the analysis-dtype copy
+    deep inside torch, so refuse them up front."""
+    mods = [loop, *closure_modules(loop)]
+    n = sum(p.numel() for m in mods for p in (*m.parameters(), *m.buffers()) if p.is_meta)
+    if n:
+        raise LoopscopeError(
+            f"{type(loop).__name__} has {n} weights offloaded (meta tensors, e.g. an HF device_map "
+            "with disk offload): Jacobian analyses need them in memory; load the model without "
+            "device_map / max_memory for spectra, solvers and Lyapunov (capture, patching and "
+            "the logit lens work offloaded)"
+        )
+
+
 class LoopMap:
     """``f(z) = flatten(loop.step(unflatten(z), ctx, t))`` on per-sample flat states.
 
@@ -263,6 +278,7 @@ class LoopMap:
         ):
             raise LoopscopeError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
         if _shared is None:
+            _refuse_offloaded(loop)
             mdtype = _model_dtype(loop)
             if dtype is not None and mdtype is not None and mdtype != dtype:
                 loop = copy.deepcopy(loop).to(dtype)

@@ -34,6 +34,7 @@ from loopscope.core.loop import Loop
 __all__ = ["from_hf", "load_hf", "is_hf_dir", "promote_float32", "local_tokenizer", "SUPPORTED"]
 
 _TOKENIZER_DIR: tempfile.TemporaryDirectory | None = None
+_OFFLOAD_DIR: tempfile.TemporaryDirectory | None = None
 
 #: HF class name -> the loopscope adapter module
 SUPPORTED = {
@@ -79,13 +80,37 @@ def is_hf_dir(path: str | Path) -> bool:
 
 
 @did_you_mean
-def load_hf(path: str | Path, *, device: str = "cpu", dtype: str | None = None) -> Loop:
+def load_hf(
+    path: str | Path,
+    *,
+    device: str = "cpu",
+    dtype: str | None = None,
+    device_map: str | dict[str, Any] | None = None,
+    max_memory: str | dict[Any, str | int] | None = None,
+    offload_folder: str | Path | None = None,
+) -> Loop:
     """Load a local HF checkpoint directory (safetensors only, offline) and return its Loop.
+
+    A model larger than one device is split by HF accelerate: pass ``device_map="auto"`` (or a
+    map of module names to ``"cpu"`` / ``"cuda:0"`` / ``"disk"``) and a ``max_memory`` budget;
+    layers that do not fit are offloaded to ``offload_folder`` and streamed in at each call.
+    Capture, patching and the logit lens run on such a Loop; Jacobian analyses (spectra,
+    solvers, Lyapunov) need the weights in memory and refuse an offloaded model.
 
     Args:
         path: directory with ``config.json`` and ``*.safetensors`` (a tokenizer there is used).
-        device: torch device for the weights.
+        device: torch device for the weights (without ``device_map``).
         dtype: "float32" | "float64" | "bfloat16" | "float16" (default: the checkpoint's).
+        device_map: accelerate's placement, ``"auto"`` or ``{module: device}`` (needs the
+            ``accelerate`` package); implied ``"auto"`` when ``max_memory`` is given.
+        max_memory: budget per device, e.g. ``"2GiB"`` or bytes (every device present) or
+            ``{"cpu": "2GiB", 0: "20GiB"}``.
+        offload_folder: where offloaded weights go (default: a temporary folder that lives as
+            long as the process).
+
+    Example:
+        >>> loop = load_hf("ckpt/", max_memory="200MiB")  # doctest: +SKIP
+        >>> ls.unroll(loop, ids, 3, capture="core.hook_resid_post")  # doctest: +SKIP
     """
     import transformers
 
@@ -102,16 +127,67 @@ def load_hf(path: str | Path, *, device: str = "cpu", dtype: str | None = None) 
     if dtype is not None and not isinstance(torch_dtype, torch.dtype):
         raise LoopscopeError(f"unknown dtype {dtype!r}; use float32, float64, bfloat16 or float16")
     cls = getattr(transformers, arch)
-    # load in the checkpoint's dtype, then cast everything: HF's keep-in-fp32 lists would
-    # otherwise leave float32 modules in a float64 model
-    model = cls.from_pretrained(p, local_files_only=True, use_safetensors=True)
-    model = model.to(device=device, dtype=torch_dtype) if torch_dtype else model.to(device)
+    if device_map is None and max_memory is None:
+        # load in the checkpoint's dtype, then cast everything: HF's keep-in-fp32 lists would
+        # otherwise leave float32 modules in a float64 model
+        model = cls.from_pretrained(p, local_files_only=True, use_safetensors=True)
+        model = model.to(device=device, dtype=torch_dtype) if torch_dtype else model.to(device)
+    else:
+        model = _load_dispatched(
+            cls, p, torch_dtype, device, device_map, max_memory, offload_folder
+        )
     tok = None
     if (p / "tokenizer.json").is_file() or (p / "tokenizer_config.json").is_file():
         tok = transformers.AutoTokenizer.from_pretrained(p, local_files_only=True)
     loop = from_hf(model.eval(), tokenizer=tok)
     loop.tokenizer = tok
     return loop
+
+
+def _load_dispatched(cls, path, torch_dtype, device, device_map, max_memory, offload_folder):
+    """``from_pretrained`` split across devices / disk by accelerate (validated first)."""
+    try:
+        import accelerate  # noqa: F401
+    except ImportError:
+        raise LoopscopeError(
+            "device_map / max_memory need the accelerate package: pip install accelerate"
+        ) from None
+    if device != "cpu":
+        raise LoopscopeError(f"pass device_map or device, not both (device={device!r})")
+    if torch_dtype is torch.float64:
+        raise LoopscopeError(
+            "dtype float64 is for Jacobian analyses, which need the weights in memory; "
+            "load without device_map / max_memory"
+        )
+    if device_map is not None and not isinstance(device_map, (str, dict)):
+        raise LoopscopeError(f"device_map must be 'auto' or a dict, got {device_map!r}")
+    if isinstance(max_memory, (str, int)) and not isinstance(max_memory, bool):
+        devices = ["cpu", *range(torch.cuda.device_count())]
+        max_memory = {d: max_memory for d in devices}
+    if max_memory is not None and not isinstance(max_memory, dict):
+        raise LoopscopeError(
+            f"max_memory must be bytes, like '2GiB', or a dict, got {max_memory!r}"
+        )
+    if offload_folder is None:
+        global _OFFLOAD_DIR
+        if _OFFLOAD_DIR is None:
+            _OFFLOAD_DIR = tempfile.TemporaryDirectory(prefix="loopscope-offload-")
+        offload_folder = Path(_OFFLOAD_DIR.name) / path.resolve().name
+    try:
+        return cls.from_pretrained(
+            path,
+            local_files_only=True,
+            use_safetensors=True,
+            dtype=torch_dtype,
+            device_map=device_map or "auto",
+            max_memory=max_memory,
+            offload_folder=str(offload_folder),
+        )
+    except (ValueError, KeyError) as e:  # accelerate's messages for bad maps / budgets
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise LoopscopeError(
+            f"cannot place {path.name} with device_map={device_map!r}: {msg}"
+        ) from None
 
 
 class _PromoteFloat32(TorchFunctionMode):
