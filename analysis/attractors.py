@@ -955,8 +955,23 @@ def _init_name(spec: Any, i: int) -> str:
     return spec if isinstance(spec, str) else f"init{i}"
 
 
+def _per_position(loop: Any, space: str, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor] | None:
+    """``[B, pos, rest]`` views of both end states (or readouts), None without positions: a
+    state's positions come from the loop's ``state_axes`` (a stack axis is never counted as
+    positions); a readout ``[B, pos, C]`` has them on axis 1."""
+    if space == "state":
+        from loopscope.core.layout import positions_per_sample
+
+        pa = positions_per_sample(loop, a)
+        return None if pa is None else (pa, positions_per_sample(loop, b))
+    if a.dim() < 3:
+        return None
+    B = a.shape[0]
+    return a.reshape(B, a.shape[1], -1), b.reshape(B, b.shape[1], -1)
+
+
 def _aa_frames(
-    nm: str, space: str, a: Tensor, b: Tensor, res: tuple, ref_res: tuple
+    loop: Any, nm: str, space: str, a: Tensor, b: Tensor, res: tuple, ref_res: tuple
 ) -> list[pd.DataFrame]:
     """AA rows of one (init, space): the whole sample (position −1) and, for states with a
     position axis, every position."""
@@ -979,9 +994,11 @@ def _aa_frames(
             }
         )
     ]
-    if a.dim() >= 3:  # per position: all axes between batch and the last one
-        P = int(np.prod(a.shape[1:-1]))
-        pc = safe_cos(a.reshape(B, P, -1), b.reshape(B, P, -1))
+    per_pos = _per_position(loop, space, a, b)
+    if per_pos is not None:  # per position: the state's declared positions, else pos = axis 1
+        pa, pb = per_pos
+        P = pa.shape[1]
+        pc = safe_cos(pa, pb)
         pc = torch.where(finite.view(B, 1), pc, nan)
         out.append(
             pd.DataFrame(
@@ -1062,9 +1079,9 @@ def path_independence(
         run = unroll(loop, inputs, n_iter, init=resolver.resolve(spec, ref.final))
         runs[nm] = run
         res = _final_residual(run)
-        rows += _aa_frames(nm, "state", ref.final, run.final, res, ref_res)
+        rows += _aa_frames(loop, nm, "state", ref.final, run.final, res, ref_res)
         if ref_read is not None:
-            rows += _aa_frames(nm, "readout", ref_read, read(run.final), res, ref_res)
+            rows += _aa_frames(loop, nm, "readout", ref_read, read(run.final), res, ref_res)
     info = {"seed": seed, "reference": _init_name(inits[0], 0), "n_iter": n_iter, **(meta or {})}
     frame = pd.concat(rows, ignore_index=True)
     for k in ("model", "split"):

@@ -26,9 +26,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from loopscope.core.capture import attach, pos_dim_of, resolve_hooks
+from loopscope.core.capture import attach, resolve_hooks
 from loopscope.core.errors import LoopscopeError
 from loopscope.core.interventions import Intervention, Patch
+from loopscope.core.layout import site_position_axis
 from loopscope.core.loop import Loop, select_batch
 from loopscope.core.trace import Trace
 from loopscope.core.unroll import unroll
@@ -95,11 +96,14 @@ class SiteInfo:
 
 
 def site_info(loop: Any, src: Source, site: str, unit_dim: int | None = None) -> SiteInfo:
-    """Position axis (``HookPoint.pos_dim`` if the activation is at least ``[B, pos, x]``), unit
-    axis (``unit_dim``, e.g. 2 for heads of ``attn.hook_z``) and the iterations it fires at."""
+    """Position axis (the loop's ``state_axes`` for ``hook_state``; ``HookPoint.pos_dim`` if
+    another activation is at least ``[B, pos, x]``), unit axis (``unit_dim``, e.g. 2 for heads of
+    ``attn.hook_z``) and the iterations it fires at."""
     hp = resolve_hooks(loop, [site])[0][site]
     act = src.acts[site][0]  # [B, ...]
-    pos_dim = pos_dim_of(hp) if act.dim() >= 3 else None
+    # the state's positions come from the loop's declared state_axes (a stacked [B, 2, pos, d]
+    # state is refused undeclared rather than patched along its stack axis)
+    pos_dim = site_position_axis(loop, site, hp, tuple(act.shape))
     if unit_dim is not None:
         if not 1 <= unit_dim < act.dim() or unit_dim == pos_dim:
             raise LoopscopeError(
@@ -271,6 +275,7 @@ class _Shifted(Loop):
         self.__dict__["_inner"] = loop  # not a submodule: hook names stay the inner loop's
         self.__dict__["_offset"] = int(offset)
         self.hook_state = loop.hook_state
+        self.state_axes = getattr(loop, "state_axes", None)
         self.hook_dict = loop.hook_dict
         self.mod_dict = getattr(loop, "mod_dict", {})
 

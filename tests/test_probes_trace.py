@@ -63,7 +63,11 @@ def test_collect_keys_shapes_and_components():
     assert sub.positions == [3, 1] and sub.X.shape == (3, B, 2, D)
     assert torch.equal(sub.at_position(3)[0], tr.states[2, :, 3])
     # an HRM-like state [B, 2, pos, d] becomes two sites; a narrower site is zero-padded
-    loop2 = ls.FnLoop(step=lambda h: 0.5 * h, init_state=torch.ones(2, P, D))
+    loop2 = ls.FnLoop(
+        step=lambda h: 0.5 * h,
+        init_state=torch.ones(2, P, D),
+        state_axes=("batch", "stack", "pos", "d_model"),  # undeclared: refused, not guessed
+    )
     tr2 = ls.unroll(loop2, torch.zeros(3, 1), 2)
     a2 = collect(tr2)
     assert a2.sites == ["state[0]", "state[1]"] and a2.X.shape == (6, 3, P, D)

@@ -128,6 +128,9 @@ class FAMTransformer(Loop):
     """
 
     label_names = ("iteration", "sub")
+    #: the memory [B, L, F, d]: per layer, F memory slots, which patching and probes index as
+    #: the positions of the state (a probe site per layer: state[0], state[1] ...)
+    state_axes = ("batch", "layer", "pos", "d_model")
 
     def __init__(self, cfg: FAMConfig) -> None:
         super().__init__()

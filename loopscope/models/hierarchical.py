@@ -92,6 +92,7 @@ class HierarchicalLoopedTransformer(Loop):
     """
 
     label_names = ("h_cycle", "l_cycle")
+    state_axes = ("batch", "stack", "pos", "d_model")  # stack: (z_H, z_L)
 
     def __init__(self, cfg: HierarchicalConfig) -> None:
         super().__init__()
@@ -216,6 +217,7 @@ class FastLoop(Loop):
     """
 
     label_names = ("l_cycle", "sub")
+    state_axes = ("batch", "pos", "d_model")
 
     def __init__(self, parent: HierarchicalLoopedTransformer, z_H: Tensor | None = None) -> None:
         super().__init__()

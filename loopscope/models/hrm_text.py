@@ -213,6 +213,7 @@ class HrmTextSlowLoop(_BridgeLoop):
     """One step = one H-cycle: ``L_cycles`` fast passes then the H stack. State ``[B, 2, pos, d]``."""
 
     label_names = ("h_cycle", "l_cycle")
+    state_axes = ("batch", "stack", "pos", "d_model")  # stack: (z_H, z_L)
 
     def init_state(self, ctx: dict[str, Any], generator: torch.Generator | None = None) -> Tensor:
         x = ctx["x"]
@@ -240,6 +241,7 @@ class HrmTextFastLoop(_BridgeLoop):
     """``z_L <- L(z_L + z_H)`` with ``z_H`` fixed (``ctx["z_H"]``: the embedding unless given)."""
 
     label_names = ("l_cycle", "sub")
+    state_axes = ("batch", "pos", "d_model")
 
     def __init__(self, bridge: Any, z_H: Tensor | None = None) -> None:
         super().__init__(bridge)

@@ -89,6 +89,7 @@ class Inkling2Loop(Loop):
     """
 
     label_names = ("pass", "layer")
+    state_axes = ("batch", "stack", "pos", "d_model")  # stack: the K block states
     #: the per-layer logit lens reads this hook with :meth:`lens_residual`
     lens_hook = "core.hook_resid_post"
 

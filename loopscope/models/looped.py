@@ -99,6 +99,7 @@ class LoopedTransformer(Loop):
     """
 
     label_names = ("iteration", "sub")
+    state_axes = ("batch", "pos", "d_model")
 
     def __init__(self, cfg: LoopedConfig) -> None:
         super().__init__()
