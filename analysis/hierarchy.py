@@ -58,12 +58,7 @@ from torch import Tensor
 from loopscope.analysis.loopmap import LoopMap
 from loopscope.analysis.solvers import METHODS, solve_map, solver_config
 from loopscope.analysis.spectra import spectrum_map
-from loopscope.core.errors import (
-    LoopscopeError,
-    UnknownOptionError,
-    check_positive_int,
-    suggest,
-)
+from loopscope.core.errors import LoopscopeError, check_positive_int, did_you_mean
 from loopscope.core.loop import Loop, batch_size_of
 from loopscope.core.result import Result, float_summary
 
@@ -288,42 +283,61 @@ def _resolve(model: Any, dtype: torch.dtype, inner_steps: int | None) -> _Hier:
 # the analysis
 
 
-def _check_options(options: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
-    o = dict(options)
-    if o["method"] not in METHODS:
-        raise LoopscopeError(
-            f"unknown solver method {o['method']!r}; choose one of {', '.join(METHODS)}"
-        )
-    if o["tol"] is None:
-        o["tol"] = 1e-10 if dtype == torch.float64 else 1e-5
-    for key in ("tol", "reach_tol"):
-        v = o[key]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
-            raise LoopscopeError(f"{key} must be a positive number, got {v!r}")
-    check_positive_int("max_iter", o["max_iter"])
-    check_positive_int("k", o["k"])
-    if o["fast_steps"] is not None:
-        check_positive_int("fast_steps", o["fast_steps"])
-    if o["inner_steps"] is not None:
-        check_positive_int("inner_steps", o["inner_steps"])
-    if not isinstance(o["solver_options"], dict):
-        raise LoopscopeError(
-            f"solver_options must be a dict, got {type(o['solver_options']).__name__}"
-        )
-    choices = {
-        "start": ("end", "start"),
-        "spectrum": ("auto", "dense", "arpack", "none"),
-        "pr_over": ("tokens", "samples"),
-    }
-    for key, allowed in choices.items():
-        if o[key] not in allowed:
-            raise LoopscopeError(f"{key} must be one of {', '.join(allowed)}, got {o[key]!r}")
-    if o["meta"] is not None and not isinstance(o["meta"], dict):
-        raise LoopscopeError(f"meta must be a dict, got {type(o['meta']).__name__}")
-    seed = o["seed"]
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise LoopscopeError(f"seed must be an integer >= 0, got {seed!r}")
-    return o
+@dataclass(frozen=True)
+class _Settings:
+    """The checked options of one :func:`hierarchical` run (see its docstring)."""
+
+    method: str
+    tol: float
+    max_iter: int
+    solver_options: dict[str, Any]
+    start: str
+    fixed_points: bool
+    spectrum: str
+    k: int
+    sigma: bool
+    fast_steps: int | None
+    inner_steps: int | None
+    reach_tol: float
+    pr_over: str
+    seed: int
+    dtype: torch.dtype
+    meta: dict[str, Any]
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise LoopscopeError(
+                f"unknown solver method {self.method!r}; choose one of {', '.join(METHODS)}"
+            )
+        for key in ("tol", "reach_tol"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                raise LoopscopeError(f"{key} must be a positive number, got {v!r}")
+        check_positive_int("max_iter", self.max_iter)
+        check_positive_int("k", self.k)
+        if self.fast_steps is not None:
+            check_positive_int("fast_steps", self.fast_steps)
+        if self.inner_steps is not None:
+            check_positive_int("inner_steps", self.inner_steps)
+        if not isinstance(self.solver_options, dict):
+            raise LoopscopeError(
+                f"solver_options must be a dict, got {type(self.solver_options).__name__}"
+            )
+        choices = {
+            "start": ("end", "start"),
+            "spectrum": ("auto", "dense", "arpack", "none"),
+            "pr_over": ("tokens", "samples"),
+        }
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise LoopscopeError(
+                    f"{key} must be one of {', '.join(allowed)}, got {getattr(self, key)!r}"
+                )
+        if not isinstance(self.meta, dict):
+            raise LoopscopeError(f"meta must be a dict, got {type(self.meta).__name__}")
+        seed = self.seed
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise LoopscopeError(f"seed must be an integer >= 0, got {seed!r}")
 
 
 def _slow_states(
@@ -376,7 +390,7 @@ def _no_spectra(B: int) -> dict[str, np.ndarray]:
 
 
 def _spectra(
-    fast: Loop, lm: LoopMap, zstar: Tensor, ok: Tensor, o: dict, c: int
+    fast: Loop, lm: LoopMap, zstar: Tensor, ok: Tensor, o: _Settings, c: int
 ) -> tuple[dict, list]:
     """rho / unstable / sigma_max per sample and top-k eigenvalue rows, one sample at a time so
     that one failed eigensolve costs one sample."""
@@ -384,9 +398,9 @@ def _spectra(
     out = _no_spectra(B)
     method = out["spectrum_method"]
     rows: list[dict] = []
-    if o["spectrum"] == "none":
+    if o.spectrum == "none":
         return out, rows
-    k = min(o["k"], lm.n)
+    k = min(o.k, lm.n)
     for b in ok.nonzero().flatten().tolist():
         idx = torch.tensor([b])
         sub = LoopMap(
@@ -397,7 +411,7 @@ def _spectra(
             batch_size=1,
         )
         try:
-            sp = spectrum_map(sub, zstar[b : b + 1], k=k, method=o["spectrum"], sigma=o["sigma"])
+            sp = spectrum_map(sub, zstar[b : b + 1], k=k, method=o.spectrum, sigma=o.sigma)
         except (RuntimeError, np.linalg.LinAlgError) as err:  # ARPACK / LAPACK failure
             method[b] = f"failed: {type(err).__name__}"
             continue
@@ -418,13 +432,21 @@ def _spectra(
     return out, rows
 
 
-def _cycle(
-    h: _Hier, inputs: Any, c: int, S: Tensor, o: dict, n_fast: int
-) -> tuple[pd.DataFrame, pd.DataFrame, list, Tensor]:
-    """Everything about slow cycle ``c``: fast iterates, fixed point, spectrum, distances."""
+@dataclass(frozen=True)
+class _FastRun:
+    """The fast loop of one cycle (z_H held at z_H^c) and its iterates from z_L^c."""
+
+    fast: Loop
+    ctx: Any
+    iterates: list[Tensor]  # z_L^{c,0} .. z_L^{c,n_fast}
+    f_end: Tensor  # f_L(z_L^{c,L}): the fast map at the model's end-of-cycle z_L
+    finite: Tensor  # [B] the slow states entering and leaving the cycle are finite
+
+
+def _run_fast(h: _Hier, inputs: Any, c: int, S: Tensor, n_fast: int) -> _FastRun:
+    """Iterate the fast loop of cycle ``c`` and check that it is the slow step's inner loop."""
     L = h.inner_steps
     zH, zL0, zL_model = S[c][:, 0], S[c][:, 1], S[c + 1][:, 1]
-    B = zH.shape[0]
     fast = h.fast_at(zH)
     with torch.no_grad():
         fctx = fast.encode(inputs)
@@ -432,10 +454,10 @@ def _cycle(
         for j in range(max(n_fast, L)):
             its.append(fast.step(its[-1], fctx, j).to(zL0.dtype))
         f_end = fast.step(zL_model, fctx, L)
-    fin_c = _finite(S[c]) & _finite(zL_model)
+    fin = _finite(S[c]) & _finite(zL_model)
     # the fast loop must be the slow step's inner loop: catches a wrong inner_steps / protocol
-    if fin_c.any():
-        a, b_ = its[L][fin_c], zL_model[fin_c]
+    if fin.any():
+        a, b_ = its[L][fin], zL_model[fin]
         err = float((a - b_).abs().max())
         if not err <= 1e-6 * (1.0 + float(b_.abs().max())):
             raise LoopscopeError(
@@ -443,87 +465,146 @@ def _cycle(
                 f"from the slow state's z_L by {err:.3g} in cycle {c}; pass inner_steps= matching "
                 "the model's inner loop"
             )
-    its = its[: n_fast + 1]
-    # fixed point of the fast map with z_H held at z_H^c
-    n_z = tuple(zL0.shape[1:])
-    if o["fixed_points"]:
-        lm = LoopMap(fast, ctx=fctx, dtype=o["dtype"], state_shape=n_z, batch_size=B)
-        z0 = lm.flatten(zL_model if o["start"] == "end" else zL0)
-        method = solver_config(o["method"], o["solver_options"])
-        res = solve_map(lm, z0, method, o["tol"], o["max_iter"])
-        zstar = res.z_best.to(zL0.dtype)
-        status, reason = list(res.status), list(res.reason)
-        iters, nfe, r_rel = res.iterations.numpy(), res.nfe.numpy(), res.r_rel.numpy()
-        ok = _finite(zstar)
-        zstar = torch.where(ok.view(-1, *[1] * len(n_z)), zstar, torch.full_like(zstar, math.nan))
-        spec, spec_rows = _spectra(fast, lm, lm.flatten(zstar), ok, o, c)
-    else:
-        zstar = torch.full_like(zL0, math.nan)
-        status, reason = ["skipped"] * B, ["fixed_points=False"] * B
-        iters = nfe = np.zeros(B, dtype=np.int64)
-        r_rel = np.full(B, np.nan)
-        spec, spec_rows = _no_spectra(B), []
-    converged = np.array([s == "converged" for s in status])
-    d_start = (zL0 - zstar).flatten(1).norm(dim=1)
-    d_end = (zL_model - zstar).flatten(1).norm(dim=1)
-    d_end_rel = _rel(zL_model - zstar, zstar)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        contraction = np.where(
-            d_start.numpy() > 0, (d_end.numpy() / d_start.numpy()) ** (1.0 / L), np.nan
+    return _FastRun(fast, fctx, its[: n_fast + 1], f_end, fin)
+
+
+@dataclass(frozen=True)
+class _FixedPoint:
+    """The fast fixed point z_L*(c) per sample, the solver's report and the spectrum there."""
+
+    zstar: Tensor  # [B, *z], NaN where not solved
+    status: list[str]
+    reason: list[str]
+    iterations: np.ndarray
+    nfe: np.ndarray
+    r_rel: np.ndarray
+    spectrum: dict[str, np.ndarray]
+    spectrum_rows: list[dict]
+
+
+def _fixed_point(
+    run: _FastRun, z_start: Tensor, z_end: Tensor, o: _Settings, c: int
+) -> _FixedPoint:
+    """Solve ``z = f_L(z; z_H^c)`` per sample from the model's z_L (``start``), then its spectrum."""
+    B, n_z = z_start.shape[0], tuple(z_start.shape[1:])
+    if not o.fixed_points:
+        nan = np.full(B, np.nan)
+        zeros = np.zeros(B, dtype=np.int64)
+        zstar = torch.full_like(z_start, math.nan)
+        return _FixedPoint(
+            zstar=zstar,
+            status=["skipped"] * B,
+            reason=["fixed_points=False"] * B,
+            iterations=zeros,
+            nfe=zeros,
+            r_rel=nan,
+            spectrum=_no_spectra(B),
+            spectrum_rows=[],
         )
-    steps = torch.stack([(its[j] - its[j - 1]).flatten(1).norm(dim=1) for j in range(1, len(its))])
+    lm = LoopMap(run.fast, ctx=run.ctx, dtype=o.dtype, state_shape=n_z, batch_size=B)
+    z0 = lm.flatten(z_end if o.start == "end" else z_start)
+    method = solver_config(o.method, o.solver_options)
+    res = solve_map(lm, z0, method, o.tol, o.max_iter)
+    zstar = res.z_best.to(z_start.dtype)
+    ok = _finite(zstar)
+    zstar = torch.where(ok.view(-1, *[1] * len(n_z)), zstar, torch.full_like(zstar, math.nan))
+    spec, spec_rows = _spectra(run.fast, lm, lm.flatten(zstar), ok, o, c)
+    return _FixedPoint(
+        zstar=zstar,
+        status=list(res.status),
+        reason=list(res.reason),
+        iterations=res.iterations.numpy(),
+        nfe=res.nfe.numpy(),
+        r_rel=res.r_rel.numpy(),
+        spectrum=spec,
+        spectrum_rows=spec_rows,
+    )
+
+
+def _power(ratio: np.ndarray, base: np.ndarray, p: float) -> np.ndarray:
+    """``ratio ** p`` where ``base > 0``, NaN elsewhere (per-step rates from whole-run ratios)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(base > 0, ratio**p, np.nan)
+
+
+def _cycle_rows(
+    c: int, run: _FastRun, fp: _FixedPoint, zL_model: Tensor, L: int, reach_tol: float
+) -> pd.DataFrame:
+    """One row per sample of cycle ``c``: solver report, distances to z_L*, rates, spectrum."""
+    its, zstar = run.iterates, fp.zstar
+    zL0 = its[0]
+    B = zL0.shape[0]
+    converged = np.array([s == "converged" for s in fp.status])
+    d_start = (zL0 - zstar).flatten(1).norm(dim=1).numpy()
+    d_end = (zL_model - zstar).flatten(1).norm(dim=1).numpy()
+    d_end_rel = _rel(zL_model - zstar, zstar).numpy()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        contraction = _power(d_end / d_start, d_start, 1.0 / L)
+    steps = _step_norms(its)
     if len(steps) >= 2:
+        first, last = steps[0].numpy(), steps[-1].numpy()
         with np.errstate(divide="ignore", invalid="ignore"):
-            ratio = (steps[-1] / steps[0]).numpy()
-            step_kappa = np.where(steps[0].numpy() > 0, ratio ** (1.0 / (len(steps) - 1)), np.nan)
+            step_kappa = _power(last / first, first, 1.0 / (len(steps) - 1))
     else:
         step_kappa = np.full(B, np.nan)
+    f_end = run.f_end
     inner_res = (f_end - zL_model).flatten(1).norm(dim=1) / (f_end.flatten(1).norm(dim=1) + 1e-9)
-    fin = fin_c.numpy()
-    nanif = lambda x: np.where(fin, np.asarray(x, dtype=float), np.nan)  # noqa: E731
-    cyc = pd.DataFrame(
+    fin = run.finite.numpy()
+
+    def nanif(x: Any) -> np.ndarray:
+        return np.where(fin, np.asarray(x, dtype=float), np.nan)
+
+    return pd.DataFrame(
         {
             "cycle": c,
             "sample": np.arange(B),
             "state_finite": fin,
-            "status": status,
+            "status": fp.status,
             "converged": converged,
-            "reason": reason,
-            "iterations": iters,
-            "nfe": nfe,
-            "r_rel": r_rel,
+            "reason": fp.reason,
+            "iterations": fp.iterations,
+            "nfe": fp.nfe,
+            "r_rel": fp.r_rel,
             "zstar_norm": zstar.flatten(1).norm(dim=1).numpy(),
             "dist_start": nanif(d_start),
             "dist_start_rel": nanif(_rel(zL0 - zstar, zstar)),
             "dist_end": nanif(d_end),
             "dist_end_rel": nanif(d_end_rel),
             "inner_residual": nanif(inner_res),
-            "reached": converged
-            & fin
-            & (np.nan_to_num(d_end_rel.numpy(), nan=np.inf) <= o["reach_tol"]),
+            "reached": converged & fin & (np.nan_to_num(d_end_rel, nan=np.inf) <= reach_tol),
             "contraction": nanif(contraction),
             "step_kappa": nanif(step_kappa),
-            **spec,
+            **fp.spectrum,
         }
     )
-    fast_rows = []
-    for j in range(1, len(its)):
-        fast_rows.append(
-            pd.DataFrame(
-                {
-                    "loop": "fast",
-                    "state": "z_L",
-                    "cycle": c,
-                    "step": j,
-                    "sample": np.arange(B),
-                    "change": steps[j - 1].numpy(),
-                    "rel_change": _rel(its[j] - its[j - 1], its[j]).numpy(),
-                    "dist_fp_rel": _rel(its[j] - zstar, zstar).numpy(),
-                    "in_model": j <= L,
-                }
-            )
+
+
+def _step_norms(its: list[Tensor]) -> Tensor:
+    """``[len(its) - 1, B]``: ‖z^{j} − z^{j−1}‖ per fast step."""
+    return torch.stack([(its[j] - its[j - 1]).flatten(1).norm(dim=1) for j in range(1, len(its))])
+
+
+def _fast_rows(c: int, its: list[Tensor], zstar: Tensor, L: int) -> pd.DataFrame:
+    """Residual-curve rows of the fast loop in cycle ``c``, one per (step, sample)."""
+    B = its[0].shape[0]
+    steps = _step_norms(its)
+    frames = [
+        pd.DataFrame(
+            {
+                "loop": "fast",
+                "state": "z_L",
+                "cycle": c,
+                "step": j,
+                "sample": np.arange(B),
+                "change": steps[j - 1].numpy(),
+                "rel_change": _rel(its[j] - its[j - 1], its[j]).numpy(),
+                "dist_fp_rel": _rel(its[j] - zstar, zstar).numpy(),
+                "in_model": j <= L,
+            }
         )
-    return cyc, pd.concat(fast_rows, ignore_index=True), spec_rows, zstar
+        for j in range(1, len(its))
+    ]
+    return pd.concat(frames, ignore_index=True)
 
 
 def _slow_rows(S: Tensor) -> pd.DataFrame:
@@ -575,26 +656,7 @@ def _pr_rows(S: Tensor, zstars: Tensor, pr_over: str) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _unknown_option_wording(fn: Any) -> Any:
-    """Like :func:`~loopscope.core.errors.did_you_mean`, worded "unknown option"."""
-    import functools
-    import inspect
-
-    names = list(inspect.signature(fn).parameters)
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        for key in kwargs:
-            if key not in names:
-                raise UnknownOptionError(
-                    f"{fn.__name__}() got an unknown option {key!r}{suggest(key, names)}"
-                )
-        return fn(*args, **kwargs)
-
-    return wrapper
-
-
-@_unknown_option_wording
+@did_you_mean
 def hierarchical(
     model: Any,
     inputs: Any,
@@ -671,9 +733,9 @@ def hierarchical(
         check_positive_int("n_cycles", n_cycles)
     if dtype not in (torch.float64, torch.float32):
         raise LoopscopeError(f"dtype must be torch.float64 or torch.float32, got {dtype!r}")
-    o = dict(
+    o = _Settings(
         method=method,
-        tol=tol,
+        tol=(1e-10 if dtype == torch.float64 else 1e-5) if tol is None else tol,
         max_iter=max_iter,
         solver_options=solver_options or {},
         start=start,
@@ -685,47 +747,61 @@ def hierarchical(
         inner_steps=inner_steps,
         reach_tol=reach_tol,
         pr_over=pr_over,
-        init=init,
         seed=seed,
         dtype=dtype,
-        meta=meta,
+        meta={} if meta is None else meta,
     )
-    o = _check_options(o, dtype)
-    h = _resolve(model, dtype, o["inner_steps"])
+    h = _resolve(model, dtype, o.inner_steps)
     N = n_cycles if n_cycles is not None else (h.n_slow or 8)
-    n_fast = o["fast_steps"] or h.inner_steps
-    S = _slow_states(h, inputs, N, o["init"], o["seed"], dtype)
-    cyc_frames, fast_frames, spec_rows, zstars = [], [], [], []
+    n_fast = o.fast_steps or h.inner_steps
+    S = _slow_states(h, inputs, N, init, o.seed, dtype)
+
+    cycles, fast_frames, spec_rows, zstars = [], [], [], []
     for c in range(N):
-        cyc, fast, rows, zstar = _cycle(h, inputs, c, S, o, n_fast)
-        cyc_frames.append(cyc)
-        fast_frames.append(fast)
-        spec_rows.extend(rows)
-        zstars.append(zstar)
-    Z = torch.stack(zstars)
+        run = _run_fast(h, inputs, c, S, n_fast)
+        fp = _fixed_point(run, S[c][:, 1], S[c + 1][:, 1], o, c)
+        cycles.append(_cycle_rows(c, run, fp, S[c + 1][:, 1], h.inner_steps, o.reach_tol))
+        fast_frames.append(_fast_rows(c, run.iterates, fp.zstar, h.inner_steps))
+        spec_rows.extend(fp.spectrum_rows)
+        zstars.append(fp.zstar)
+
+    return _assemble(h, o, S, torch.stack(zstars), cycles, fast_frames, spec_rows, n_fast)
+
+
+def _assemble(
+    h: _Hier,
+    o: _Settings,
+    S: Tensor,
+    Z: Tensor,
+    cycles: list[pd.DataFrame],
+    fast_frames: list[pd.DataFrame],
+    spec_rows: list[dict],
+    n_fast: int,
+) -> HierarchicalResult:
+    """The per-cycle frames, residual curves, participation ratios and meta as one result."""
     from loopscope import __version__
 
     meta = {
         "model": h.name,
-        "n_cycles": N,
+        "n_cycles": S.shape[0] - 1,
         "inner_steps": h.inner_steps,
         "fast_steps": n_fast,
-        "method": o["method"],
-        "tol": o["tol"],
-        "start": o["start"],
-        "reach_tol": o["reach_tol"],
-        "seed": o["seed"],
-        "dtype": str(dtype).replace("torch.", ""),
+        "method": o.method,
+        "tol": o.tol,
+        "start": o.start,
+        "reach_tol": o.reach_tol,
+        "seed": o.seed,
+        "dtype": str(o.dtype).replace("torch.", ""),
         "loopscope_version": __version__,
-        **(o["meta"] or {}),
+        **o.meta,
     }
     spectra = pd.DataFrame(
         spec_rows, columns=["cycle", "sample", "rank", "real", "imag", "modulus"]
     )
     return HierarchicalResult(
-        cycles=pd.concat(cyc_frames, ignore_index=True),
+        cycles=pd.concat(cycles, ignore_index=True),
         residuals=pd.concat([_slow_rows(S), *fast_frames], ignore_index=True),
-        participation=_pr_rows(S, Z, o["pr_over"]),
+        participation=_pr_rows(S, Z, o.pr_over),
         spectra=spectra,
         states=S,
         fixed_points=Z,

@@ -388,10 +388,20 @@ def _check_trace_only(on_trace: bool, **given: Any) -> None:
 # -- the fit --------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _Fold:
+    """One fold's fit: solver parameters, standardisation, predicted class index of every row."""
+
+    params: dict[str, Tensor]
+    mean: Tensor  # [S, 1, d]
+    std: Tensor  # [S, 1, d]
+    pred: Tensor  # [S, N]
+
+
 def _fit_fold(
     spec: _ProbeSpec, data: _Data, tr: Tensor, standardize: bool, gen: torch.Generator
-) -> tuple[dict[str, Tensor], Tensor, Tensor, Tensor]:
-    """Fit every site on the rows ``tr``: ``(params, mean, std, predicted class index [S, N])``."""
+) -> _Fold:
+    """Fit every site on the rows ``tr`` and predict every row."""
     S, N, d = data.X.shape
     K = int(data.classes.numel())
     w = data.valid[:, tr].double()
@@ -418,32 +428,53 @@ def _fit_fold(
     raw = solvers.fold_standardisation(spec.kind, p, mean, std)
     if data.X.dtype != torch.float64:
         raw = {k: v.to(data.X.dtype) for k, v in raw.items()}
-    pred = solvers.scores(spec.kind, raw, data.X).argmax(-1)
-    return p, mean, std, pred
+    return _Fold(p, mean, std, solvers.scores(spec.kind, raw, data.X).argmax(-1))
 
 
-class _Tally:
-    """Accuracies and held-out predictions, filled in fold by fold."""
-
-    def __init__(self, n_folds: int, S: int, N: int) -> None:
-        nan = float("nan")
-        self.acc = {k: torch.full((n_folds, S), nan, dtype=torch.float64) for k in ("tr", "te")}
-        self.n = {k: torch.zeros(n_folds, S, dtype=torch.long) for k in ("tr", "te")}
-        self.correct = torch.full((S, N), nan, dtype=torch.float64)
-        self.test_pred = torch.full((S, N), -100, dtype=torch.long)
-
-    def add(self, f: int, tr: Tensor, te: Tensor, pred: Tensor, data: _Data) -> None:
-        ok = (pred == data.yi).double()
+def _assemble(
+    spec: _ProbeSpec,
+    data: _Data,
+    folds: list[tuple[Tensor, Tensor]],
+    fits: list[_Fold],
+    groups: np.ndarray,
+    site_labels: list[dict[str, Any]],
+    meta: dict[str, Any],
+) -> ProbeResult:
+    """Accuracies per (fold, site) and each row's held-out prediction, into a ProbeResult."""
+    S, N, _ = data.X.shape
+    nan = float("nan")
+    acc = {k: torch.full((len(folds), S), nan, dtype=torch.float64) for k in ("tr", "te")}
+    n = {k: torch.zeros(len(folds), S, dtype=torch.long) for k in ("tr", "te")}
+    correct = torch.full((S, N), nan, dtype=torch.float64)
+    test_pred = torch.full((S, N), -100, dtype=torch.long)
+    for f, ((tr, te), fit) in enumerate(zip(folds, fits, strict=True)):
+        ok = (fit.pred == data.yi).double()
         for key, idx in (("tr", tr), ("te", te)):
             v = data.valid[:, idx]
-            n = v.sum(1)
-            acc = (ok[:, idx] * v).sum(1) / n.clamp_min(1)
-            self.acc[key][f] = torch.where(n > 0, acc, torch.full_like(acc, float("nan")))
-            self.n[key][f] = n
+            n[key][f] = v.sum(1)
+            a = (ok[:, idx] * v).sum(1) / n[key][f].clamp_min(1)
+            acc[key][f] = torch.where(n[key][f] > 0, a, torch.full_like(a, nan))
         vte = data.valid[:, te]
-        self.correct[:, te] = torch.where(vte, ok[:, te], torch.full_like(ok[:, te], float("nan")))
-        held = torch.where(vte, data.classes[pred[:, te]], torch.full_like(pred[:, te], -100))
-        self.test_pred[:, te] = held
+        correct[:, te] = torch.where(vte, ok[:, te], torch.full_like(ok[:, te], nan))
+        held = data.classes[fit.pred[:, te]]
+        test_pred[:, te] = torch.where(vte, held, torch.full_like(held, -100))
+    return ProbeResult(
+        kind=spec.kind,
+        params=[fit.params for fit in fits],
+        mean=[fit.mean for fit in fits],
+        std=[fit.std for fit in fits],
+        train_acc=acc["tr"],
+        test_acc=acc["te"],
+        n_train=n["tr"],
+        n_test=n["te"],
+        correct=correct,
+        test_pred=test_pred,
+        classes=data.classes,
+        folds=folds,
+        groups=groups,
+        site_labels=site_labels,
+        meta=meta,
+    )
 
 
 @did_you_mean
@@ -559,34 +590,24 @@ def fit_probes(
             exclude_diverged=exclude_diverged,
             mask=mask,
         )
-        X, y, groups, site_labels, extra = (
-            design.X,
-            design.y,
-            design.groups,
-            design.site_labels,
-            dict(design.meta),
-        )
-        mask = None
+        X, y, groups, site_labels = design.X, design.y, design.groups, design.site_labels
+        extra, mask = dict(design.meta), None
     data = _check_data(X, y, mask, classes, spec.data_dtype)
     S, N, _ = data.X.shape
     labels = list(site_labels) if site_labels is not None else []
     if labels and len(labels) != S:
         raise LoopscopeError(f"site_labels must have one dict per site ({S}), got {len(labels)}")
     groups = as_groups(groups, N)
-    fold_idx = make_folds(
+    folds_idx = make_folds(
         N, groups=groups, folds=folds, test_frac=test_frac, split=split, seed=seed
     )
 
-    tally = _Tally(len(fold_idx), S, N)
-    params, means, stds = [], [], []
-    for f, (tr, te) in enumerate(fold_idx):
-        gen = torch.Generator().manual_seed(seed * 1000 + f)
-        p, mean, std, pred = _fit_fold(spec, data, tr, standardize, gen)
-        tally.add(f, tr, te, pred, data)
-        params.append(p)
-        means.append(mean)
-        stds.append(std)
+    fits = [
+        _fit_fold(spec, data, tr, standardize, torch.Generator().manual_seed(seed * 1000 + f))
+        for f, (tr, _) in enumerate(folds_idx)
+    ]
 
+    extra.update(meta or {})
     settings = {
         "probe": spec.kind,
         "C": C,
@@ -597,28 +618,11 @@ def fit_probes(
         "split_mode": split if isinstance(split, str) else "explicit",
         "n_nonfinite": (~data.finite).sum(1).tolist(),
     }
-    extra.update(meta or {})
     info = result_meta(
         model=extra.get("model"), seed=seed, split=extra.get("split"), settings=settings
     )
     info.update(extra)
-    return ProbeResult(
-        kind=spec.kind,
-        params=params,
-        mean=means,
-        std=stds,
-        train_acc=tally.acc["tr"],
-        test_acc=tally.acc["te"],
-        n_train=tally.n["tr"],
-        n_test=tally.n["te"],
-        correct=tally.correct,
-        test_pred=tally.test_pred,
-        classes=data.classes,
-        folds=fold_idx,
-        groups=groups,
-        site_labels=labels,
-        meta=info,
-    )
+    return _assemble(spec, data, folds_idx, fits, groups, labels, info)
 
 
 class LinearProbe:
