@@ -618,7 +618,9 @@ def _decoded(m: LoopMap, ends: Tensor, idx_all: Tensor, chunk: int) -> Tensor:
     for s0 in range(0, ends.shape[0], chunk):
         idx = idx_all[s0 : s0 + chunk]
         ctx = m._ctx(idx) if m._has_batch_ctx else m.ctx
-        out.append(_answers(m.loop, m.unflatten(ends[s0 : s0 + chunk]), ctx))
+        X = m.unflatten(ends[s0 : s0 + chunk])
+        # in the analysis dtype: decode may close over modules the copy does not own
+        out.append(m._call(lambda X=X, ctx=ctx: _answers(m.loop, X, ctx)))
     return torch.cat(out)
 
 
@@ -971,16 +973,29 @@ def _per_position(loop: Any, space: str, a: Tensor, b: Tensor) -> tuple[Tensor, 
 
 
 def _aa_frames(
-    loop: Any, nm: str, space: str, a: Tensor, b: Tensor, res: tuple, ref_res: tuple
+    loop: Any,
+    nm: str,
+    space: str,
+    a: Tensor,
+    b: Tensor,
+    res: tuple,
+    ref_res: tuple,
+    healthy: Tensor,
 ) -> list[pd.DataFrame]:
     """AA rows of one (init, space): the whole sample (position −1) and, for states with a
-    position axis, every position."""
+    position axis, every position. Samples not ``healthy`` (diverged in either run: ``unroll``
+    froze them at their last finite state, whose numbers mean nothing) get NaN."""
     a, b = a.double(), b.double()
     B = a.shape[0]
     finite = torch.isfinite(a.reshape(B, -1)).all(1) & torch.isfinite(b.reshape(B, -1)).all(1)
+    finite = finite & healthy
     nan = torch.tensor(float("nan"), dtype=torch.float64)
     whole = torch.where(finite, safe_cos(a.reshape(B, -1), b.reshape(B, -1)), nan)
-    cols = {"residual": res[0], "rel_residual": res[1], "ref_residual": ref_res[0]}
+    keep = finite.numpy()
+    cols = {
+        k: np.where(keep, v, np.nan)
+        for k, v in {"residual": res[0], "rel_residual": res[1], "ref_residual": ref_res[0]}.items()
+    }
     out = [
         pd.DataFrame(
             {
@@ -1045,8 +1060,8 @@ def path_independence(
 
     Returns:
         :class:`PathIndependenceResult` (per sample, per position, state and readout). Two
-        zero vectors count as identical (cos = 1); a non-finite end state gives NaN, flagged
-        ``finite=False``.
+        zero vectors count as identical (cos = 1); a non-finite end state or a sample either run
+        flagged diverged gives NaN, flagged ``finite=False``.
     """
     from loopscope.core.unroll import unroll
 
@@ -1073,15 +1088,17 @@ def path_independence(
 
     ref_read = read(ref.final)
     ref_res = _final_residual(ref)
+    ref_ok = _not_diverged(ref)
     rows: list[pd.DataFrame] = []
     for i, spec in enumerate(inits[1:], start=1):
         nm = _init_name(spec, i)
         run = unroll(loop, inputs, n_iter, init=resolver.resolve(spec, ref.final))
         runs[nm] = run
         res = _final_residual(run)
-        rows += _aa_frames(loop, nm, "state", ref.final, run.final, res, ref_res)
+        ok = ref_ok & _not_diverged(run)
+        rows += _aa_frames(loop, nm, "state", ref.final, run.final, res, ref_res, ok)
         if ref_read is not None:
-            rows += _aa_frames(loop, nm, "readout", ref_read, read(run.final), res, ref_res)
+            rows += _aa_frames(loop, nm, "readout", ref_read, read(run.final), res, ref_res, ok)
     info = {"seed": seed, "reference": _init_name(inits[0], 0), "n_iter": n_iter, **(meta or {})}
     frame = pd.concat(rows, ignore_index=True)
     for k in ("model", "split"):
@@ -1089,6 +1106,11 @@ def path_independence(
             frame[k] = info[k]
     full = result_meta(loop, seed=seed, split=info.get("split"), model=info.get("model"))
     return PathIndependenceResult(frame=frame, runs=runs, meta={**full, **info})
+
+
+def _not_diverged(tr: Trace) -> Tensor:
+    """``[B]`` bool: samples ``unroll`` did not flag as diverged."""
+    return torch.tensor([s != "diverged" for s in tr.status] or [True] * tr.states.shape[1])
 
 
 def _final_residual(tr: Trace) -> tuple[np.ndarray, np.ndarray]:

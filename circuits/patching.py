@@ -493,13 +493,24 @@ def _sweep_keys(
 
 
 def _reference_metrics(metric: Callable, base: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-    """The metric of the unpatched clean and corrupted runs, ``[B]`` each."""
+    """The metric of the unpatched clean and corrupted runs, ``[B]`` each; NaN for an example
+    that run flagged diverged (``unroll`` froze it at its last finite state: its readout is a
+    number that means nothing, and so would be every patch sourced from it)."""
     every = torch.arange(base["B"])
     lg_clean, lg_corrupt = base["lg_clean"], base["lg_corrupt"]
     return tuple(
-        _metric_columns(metric, lg, every, lg_clean, lg_corrupt)["metric"].numpy()
-        for lg in (lg_clean, lg_corrupt)
+        np.where(
+            (run.diverged_at >= 0).numpy(),
+            np.nan,
+            _metric_columns(metric, lg, every, lg_clean, lg_corrupt)["metric"],
+        )
+        for lg, run in ((lg_clean, base["clean"]), (lg_corrupt, base["corrupt"]))
     )  # type: ignore[return-value]
+
+
+def _base_diverged(base: dict[str, Any]) -> np.ndarray:
+    """``[B]`` bool: examples the clean or the corrupted reference run flagged diverged."""
+    return ((base["clean"].diverged_at >= 0) | (base["corrupt"].diverged_at >= 0)).numpy()
 
 
 def _sweep_frame(
@@ -522,11 +533,14 @@ def _sweep_frame(
         }
     )
     cols = dict(cols)
-    f["metric"] = cols.pop("metric")
     f["clean"] = clean_m[ex]
     f["corrupt"] = corr_m[ex]
+    # an example whose reference run diverged has NaN references: its patched rows are flagged
+    # and NaN too, never a plausible number read off a frozen state
+    base_bad = np.isnan(f["clean"].to_numpy()) | np.isnan(f["corrupt"].to_numpy())
+    f.insert(len(f.columns) - 2, "metric", np.where(base_bad, np.nan, cols.pop("metric")))
     f["recovery"] = normalised(f["metric"], f["clean"], f["corrupt"])
-    f["diverged"] = cols.pop("diverged").astype(bool)
+    f["diverged"] = cols.pop("diverged").astype(bool) | base_bad
     for k, v in cols.items():
         f[k] = v
     return f
@@ -675,7 +689,7 @@ def state_transplant(
 
     Returns:
         :class:`SweepResult`, one row per (t, measured_at, example): metric, clean, corrupt,
-        recovery, ``gap`` = ||h_t^clean - h_t^corrupt||, ``dist_corrupt`` / ``dist_clean`` = distance
+        recovery, ``diverged`` (a run of the example was flagged: its numbers are NaN), ``gap`` = ||h_t^clean - h_t^corrupt||, ``dist_corrupt`` / ``dist_clean`` = distance
         of the transplanted state at measured_at to the corrupted / clean run's state.
     """
     n_iter = check_positive_int("n_iter", n_iter)
@@ -691,8 +705,13 @@ def state_transplant(
     its = list(range(n_iter)) if its is None else its
     ivs0 = corruption.interventions(idx) if corruption.interventions is not None else []
     at_list = sorted({n_iter, T})
-    m_c = {a: torch.as_tensor(metric(c.decode(a), idx)).double().numpy() for a in at_list}
-    m_k = {a: torch.as_tensor(metric(k.decode(a), idx)).double().numpy() for a in at_list}
+    base_bad = _base_diverged(base)
+    m_c = {
+        a: _metric_or_nan(metric, c.decode(a), idx, (c.diverged_at >= 0).numpy()) for a in at_list
+    }
+    m_k = {
+        a: _metric_or_nan(metric, k.decode(a), idx, (k.diverged_at >= 0).numpy()) for a in at_list
+    }
     frames = []
     for t in its:
         tr = unroll(
@@ -703,11 +722,13 @@ def state_transplant(
             interventions=[*ivs0, Transplant(iteration=t, source=c)],
         )
         gap = _row_norm(c.states[t] - k.states[t])
+        bad = base_bad | (tr.diverged_at >= 0).numpy()
         for a in at_list:
-            m_pt = torch.as_tensor(metric(tr.decode(a), idx)).double().numpy()
+            m_pt = _metric_or_nan(metric, tr.decode(a), idx, bad)
             f = pd.DataFrame({"t": t, "measured_at": a, "example": idx.numpy(), "metric": m_pt})
             f["clean"], f["corrupt"] = m_c[a], m_k[a]
             f["recovery"] = normalised(m_pt, m_c[a], m_k[a])
+            f["diverged"] = bad
             f["gap"] = gap
             f["dist_corrupt"] = _row_norm(tr.states[a] - k.states[a])
             f["dist_clean"] = _row_norm(tr.states[a] - c.states[a])
@@ -715,6 +736,11 @@ def state_transplant(
     return SweepResult(
         frame=pd.concat(frames, ignore_index=True), meta=_meta(loop, corruption, seed, n_iter, T)
     )
+
+
+def _metric_or_nan(metric: Callable, readout: Tensor, idx: Tensor, bad: np.ndarray) -> np.ndarray:
+    """``metric`` per example as float64, NaN where ``bad`` (a run flagged diverged)."""
+    return np.where(bad, np.nan, torch.as_tensor(metric(readout, idx)).double().numpy())
 
 
 def _row_norm(x: Tensor) -> np.ndarray:
