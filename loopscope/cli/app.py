@@ -36,6 +36,76 @@ def _fail(msg: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def _cwd_importable() -> None:
+    """Your modules in the current folder import as with ``python -m`` (the console script
+    does not put the current folder on ``sys.path`` by itself)."""
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+
+
+def load_object(spec: str, option: str) -> Any:
+    """``"package.module:attribute"`` -> the attribute (the current directory is importable, as
+    for ``python -m``); a one-line error naming ``option`` otherwise."""
+    import importlib
+
+    if not isinstance(spec, str) or spec.count(":") != 1 or not all(spec.split(":")):
+        raise LoopscopeError(
+            f"{option} must be 'module:attribute' (e.g. my_model:make_loop), got {spec!r}"
+        )
+    mod_name, attr = spec.split(":")
+    _cwd_importable()
+    try:
+        obj: Any = importlib.import_module(mod_name)
+    except ModuleNotFoundError as e:
+        raise LoopscopeError(
+            f"{option} {spec!r}: cannot import {mod_name!r} ({e}); run from the folder that holds "
+            "it or put it on PYTHONPATH"
+        ) from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            from loopscope.core.errors import suggest
+
+            names = [n for n in dir(obj) if not n.startswith("_")]
+            raise LoopscopeError(
+                f"{option} {spec!r}: {mod_name} has no {part!r}{suggest(part, names)}"
+            )
+        obj = getattr(obj, part)
+    return obj
+
+
+def user_loop(spec: str):
+    """``--loop module:factory``: the Loop the factory returns (or the Loop object named)."""
+    from loopscope.core.loop import Loop
+
+    obj = load_object(spec, "--loop")
+    if not isinstance(obj, Loop) and callable(obj):
+        obj = obj()
+    if not isinstance(obj, Loop):
+        raise LoopscopeError(
+            f"--loop {spec!r} gave a {type(obj).__name__}, not a loopscope Loop: return one from "
+            "the factory (ls.wrap(model, loop=...), ls.FnLoop(...) or a Loop subclass)"
+        )
+    return obj
+
+
+def user_task(spec: str):
+    """``--task module:MyTask``: a Task instance (a class or factory is called with no argument)."""
+    obj = load_object(spec, "--task")
+    if isinstance(obj, type) and callable(getattr(obj, "sample", None)):
+        try:
+            obj = obj()
+        except TypeError as e:
+            raise LoopscopeError(
+                f"--task {spec!r}: cannot build it with no arguments ({e})"
+            ) from None
+    if not callable(getattr(obj, "sample", None)):
+        raise LoopscopeError(
+            f"--task {spec!r} gave a {type(obj).__name__} without sample(n, split, seed): "
+            "subclass loopscope.tasks.base.Task"
+        )
+    return obj
+
+
 def resolve_model(model: str):
     """A zoo name, a loopscope checkpoint directory or a local HF directory -> a loaded model."""
     from loopscope import zoo
@@ -44,6 +114,7 @@ def resolve_model(model: str):
 
     p = Path(model)
     if p.exists():
+        _cwd_importable()  # a checkpoint of your own Loop class imports its module
         return load_hf(p) if is_hf_dir(p) else load_model(p)
     return zoo.load(model)
 
@@ -66,14 +137,23 @@ def parse_inputs(text: str):
     return torch.tensor(vals, dtype=torch.long)
 
 
-def model_and_task(model: str, task: str | None):
-    """Load a model and its task (from the zoo card unless ``task`` is given); check they match."""
+def model_and_task(model: str | None, task: str | None, loop: str | None = None):
+    """Load a model (a zoo name, a checkpoint directory, or ``--loop module:factory``) and its
+    task (the zoo card's unless ``task`` is given; ``module:MyTask`` for your own); check they
+    match."""
     from loopscope import zoo
 
-    m = resolve_model(model)
+    if (model is None) == (loop is None):
+        raise LoopscopeError(
+            "give a model (zoo name or checkpoint directory) or --loop module:factory, not both"
+            if model is not None
+            else "give a model (zoo name or checkpoint directory) or --loop module:factory"
+        )
+    m = user_loop(loop) if loop is not None else resolve_model(model)
     if task is None:
-        if model not in zoo.names():
-            raise LoopscopeError("--task is required for a checkpoint directory")
+        if loop is not None or model not in zoo.names():
+            where = "--loop" if loop is not None else "a checkpoint directory"
+            raise LoopscopeError(f"--task is required with {where} (a task name or module:MyTask)")
         t = zoo.task_of(model)
     else:
         t = get_task(task, m)
@@ -86,12 +166,43 @@ def model_and_task(model: str, task: str | None):
 
 
 def get_task(name: str, model: Any = None):
-    """The task ``name``; a text task gets the model's tokenizer (``model.tokenizer``)."""
+    """The task ``name`` (or ``module:MyTask``); a text task gets the model's tokenizer."""
     from loopscope import tasks
 
+    if ":" in name:
+        return user_task(name)
     if name in tasks.text_names():
         return tasks.get(name, tokenizer=getattr(model, "tokenizer", None))
     return tasks.get(name)
+
+
+def model_label(model: str | None, loop: str | None) -> str:
+    """The name results carry: the model argument, or the ``--loop`` spec."""
+    return model if model is not None else str(loop)
+
+
+#: the options every model command shares (one definition, so --help reads the same everywhere)
+MODEL_ARG = "zoo name or checkpoint directory (or give --loop)"
+LOOP_HELP = "your own model: module:factory returning a Loop (e.g. my_model:make_loop); no MODEL"
+TASK_HELP = "task name, or module:MyTask for your own (default: the zoo card's)"
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        from loopscope import __version__
+
+        typer.echo(f"loopscope {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version_callback, is_eager=True, help="print the version"
+    ),
+) -> None:
+    """Mechanistic interpretability of looped transformers: trace every loop iteration, measure
+    fixed-point dynamics, probe and patch per iteration, make the paper's figures."""
 
 
 def split_list(text: str) -> list[str]:

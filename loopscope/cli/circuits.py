@@ -7,19 +7,28 @@ from pathlib import Path
 
 import typer
 
-from loopscope.cli.app import app, model_and_task, split_list
+from loopscope.cli.app import (
+    LOOP_HELP,
+    MODEL_ARG,
+    TASK_HELP,
+    app,
+    model_and_task,
+    model_label,
+    split_list,
+)
 from loopscope.core.errors import LoopscopeError
 
 
 @app.command()
 def probe(
-    model: str = typer.Argument(..., help="zoo name or checkpoint directory"),
+    model: str = typer.Argument(None, help=MODEL_ARG),
+    loop: str = typer.Option(None, "--loop", help=LOOP_HELP),
     target: str = typer.Option(
         "state", help="task intermediate variable to probe (e.g. state, carry) or 'targets'"
     ),
     iterations: str = typer.Option("all", help="'all' or a number of iterations"),
     split: str = typer.Option("id,ood", help="comma-separated task splits"),
-    task: str = typer.Option(None, help="task (default: the zoo card's)"),
+    task: str = typer.Option(None, help=TASK_HELP),
     site: str = typer.Option(
         "state", help="'state' (h_t) or a hook name, e.g. core.blocks.0.hook_resid_post"
     ),
@@ -50,7 +59,7 @@ def probe(
         raise LoopscopeError(
             f"--iterations must be 'all' or a positive integer, got {iterations!r}"
         )
-    m, t = model_and_task(model, task)
+    m, t = model_and_task(model, task, loop)
     res = probe_study(
         m, t, target=target, splits=split_list(split), iterations=T, site=site, n=n, seed=seed
     )
@@ -65,8 +74,9 @@ def probe(
 
 @app.command()
 def patch(
-    model: str = typer.Argument(..., help="zoo name or checkpoint directory"),
-    task: str = typer.Option(None, help="task (default: the zoo card's)"),
+    model: str = typer.Argument(None, help=MODEL_ARG),
+    loop: str = typer.Option(None, "--loop", help=LOOP_HELP),
+    task: str = typer.Option(None, help=TASK_HELP),
     iterations: str = typer.Option("all", help="'all' or comma-separated iterations"),
     site: str = typer.Option("hook_state", help="hook to patch"),
     position: int = typer.Option(1, help="input position whose token the corruption changes"),
@@ -98,7 +108,7 @@ def patch(
     from loopscope.experiments.patching import patch_study
     from loopscope.report import set_style
 
-    m, t = model_and_task(model, task)
+    m, t = model_and_task(model, task, loop)
     its = "all" if iterations == "all" else [int(x) for x in iterations.split(",")]
     ck = out / "checkpoint"
     if not resume:
@@ -115,7 +125,12 @@ def patch(
     atomic_write_text(out / "patching.csv", df.to_csv(index=False))
     set_style()
     fig = figures.heatmap(
-        df, "iteration", "position", "recovery", f"{model}: denoising recovery ({site})", center=0
+        df,
+        "iteration",
+        "position",
+        "recovery",
+        f"{model_label(model, loop)}: denoising recovery ({site})",
+        center=0,
     )
     atomic_savefig(fig, out / "patching.png", dpi=120)
     summary = {

@@ -10,14 +10,23 @@ from pathlib import Path
 
 import typer
 
-from loopscope.cli.app import app, model_and_task, split_list
+from loopscope.cli.app import (
+    LOOP_HELP,
+    MODEL_ARG,
+    TASK_HELP,
+    app,
+    model_and_task,
+    model_label,
+    split_list,
+)
 
 
 @app.command()
 def stability(
-    model: str = typer.Argument(..., help="zoo name or checkpoint directory"),
+    model: str = typer.Argument(None, help=MODEL_ARG),
+    loop: str = typer.Option(None, "--loop", help=LOOP_HELP),
     split: str = typer.Option("id,ood", help="comma-separated task splits"),
-    task: str = typer.Option(None, help="task (default: the zoo card's)"),
+    task: str = typer.Option(None, help=TASK_HELP),
     n: int = typer.Option(64, min=1),
     iter_factor: float = typer.Option(3.0, min=0.0, help="iterations = factor x length"),
     seed: int = typer.Option(0, min=0),
@@ -41,16 +50,18 @@ def stability(
     diverged samples, anything that could not be measured: NaN there, never a crash).
 
     Example: loopscope stability s3_fprm --split id,ood --out s3_stability
+
+    Your own model: loopscope stability --loop my_model:make_loop --task my_model:MyTask
     """
     from loopscope.core.io import atomic_savefig, atomic_write_text
     from loopscope.experiments.stability import stability as run
     from loopscope.experiments.stability import stability_figures
     from loopscope.report import set_style
 
-    m, t = model_and_task(model, task)
+    m, t = model_and_task(model, task, loop)
     res = run(
         m, t, splits=split_list(split), n=n, iter_factor=iter_factor, seed=seed,
-        dynamics=dynamics, n_dyn=n_dyn, model_name=model,
+        dynamics=dynamics, n_dyn=n_dyn, model_name=model_label(model, loop),
     )  # fmt: skip
     table = res.to_frame()
     out.mkdir(parents=True, exist_ok=True)
@@ -67,9 +78,10 @@ def stability(
 
 @app.command()
 def halting(
-    model: str = typer.Argument(..., help="zoo name or checkpoint directory"),
+    model: str = typer.Argument(None, help=MODEL_ARG),
+    loop: str = typer.Option(None, "--loop", help=LOOP_HELP),
     split: str = typer.Option("id,ood", help="comma-separated task splits"),
-    task: str = typer.Option(None, help="task (default: the zoo card's)"),
+    task: str = typer.Option(None, help=TASK_HELP),
     n: int = typer.Option(128, min=1),
     iter_factor: float = typer.Option(3.0, min=0.0, help="budget = factor x length"),
     seed: int = typer.Option(0, min=0),
@@ -83,10 +95,11 @@ def halting(
     from loopscope.experiments.halting import halting_figure, halting_study
     from loopscope.report import set_style
 
-    m, t = model_and_task(model, task)
+    m, t = model_and_task(model, task, loop)
     res = halting_study(
-        m, t, splits=split_list(split), n=n, iter_factor=iter_factor, seed=seed, model_name=model
-    )
+        m, t, splits=split_list(split), n=n, iter_factor=iter_factor, seed=seed,
+        model_name=model_label(model, loop),
+    )  # fmt: skip
     df = res.to_frame()
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "halting.csv", df.to_csv(index=False))
@@ -98,8 +111,9 @@ def halting(
 
 @app.command()
 def verdict(
-    model: str = typer.Argument(..., help="zoo name or checkpoint directory"),
-    task: str = typer.Option(None, help="task (default: the zoo card's)"),
+    model: str = typer.Argument(None, help=MODEL_ARG),
+    loop: str = typer.Option(None, "--loop", help=LOOP_HELP),
+    task: str = typer.Option(None, help=TASK_HELP),
     n: int = typer.Option(128, min=2, help="examples per split"),
     seed: int = typer.Option(0, min=0),
     n_basin: int = typer.Option(
@@ -118,7 +132,7 @@ def verdict(
     from loopscope.core.io import atomic_write_text
     from loopscope.experiments.verdict import verdict as run_verdict
 
-    m, t = model_and_task(model, task)
+    m, t = model_and_task(model, task, loop)
     df = run_verdict(m, t, n=n, seed=seed, n_basin=n_basin, n_probe=n_probe).to_frame()
     if out is not None:
         atomic_write_text(out, df.to_csv(index=False))

@@ -7,7 +7,15 @@ from pathlib import Path
 
 import typer
 
-from loopscope.cli.app import app, parse_inputs, resolve_model
+from loopscope.cli.app import (
+    LOOP_HELP,
+    MODEL_ARG,
+    app,
+    model_label,
+    parse_inputs,
+    resolve_model,
+    user_loop,
+)
 from loopscope.core.errors import LoopscopeError
 
 
@@ -56,11 +64,14 @@ def train(
 
 @app.command()
 def trace(
-    model: str = typer.Argument(..., help="zoo name or checkpoint directory"),
+    model: str = typer.Argument(None, help=MODEL_ARG),
     out: Path = typer.Option(..., help="output path (writes OUT.safetensors + OUT.json)"),
+    loop: str = typer.Option(None, "--loop", help=LOOP_HELP),
     n_iter: int = typer.Option(16, "--n-iter", min=1, help="loop iterations"),
     inputs: str = typer.Option(None, help="token ids, rows separated by ';' (e.g. '6 1 2; 6 3 4')"),
-    task: str = typer.Option(None, help="sample inputs from this task instead of --inputs"),
+    task: str = typer.Option(
+        None, help="sample inputs from this task (a name or module:MyTask) instead of --inputs"
+    ),
     split: str = typer.Option("id", help="task split"),
     n: int = typer.Option(8, min=1, help="number of task examples"),
     seed: int = typer.Option(0),
@@ -72,7 +83,9 @@ def trace(
     """
     import loopscope as ls
 
-    m = resolve_model(model)
+    if (model is None) == (loop is None):
+        raise LoopscopeError("give a model (zoo name or checkpoint directory) or --loop, not both")
+    m = user_loop(loop) if loop is not None else resolve_model(model)
     if (inputs is None) == (task is None):
         raise LoopscopeError("give exactly one of --inputs or --task")
     if task is not None:
@@ -88,7 +101,12 @@ def trace(
         capture=list(capture) if capture else None,
         seed=seed,
         decode=True,
-        meta={"model": model, "task": task, "split": split if task else None, "seed": seed},
+        meta={
+            "model": model_label(model, loop),
+            "task": task,
+            "split": split if task else None,
+            "seed": seed,
+        },
     )
     path = tr.save(out)
     typer.echo(

@@ -6,6 +6,23 @@ Layout::
     config.json         # {"class": "LoopedTransformer", "config": {...}, "format": "loopscope.model/1"}
     card.json           # optional model card (task, preset, seed, accuracy ...)
 
+Any Loop that declares its constructor config saves and loads the same way: a ``config()``
+method returning a JSON-able dict, rebuilt by the classmethod ``from_config(config)`` if the
+class has one, else by ``cls(**config)``. Its ``"class"`` is recorded as ``"module:QualName"``;
+loading imports that module (your code, as ``python -m`` would) and refuses anything that is not
+a :class:`~loopscope.Loop` subclass before calling it; ``load_model(dir, cls=MyLoop)`` names the
+class instead (one defined in a notebook). Tensors shared between two state-dict keys (a module
+registered twice) are stored once and tied again on load.
+
+Example::
+
+    class MyLoop(ls.Loop):
+        def __init__(self, d=16, seed=0): ...
+        def config(self): return {"d": self.d, "seed": self.seed}
+
+    save_model(MyLoop(d=32), "ckpt")
+    loop = load_model("ckpt")            # MyLoop(d=32) with the saved weights
+
 Nothing is unpickled (see :mod:`loopscope.core.io`); writes are atomic.
 """
 
@@ -50,29 +67,113 @@ def _registry() -> dict[str, tuple[type, Any]]:
 MODEL_CLASSES = _registry  # callable: the classes known to load_model
 
 
-def save_model(model: nn.Module, directory: str | os.PathLike, card: dict | None = None) -> Path:
-    """Save ``model`` (with a ``cfg`` having ``to_dict``) to ``directory`` atomically."""
-    directory = Path(directory)
+FORMAT = "loopscope.model/1"
+
+
+def _class_path(cls: type) -> str:
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def _spec(model: nn.Module) -> dict[str, Any]:
+    """The config.json of ``model``: a registered loopscope model, or any Loop with ``config()``."""
+    name = type(model).__name__
     cfg = getattr(model, "cfg", None)
-    if cfg is None or not hasattr(cfg, "to_dict"):
+    if name in _registry() and cfg is not None and hasattr(cfg, "to_dict"):
+        return {"format": FORMAT, "class": name, "config": cfg.to_dict()}
+    declare = getattr(model, "config", None)
+    if not callable(declare):
         raise CheckpointError(
-            f"{type(model).__name__} has no cfg.to_dict(): cannot write its config"
+            f"{name} declares no constructor config: give it config() -> dict (rebuilt by a "
+            f"classmethod from_config(config), else {name}(**config)) to save it"
         )
-    save_state_dict(model.state_dict(), directory / "model.safetensors")
-    atomic_write_text(
-        directory / "config.json",
-        json.dumps(
-            {"format": "loopscope.model/1", "class": type(model).__name__, "config": cfg.to_dict()},
-            indent=1,
-        ),
-    )
+    config = declare()
+    try:
+        json.dumps(config)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{name}.config() is not JSON-serialisable: {e}") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{name}.config() must return a dict, got {type(config).__name__}")
+    return {"format": FORMAT, "class": _class_path(type(model)), "config": config}
+
+
+def _untied(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Each storage once (safetensors refuses shared tensors): ``(state, {dup_key: kept_key})``."""
+    kept: dict[tuple, str] = {}
+    out: dict[str, torch.Tensor] = {}
+    tied: dict[str, str] = {}
+    for k, v in state.items():
+        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), v.dtype)
+        if v.numel() and key in kept:
+            tied[k] = kept[key]
+        else:
+            kept[key] = k
+            out[k] = v
+    return out, tied
+
+
+def save_model(model: nn.Module, directory: str | os.PathLike, card: dict | None = None) -> Path:
+    """Save ``model`` to ``directory`` atomically (safetensors weights + JSON config).
+
+    ``model`` is a loopscope model (a ``cfg`` with ``to_dict``) or any Loop declaring its
+    constructor config (``config() -> dict``); anything else is a :class:`CheckpointError`.
+    """
+    directory = Path(directory)
+    spec = _spec(model)
+    state, tied = _untied(model.state_dict())
+    if tied:
+        spec["tied"] = tied
+    save_state_dict(state, directory / "model.safetensors")
+    atomic_write_text(directory / "config.json", json.dumps(spec, indent=1))
     if card is not None:
         atomic_write_text(directory / "card.json", json.dumps(card, indent=1, default=str))
     return directory
 
 
-def load_model(directory: str | os.PathLike, dtype: torch.dtype | None = None) -> nn.Module:
-    """Build the model described by ``directory/config.json`` and load its safetensors weights."""
+def _import_loop_class(path: str, where: Path) -> type:
+    import importlib
+
+    from loopscope.core.loop import Loop
+
+    mod_name, _, qual = path.partition(":")
+    try:
+        obj: Any = importlib.import_module(mod_name)
+        for part in qual.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as e:
+        raise CheckpointError(
+            f"{where}: cannot import the model class {path!r} ({e}); put its module on the path "
+            "or pass load_model(..., cls=TheClass)"
+        ) from None
+    if not (isinstance(obj, type) and issubclass(obj, Loop)):
+        raise CheckpointError(
+            f"{where}: {path!r} is not a loopscope Loop class; refusing to call it"
+        )
+    return obj
+
+
+def _build(cls: Any, config: dict[str, Any], where: Path) -> nn.Module:
+    try:
+        build = getattr(cls, "from_config", None)
+        return build(config) if callable(build) else cls(**config)
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError(
+            f"{where}: cannot rebuild {getattr(cls, '__name__', cls)} from its config: {e}"
+        ) from None
+
+
+def load_model(
+    directory: str | os.PathLike, dtype: torch.dtype | None = None, *, cls: Any = None
+) -> nn.Module:
+    """Build the model described by ``directory/config.json`` and load its safetensors weights.
+
+    Args:
+        directory: a folder written by :func:`save_model`.
+        dtype: cast the loaded model to this dtype.
+        cls: the class to rebuild (default: the one config.json names; needed for a class the
+            loader cannot import, e.g. one defined in a notebook).
+    """
     directory = Path(directory)
     if directory.is_file():
         if directory.suffix in _UNSAFE_SUFFIXES:
@@ -80,21 +181,29 @@ def load_model(directory: str | os.PathLike, dtype: torch.dtype | None = None) -
         directory = directory.parent
     if not directory.exists():
         raise CheckpointError(f"checkpoint directory not found: {directory}")
-    spec = read_json(directory / "config.json")
-    if not isinstance(spec, dict) or spec.get("format") != "loopscope.model/1":
-        raise CheckpointError(f"{directory / 'config.json'} is not a loopscope model config")
+    where = directory / "config.json"
+    spec = read_json(where)
+    if not isinstance(spec, dict) or spec.get("format") != FORMAT:
+        raise CheckpointError(f"{where} is not a loopscope model config")
     reg = _registry()
-    if spec.get("class") not in reg:
-        raise CheckpointError(
-            f"{directory / 'config.json'}: unknown model class {spec.get('class')!r}"
-        )
-    cls, cfg_cls = reg[spec["class"]]
-    try:
-        cfg = cfg_cls.from_dict(spec["config"])
-    except Exception as e:
-        raise CheckpointError(f"{directory / 'config.json'}: invalid config: {e}") from None
-    model = cls(cfg)
+    name, config = spec.get("class"), spec.get("config")
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{where}: invalid config (not a dict)")
+    if cls is None and name in reg:
+        mcls, cfg_cls = reg[name]
+        try:
+            cfg = cfg_cls.from_dict(config)
+        except Exception as e:
+            raise CheckpointError(f"{where}: invalid config: {e}") from None
+        model = mcls(cfg)
+    elif cls is not None or (isinstance(name, str) and ":" in name):
+        model = _build(cls if cls is not None else _import_loop_class(name, where), config, where)
+    else:
+        raise CheckpointError(f"{where}: unknown model class {name!r}")
     state = load_state_dict(directory / "model.safetensors")
+    for dup, kept in (spec.get("tied") or {}).items():
+        if kept in state:
+            state[dup] = state[kept]
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise CheckpointError(
