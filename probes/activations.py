@@ -154,6 +154,63 @@ def _split_components(name: str, a: Tensor) -> list[tuple[str, Tensor]]:
     return out
 
 
+_Site = tuple[str, Tensor, list[tuple]]  # (site name, [n, B, P, d], label of each firing)
+
+
+def _labelled_sites(trace: Trace, names: list[str]) -> list[_Site]:
+    """Every requested site as ``[n, B, P, d]`` with its firing labels (components split)."""
+    raw: list[_Site] = []
+    for name in names:
+        if name == "state":
+            a = trace.states
+            labels = [(t, 0) for t in range(a.shape[0])]
+        else:
+            a = trace[name]  # raises UnknownHookError with suggestions
+            labels = trace.labels.get(name) or trace.labels.get(trace.aliases.get(name, ""))
+            labels = labels or [(t, 0) for t in range(a.shape[0])]
+        for site, arr in _split_components(name, a.detach()):
+            raw.append((site, arr, [tuple(lab) for lab in labels]))
+    return raw
+
+
+def _positions(raw: list[_Site], positions: Any) -> list[int]:
+    """The requested positions as indices ``0..P-1`` (every site must have the same ``P``)."""
+    P = raw[0][1].shape[2]
+    for site, arr, _ in raw:
+        if arr.shape[2] != P:
+            raise LoopscopeError(
+                f"site {site!r} has {arr.shape[2]} positions but {raw[0][0]!r} has {P}; "
+                "collect sites with different position axes separately"
+            )
+    pos = list(range(P)) if positions is None else [int(p) for p in positions]
+    for p in pos:
+        if not -P <= p < P:
+            raise LoopscopeError(f"position {p} out of range for {P} positions")
+    return [p % P for p in pos]
+
+
+def _select(
+    raw: list[_Site], pos: list[int], its: set[int] | None
+) -> tuple[list[Tensor], list[dict[str, Any]], list[int]]:
+    """The kept firings of every site at ``pos``, zero-padded to the widest site, with keys."""
+    d_max = max(arr.shape[-1] for _, arr, _ in raw)
+    chunks, keys, widths = [], [], []
+    for site, arr, labels in raw:
+        keep = [i for i, lab in enumerate(labels) if its is None or lab[0] in its]
+        if not keep:
+            continue
+        sub = arr[keep][:, :, pos]
+        if sub.shape[-1] < d_max:
+            sub = torch.nn.functional.pad(sub, (0, d_max - sub.shape[-1]))
+        chunks.append(sub)
+        for i in keep:
+            lab = labels[i]
+            firing = int(lab[1]) if len(lab) > 1 else 0
+            keys.append({"site": site, "iteration": int(lab[0]), "firing": firing})
+            widths.append(int(arr.shape[-1]))
+    return chunks, keys, widths
+
+
 @did_you_mean
 def collect(
     trace: Trace, sites: Any = None, positions: Any = None, iterations: Any = None
@@ -175,54 +232,12 @@ def collect(
     names = [names] if isinstance(names, str) else list(names)
     if not names:
         raise LoopscopeError("collect: sites is empty")
-    raw: list[tuple[str, Tensor, list[tuple]]] = []
-    for name in names:
-        if name == "state":
-            a = _state_layout(trace, trace.states)
-            labels = [(t, 0) for t in range(a.shape[0])]
-        else:
-            a = trace[name]  # raises UnknownHookError with suggestions
-            if name == "hook_state":
-                a = _state_layout(trace, a)
-            labels = trace.labels.get(name) or trace.labels.get(trace.aliases.get(name, ""))
-            labels = labels or [(t, 0) for t in range(a.shape[0])]
-        for site, arr in _split_components(name, a.detach()):
-            raw.append((site, arr, [tuple(lab) for lab in labels]))
-    P = raw[0][1].shape[2]
-    for site, arr, _ in raw:
-        if arr.shape[2] != P:
-            raise LoopscopeError(
-                f"site {site!r} has {arr.shape[2]} positions but {raw[0][0]!r} has {P}; "
-                "collect sites with different position axes separately"
-            )
-    pos = list(range(P)) if positions is None else [int(p) for p in positions]
-    for p in pos:
-        if not -P <= p < P:
-            raise LoopscopeError(f"position {p} out of range for {P} positions")
-    pos = [p % P for p in pos]
+    raw = _labelled_sites(trace, names)
+    pos = _positions(raw, positions)
     its = None
     if iterations is not None:
         its = {iterations} if isinstance(iterations, int) else {int(i) for i in iterations}
-    d_max = max(arr.shape[-1] for _, arr, _ in raw)
-    chunks, keys, widths = [], [], []
-    for site, arr, labels in raw:
-        keep = [i for i, lab in enumerate(labels) if its is None or lab[0] in its]
-        if not keep:
-            continue
-        sub = arr[keep][:, :, pos]
-        if sub.shape[-1] < d_max:
-            sub = torch.nn.functional.pad(sub, (0, d_max - sub.shape[-1]))
-        chunks.append(sub)
-        for i in keep:
-            lab = labels[i]
-            keys.append(
-                {
-                    "site": site,
-                    "iteration": int(lab[0]),
-                    "firing": int(lab[1]) if len(lab) > 1 else 0,
-                }
-            )
-            widths.append(int(arr.shape[-1]))
+    chunks, keys, widths = _select(raw, pos, its)
     if not chunks:
         raise LoopscopeError(f"no activations for iterations={iterations!r}")
     dtype = torch.promote_types(chunks[0].dtype, torch.float32)

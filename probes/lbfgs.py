@@ -24,10 +24,92 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["minimize"]
+__all__ = ["minimize", "armijo"]
 
 #: ``fg(x [s, P], sel [s]) -> (f [s], g [s, P])`` for the sites ``sel`` (global indices)
 ObjectiveFn = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+#: ``precond(q [s, P], sel [s]) -> H0 q``: a fixed initial inverse Hessian per site
+Preconditioner = Callable[[Tensor, Tensor], Tensor]
+
+
+class _History:
+    """Per-site curvature pairs ``(s, y)`` in a ring of ``m`` slots (a pair with rho = 0 is
+    inert), and the scalar initial inverse-Hessian ``gamma`` of each site."""
+
+    def __init__(self, m: int, x: Tensor, gamma: Tensor) -> None:
+        S, P = x.shape
+        self.m, self.head, self.n = m, 0, 0
+        self.s = x.new_zeros(m, S, P)
+        self.y = x.new_zeros(m, S, P)
+        self.rho = x.new_zeros(m, S)
+        self.gamma = gamma
+
+    def keep(self, rows: Tensor) -> None:
+        """Keep the sites ``rows`` of the working set (the others converged)."""
+        self.s, self.y, self.rho = self.s[:, rows], self.y[:, rows], self.rho[:, rows]
+        self.gamma = self.gamma[rows]
+
+    def h0(self, q: Tensor, precond: Preconditioner | None, idx: Tensor) -> Tensor:
+        return self.gamma.unsqueeze(1) * q if precond is None else precond(q, idx)
+
+    def direction(self, g: Tensor, precond: Preconditioner | None, idx: Tensor) -> Tensor:
+        """``-H g`` by the two-loop recursion, newest pair first."""
+        q = g.clone()
+        order = [(self.head - 1 - i) % self.m for i in range(self.n)]
+        alphas = []
+        for j in order:
+            a = self.rho[j] * (self.s[j] * q).sum(1)
+            q -= a.unsqueeze(1) * self.y[j]
+            alphas.append(a)
+        r = self.h0(q, precond, idx)
+        for j, a in zip(reversed(order), reversed(alphas), strict=True):
+            b = self.rho[j] * (self.y[j] * r).sum(1)
+            r += self.s[j] * (a - b).unsqueeze(1)
+        return -r
+
+    def push(self, s: Tensor, y: Tensor, moved: Tensor) -> None:
+        """Store the step's pair where the site moved with positive curvature ``s.y``."""
+        sy = (s * y).sum(1)
+        valid = moved & (sy > 1e-12 * s.norm(dim=1) * y.norm(dim=1))
+        self.s[self.head] = torch.where(valid.unsqueeze(1), s, torch.zeros_like(s))
+        self.y[self.head] = torch.where(valid.unsqueeze(1), y, torch.zeros_like(y))
+        self.rho[self.head] = torch.where(valid, 1.0 / sy.clamp_min(1e-300), torch.zeros_like(sy))
+        self.gamma = torch.where(valid, sy / (y * y).sum(1).clamp_min(1e-300), self.gamma)
+        self.head, self.n = (self.head + 1) % self.m, min(self.n + 1, self.m)
+
+
+def armijo(
+    fg: ObjectiveFn,
+    x: Tensor,
+    f: Tensor,
+    g: Tensor,
+    d: Tensor,
+    active: Tensor,
+    idx: Tensor,
+    *,
+    max_halvings: int = 40,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-site Armijo backtracking from the unit step along the descent direction ``d``.
+
+    Returns the accepted ``(x, f, g)`` (unchanged where no step was accepted) and ``moved``,
+    the active sites that took a step.
+    """
+    gd = (g * d).sum(1)
+    t = torch.ones_like(f)
+    pending = active.clone()
+    xn, fn, gn = x.clone(), f.clone(), g.clone()
+    for _ in range(max_halvings):
+        xt = x + t.unsqueeze(1) * d
+        ft, gt = fg(xt, idx)
+        ok = pending & torch.isfinite(ft) & (ft <= f + 1e-4 * t * gd)
+        xn = torch.where(ok.unsqueeze(1), xt, xn)
+        fn = torch.where(ok, ft, fn)
+        gn = torch.where(ok.unsqueeze(1), gt, gn)
+        pending = pending & ~ok
+        if not bool(pending.any()):
+            break
+        t = torch.where(pending, 0.5 * t, t)
+    return xn, fn, gn, active & ~pending
 
 
 def minimize(
@@ -37,7 +119,7 @@ def minimize(
     max_iter: int = 500,
     tol: float = 1e-6,
     history: int = 10,
-    precond: Callable[[Tensor, Tensor], Tensor] | None = None,
+    precond: Preconditioner | None = None,
 ) -> tuple[Tensor, int]:
     """Minimise S problems at once from ``x0 [S, P]``.
 
@@ -51,13 +133,9 @@ def minimize(
     idx = torch.arange(S)
     x = x0.clone()
     f, g = fg(x, idx)
-    m = history
-    Sh = x.new_zeros(m, S, P)
-    Yh = x.new_zeros(m, S, P)
-    rho = x.new_zeros(m, S)
     # first step without a preconditioner: unit length along -g
     gamma = torch.ones_like(f) if precond is not None else 1.0 / g.norm(dim=1).clamp_min(1e-12)
-    head, n_hist = 0, 0
+    hist = _History(history, x, gamma)
     active = g.abs().amax(1) > tol
     n_iter = 0
     for _ in range(max_iter):
@@ -67,57 +145,14 @@ def minimize(
         if int(active.sum()) <= len(idx) // 2:  # compact the working set
             out[idx] = x
             keep = torch.nonzero(active).flatten()
-            idx, x, f, g = idx[keep], x[keep], f[keep], g[keep]
-            Sh, Yh, rho, gamma, active = (
-                Sh[:, keep],
-                Yh[:, keep],
-                rho[:, keep],
-                gamma[keep],
-                active[keep],
-            )
-        # two-loop recursion, newest pair first (pairs with rho = 0 are inert)
-        q = g.clone()
-        order = [(head - 1 - i) % m for i in range(n_hist)]
-        alphas = []
-        for j in order:
-            a = rho[j] * (Sh[j] * q).sum(1)
-            q -= a.unsqueeze(1) * Yh[j]
-            alphas.append(a)
-        r = gamma.unsqueeze(1) * q if precond is None else precond(q, idx)
-        for j, a in zip(reversed(order), reversed(alphas), strict=True):
-            b = rho[j] * (Yh[j] * r).sum(1)
-            r += Sh[j] * (a - b).unsqueeze(1)
-        d = -r
-        gd = (g * d).sum(1)
-        uphill = gd >= 0
+            idx, x, f, g, active = idx[keep], x[keep], f[keep], g[keep], active[keep]
+            hist.keep(keep)
+        d = hist.direction(g, precond, idx)
+        uphill = (g * d).sum(1) >= 0
         if bool(uphill.any()):  # lost descent (bad curvature): fall back to steepest descent
-            sd = gamma.unsqueeze(1) * g if precond is None else precond(g, idx)
-            d = torch.where(uphill.unsqueeze(1), -sd, d)
-            gd = (g * d).sum(1)
-        # Armijo backtracking, per site
-        t = torch.ones_like(f)
-        pending = active.clone()
-        xn, fn, gn = x.clone(), f.clone(), g.clone()
-        for _ in range(40):
-            xt = x + t.unsqueeze(1) * d
-            ft, gt = fg(xt, idx)
-            ok = pending & torch.isfinite(ft) & (ft <= f + 1e-4 * t * gd)
-            xn = torch.where(ok.unsqueeze(1), xt, xn)
-            fn = torch.where(ok, ft, fn)
-            gn = torch.where(ok.unsqueeze(1), gt, gn)
-            pending = pending & ~ok
-            if not bool(pending.any()):
-                break
-            t = torch.where(pending, 0.5 * t, t)
-        moved = active & ~pending
-        s, y = xn - x, gn - g
-        sy = (s * y).sum(1)
-        valid = moved & (sy > 1e-12 * s.norm(dim=1) * y.norm(dim=1))
-        Sh[head] = torch.where(valid.unsqueeze(1), s, torch.zeros_like(s))
-        Yh[head] = torch.where(valid.unsqueeze(1), y, torch.zeros_like(y))
-        rho[head] = torch.where(valid, 1.0 / sy.clamp_min(1e-300), torch.zeros_like(sy))
-        gamma = torch.where(valid, sy / (y * y).sum(1).clamp_min(1e-300), gamma)
-        head, n_hist = (head + 1) % m, min(n_hist + 1, m)
+            d = torch.where(uphill.unsqueeze(1), -hist.h0(g, precond, idx), d)
+        xn, fn, gn, moved = armijo(fg, x, f, g, d, active, idx)
+        hist.push(xn - x, gn - g, moved)
         x, f, g = xn, fn, gn
         active = moved & (g.abs().amax(1) > tol)
     out[idx] = x

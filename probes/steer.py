@@ -504,6 +504,18 @@ def _iia_run(
     return readout(unroll(loop, base, n_iter, seed=seed, interventions=[patch]))
 
 
+def _orthogonal_control(Q: Tensor | None, seed: int | None) -> Tensor:
+    """A random basis of Q's rank orthogonal to Q (the interpretability-illusion control)."""
+    if Q is None:
+        raise LoopscopeError("control=True needs a subspace (the whole site has no complement)")
+    d = Q.shape[0]
+    if 2 * Q.shape[1] > d:
+        raise LoopscopeError(f"no room for an orthogonal control of rank {Q.shape[1]} in d={d}")
+    g = torch.Generator().manual_seed(0 if seed is None else seed)
+    R = torch.randn(d, Q.shape[1], generator=g, dtype=torch.float64)
+    return _basis(R - Q @ (Q.T @ R))
+
+
 @did_you_mean
 def interchange_intervention_accuracy(
     loop: Loop,
@@ -543,6 +555,8 @@ def interchange_intervention_accuracy(
     capture = None if hook == "hook_state" else [hook]
     src = unroll(loop, source, n_iter, seed=seed, capture=capture)
     Q = None if subspace is None else _basis(subspace)
+    if control:
+        Qc = _orthogonal_control(Q, seed)
     out = _iia_run(loop, base, src, hook, iteration, Q, positions, n_iter, readout, seed)
     exp = counterfactual(base, source) if callable(counterfactual) else counterfactual
     exp = torch.as_tensor(exp)
@@ -558,14 +572,6 @@ def interchange_intervention_accuracy(
     per_ex = (ok | ~valid).reshape(ok.shape[0], -1).all(1) & valid.reshape(ok.shape[0], -1).any(1)
     ctrl = None
     if control:
-        if Q is None:
-            raise LoopscopeError("control=True needs a subspace (the whole site has no complement)")
-        d = Q.shape[0]
-        if 2 * Q.shape[1] > d:
-            raise LoopscopeError(f"no room for an orthogonal control of rank {Q.shape[1]} in d={d}")
-        g = torch.Generator().manual_seed(0 if seed is None else seed)
-        R = torch.randn(d, Q.shape[1], generator=g, dtype=torch.float64)
-        Qc = _basis(R - Q @ (Q.T @ R))
         oc = _iia_run(loop, base, src, hook, iteration, Qc, positions, n_iter, readout, seed)
         ctrl = float(((oc == exp) & valid).sum()) / n
     settings = {"hook": hook, "iteration": iteration, "n_iter": n_iter}
