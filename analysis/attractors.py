@@ -338,6 +338,10 @@ def _materialise(seeds: Any, m: LoopMap, B: int, seed: int) -> SeedSet:
         return seeds.materialise(m, B, gen, rng)
     if isinstance(seeds, Tensor):
         X = seeds.to(m.dtype)
+        if X.dim() == 0 or X.shape[0] == 0:
+            raise LoopscopeError(
+                f"seeds is empty (shape {tuple(X.shape)}): basins needs at least one seed state"
+            )
         if X[0].numel() == m.n:  # [S, *state]: the same seeds for every input
             X = X.reshape(X.shape[0], 1, m.n).expand(X.shape[0], B, m.n).clone()
         elif X.dim() >= 2 and X.shape[1] == B and X[0, 0].numel() == m.n:

@@ -293,3 +293,11 @@ def test_compare_splits_and_errors():
         path_independence(loop, None, inits=["swap", "zeros"])
     with pytest.raises(LoopscopeError, match="at least 2"):
         path_independence(loop, None, inits=["default"])
+
+
+def test_an_empty_seed_tensor_is_a_one_line_error():
+    loop = ls.FnLoop(step=lambda h, x: torch.tanh(h + x))
+    x = torch.zeros(2, 3, dtype=torch.float64)
+    with pytest.raises(ls.LoopscopeError, match="seeds is empty") as e:
+        ls.analysis.basins(loop, x, torch.zeros(0, 3, dtype=torch.float64), state_shape=(3,))
+    assert "\n" not in str(e.value)
