@@ -6,10 +6,13 @@ chord-Newton capture by points already found, Levenberg–Marquardt on q = ½‖
 the rest) for 32 ≤ n ≤ 1024 and ≥ 32 seeds, per-seed LM otherwise — then
 
 1. classifies every seed's end point, never merging classes:
-   ``fixed`` (r_rel < ``q_tol_rel``), ``slow`` (r_rel ∈ [q_tol_rel, slow_tol_rel]: the solver
-   stopped at a local minimum of q or ran out of budget — ``rel_grad`` in :meth:`seeds_frame`
-   tells the two apart) or ``non-converged`` (everything else, diverged included);
-   r_rel = ‖f(h) − h‖ / (‖f(h)‖ + 1e-9);
+   ``fixed`` (r_rel < ``q_tol_rel``: :func:`~loopscope.analysis.solvers.is_converged`, the test
+   and the default ``CONVERGED_R_REL = 1e-6`` of ``solve``, so a point ``solve`` calls converged
+   is fixed here), ``slow`` (r_rel ∈ [q_tol_rel, slow_tol_rel]: the solver stopped at a local
+   minimum of q or ran out of budget — ``rel_grad`` in :meth:`seeds_frame` tells the two apart)
+   or ``non-converged`` (everything else, diverged included);
+   r_rel = ‖f(h) − h‖ / (‖f(h)‖ + 1e-9). A stricter census (``q_tol_rel=1e-10``) calls the
+   points between the two thresholds slow;
 2. de-duplicates fixed and slow points separately, per input sample, by single-linkage clustering
    at a scale-aware radius ``unique_tol`` (default 1e-3·(1 + max‖h‖) over that sample's points)
    with ``scipy.spatial.cKDTree.query_pairs`` and connected components (union-find) — O(S log S),
@@ -28,6 +31,12 @@ sample) plus Gaussian noise of ``noise`` × the RMS of the visited states.
 tensor of the *encoded context* (the input injection held fixed across iterations), dense solve
 for n ≤ ``dense_max`` or batched GMRES with jvps.
 
+Long censuses report progress: the first batch of seeds is solved and timed, the total is
+extrapolated from it (``census.meta["estimated_s"]``, next to ``wall_time``), and ``progress=``
+shows a bar (True), calls ``fn(info)`` with ``{"stage", "done", "total", "elapsed_s",
+"estimated_s"}`` (a callable), or (None, default) shows the bar only on a terminal and when the
+estimate exceeds 30 s.
+
 Example:
     >>> import torch
     >>> from loopscope import FnLoop
@@ -43,7 +52,9 @@ Example:
 from __future__ import annotations
 
 import math
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,11 +69,13 @@ from torch import Tensor
 from loopscope.analysis.fixed_point_capture import Capture, capture_solve
 from loopscope.analysis.loopmap import LoopMap
 from loopscope.analysis.solvers import (
+    CONVERGED_R_REL,
     LM,
     METHODS,
     SolverConfig,
     SolveResult,
     batched_gmres,
+    is_converged,
     solve_map,
     solver_config,
 )
@@ -74,6 +87,7 @@ from loopscope.core.result import Result, float_summary, result_meta
 __all__ = ["find_fixed_points", "FixedPointCensus", "input_sensitivity", "Sensitivity"]
 
 _KINDS = ("fixed", "slow", "non-converged")
+SEED_TOL = 1e-3  # seeds are solved to SEED_TOL x min(q_tol_rel, 1e-10)
 
 
 @dataclass(kw_only=True, repr=False)
@@ -373,10 +387,94 @@ def _tensor_seeds(
     return m0, seeds.reshape(1, -1, m0.n).expand(B, -1, m0.n)
 
 
+class CensusProgress:
+    """Progress of one census: ``start(total)``, ``done(n, stage)``; the first batch's time gives
+    the estimate. ``progress``: True (a rich bar on stderr), a callable ``fn(info)``, False, or
+    None (a bar only on a terminal and when the estimate exceeds ``show_after`` seconds)."""
+
+    def __init__(self, progress: Any, show_after: float = 30.0) -> None:
+        if not (progress is None or isinstance(progress, bool) or callable(progress)):
+            raise LoopscopeError(
+                f"progress must be True, False, None or a callable fn(info), got {progress!r}"
+            )
+        self.progress = progress
+        self.show_after = show_after
+        self.t0 = time.perf_counter()
+        self.total = 0
+        self.n = 0
+        self.estimated_s: float | None = None
+        self._bar: Any = None
+        self._task: Any = None
+
+    def start(self, total: int) -> None:
+        self.total = total
+        self.t0 = time.perf_counter()
+
+    def done(self, n: int, stage: str = "solve") -> None:
+        self.n += n
+        elapsed = time.perf_counter() - self.t0
+        if self.estimated_s is None and self.n < self.total:
+            self.estimated_s = elapsed * self.total / max(1, self.n)
+            if self.progress is True or (
+                self.progress is None and self.estimated_s > self.show_after and sys.stderr.isatty()
+            ):
+                self._open()
+        info = {
+            "stage": stage,
+            "done": self.n,
+            "total": self.total,
+            "elapsed_s": elapsed,
+            "estimated_s": self.estimated_s,
+        }
+        if callable(self.progress) and not isinstance(self.progress, bool):
+            self.progress(info)
+        if self._bar is not None:
+            self._bar.update(self._task, completed=self.n, description=f"census: {stage}")
+
+    def _open(self) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self._bar = Progress(
+            TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} seeds"),
+            TimeRemainingColumn(), console=Console(stderr=True), transient=True,
+        )  # fmt: skip
+        self._bar.start()
+        self._task = self._bar.add_task(
+            f"census (estimated {self.estimated_s:.0f} s)", total=self.total, completed=self.n
+        )
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+
+def _batches(total: int, chunk: int) -> list[tuple[int, int]]:
+    """Seed ranges: a small first batch (about 1/8 of the seeds) whose time gives the estimate,
+    then ``chunk``-sized ones."""
+    first = min(chunk, max(1, -(-total // 8))) if total > 1 else total
+    out, s0 = [(0, first)], first
+    while s0 < total:
+        out.append((s0, min(total, s0 + chunk)))
+        s0 = out[-1][1]
+    return out
+
+
 def _solve_seeds(
-    m0: LoopMap, Z: Tensor, method: str | SolverConfig, tol: float, max_iter: int, chunk: int
+    m0: LoopMap,
+    Z: Tensor,
+    method: str | SolverConfig,
+    tol: float,
+    max_iter: int,
+    chunk: int,
+    progress: CensusProgress,
 ) -> tuple[SolveResult, str]:
-    """Every seed solved (one virtual sample per (input sample, seed)); the resolved method."""
+    """Every seed solved (one virtual sample per (input sample, seed)); the resolved method.
+
+    The seeds go in batches whose results are concatenated in seed order: per-seed methods in
+    :func:`_batches`, capture per input sample first (input 0, timed, then the rest together:
+    capture shares points only within an input sample)."""
     B, S, n = Z.shape
     # the context is replicated per seed by select()
     owner = torch.arange(B).repeat_interleave(S)
@@ -386,13 +484,24 @@ def _solve_seeds(
         # with LM per seed
         method = Capture() if 32 <= n <= Capture().dense_max and S >= 32 else LM()
     flat = Z.reshape(B * S, n)
+    progress.start(B * S)
     if isinstance(method, Capture):
-        res = capture_solve(m0.subset(owner), flat.clone(), owner, tol, max_iter, config=method)
-        return res, "capture"
+        parts = [(0, S), (S, B * S)] if B > 1 else [(0, B * S)]
+        results = []
+        for s0, s1 in parts:
+            own = owner[s0:s1]
+            results.append(
+                capture_solve(
+                    m0.subset(own), flat[s0:s1].clone(), own, tol, max_iter, config=method
+                )
+            )
+            progress.done(s1 - s0, "capture")
+        return _concat(results), "capture"
     results = []
-    for s0 in range(0, B * S, chunk):
-        mc = m0.subset(owner[s0 : s0 + chunk])
-        results.append(solve_map(mc, flat[s0 : s0 + chunk], method, tol, max_iter))
+    for s0, s1 in _batches(B * S, chunk):
+        mc = m0.subset(owner[s0:s1])
+        results.append(solve_map(mc, flat[s0:s1], method, tol, max_iter))
+        progress.done(s1 - s0, method.name)
     return _concat(results), method.name
 
 
@@ -401,7 +510,7 @@ def _classify(r_rel: np.ndarray, q_tol_rel: float, slow_tol_rel: float) -> np.nd
     finite = np.isfinite(r_rel)
     cls = np.full(r_rel.shape, "non-converged", dtype=object)
     cls[finite & (r_rel <= slow_tol_rel)] = "slow"
-    cls[finite & (r_rel < q_tol_rel)] = "fixed"
+    cls[finite & is_converged(r_rel, q_tol_rel)] = "fixed"  # solve's own test
     return cls
 
 
@@ -482,7 +591,7 @@ def find_fixed_points(
     inputs: Any,
     seeds: Tensor | int,
     method: str | SolverConfig = "auto",
-    q_tol_rel: float = 1e-10,
+    q_tol_rel: float = CONVERGED_R_REL,
     slow_tol_rel: float = 1e-3,
     unique_tol: float | None = None,
     *,
@@ -500,6 +609,7 @@ def find_fixed_points(
     chunk: int | None = None,
     state_shape: tuple[int, ...] | None = None,
     dtype: torch.dtype = torch.float64,
+    progress: bool | Callable[[dict], None] | None = None,
 ) -> FixedPointCensus:
     """Census of fixed and slow points of ``h ↦ f(h; x)`` for every input sample.
 
@@ -512,8 +622,9 @@ def find_fixed_points(
             start, chord-Newton capture by known points, LM for the rest: see
             :mod:`~loopscope.analysis.fixed_point_capture`), or any :func:`~loopscope.analysis.solve`
             method name or config run per seed (``lm``, ``LM(mu0=1.0)``, ``newton_krylov``, …).
-            Seeds are solved to r_rel < 1e-3·q_tol_rel.
-        q_tol_rel: r_rel below which an end point is a fixed point (1e-10 in float64).
+            Seeds are solved to r_rel < 1e-3·min(q_tol_rel, 1e-10).
+        q_tol_rel: r_rel below which an end point is a fixed point: ``solve``'s test and
+            default (``CONVERGED_R_REL`` = 1e-6); 1e-10 for a strict float64 census.
         slow_tol_rel: upper r_rel of a slow point.
         unique_tol: clustering radius (default 1e-3·(1 + max‖h‖) per sample and kind).
         max_iter: solver iterations per seed.
@@ -531,12 +642,17 @@ def find_fixed_points(
         state_shape: needed to tell ``[B, S, *state]`` seeds from ``[S, *state]`` when the loop
             has no ``init_state`` (without it seeds are read as ``[S, *state]``).
         dtype: analysis dtype.
+        progress: True (a progress bar with the estimate), a callable ``fn(info)`` (``info``:
+            ``stage``, ``done``, ``total`` seeds, ``elapsed_s``, ``estimated_s``), False, or None
+            (a bar only on a terminal and when the estimate from the first batch exceeds 30 s).
 
     Returns:
-        :class:`FixedPointCensus`.
+        :class:`FixedPointCensus` (``meta``: ``estimated_s`` from the timed first batch,
+        ``wall_time``).
     """
     _check_census_args(q_tol_rel, slow_tol_rel, unique_tol, max_iter, seed)
     method = _census_method(method)
+    clock = CensusProgress(progress)
     if chunk is not None:
         check_positive_int("chunk", chunk)
     t0 = time.perf_counter()
@@ -549,13 +665,21 @@ def find_fixed_points(
     if Z.shape[1] == 0:
         raise LoopscopeError("seeds is empty")
     chunk = chunk or max(1, 2**25 // max(1, Z.shape[2] ** 2))
-    res, resolved = _solve_seeds(m0, Z, method, 1e-3 * q_tol_rel, max_iter, chunk)
+    try:
+        # seeds are solved as far as float64 goes (the classes need the end points' own
+        # precision, not the threshold's): 1e-3 x the stricter of q_tol_rel and 1e-10
+        res, resolved = _solve_seeds(
+            m0, Z, method, SEED_TOL * min(q_tol_rel, 1e-10), max_iter, chunk, clock
+        )
+    finally:
+        clock.close()
     settings = {
         "method": resolved,  # auto resolved
         "q_tol_rel": q_tol_rel,
         "slow_tol_rel": slow_tol_rel,
         "unique_tol": unique_tol,
         "n_seeds": Z.shape[1],
+        "estimated_s": clock.estimated_s,
     }
     point_options = dict(
         spectra=spectra, k=k, spectrum_method=spectrum_method, decode=decode,

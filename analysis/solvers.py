@@ -10,6 +10,9 @@ Convergence criterion (``stop_mode="rel"``, default): the relative residual
     r_rel = ‖f(z) − z‖ / (‖f(z)‖ + 1e-9) < tol        (torchdeq's definition)
 
 measured at the iterate ``z`` that is returned; ``stop_mode="abs"`` uses ‖f(z) − z‖ < tol.
+This is the one definition of *converged* in loopscope (:func:`is_converged`, default
+``tol = CONVERGED_R_REL = 1e-6``): the fixed-point census calls a point ``fixed`` by the same test
+and the same default, so a point ``solve`` calls converged is never a ``slow`` point of the census.
 
 Methods (``method=``: a name, or a config object carrying the method's own settings, e.g.
 ``method=Anderson(m=10)``; a name means that config with its defaults):
@@ -82,6 +85,8 @@ from loopscope.core.numerics import SOLVER_BLOWUP, diverged, reference_norm
 from loopscope.core.result import Result, float_summary, result_meta
 
 __all__ = [
+    "CONVERGED_R_REL",
+    "is_converged",
     "solve",
     "SolveResult",
     "solve_map",
@@ -96,6 +101,23 @@ __all__ = [
     "AdamQ",
     "solver_config",
 ]
+
+#: r_rel below which a state is a fixed point: ``solve``'s default ``tol`` and the census's
+#: default ``q_tol_rel`` (one definition of "converged", see :func:`is_converged`)
+CONVERGED_R_REL = 1e-6
+
+
+def is_converged(r_rel: Any, tol: float = CONVERGED_R_REL) -> Any:
+    """``r_rel < tol`` (strictly; NaN / inf never converged), for tensors or arrays.
+
+    ``r_rel = ‖f(z) − z‖ / (‖f(z)‖ + 1e-9)``, the relative residual every solver reports.
+
+    >>> import numpy as np
+    >>> is_converged(np.array([1.5e-9, 2e-6, np.nan])).tolist()
+    [True, False, False]
+    """
+    return r_rel < tol
+
 
 METHODS = ("auto", "picard", "anderson", "broyden", "newton_krylov", "lm", "adam_q")
 
@@ -460,7 +482,7 @@ class _Track:
         r_rel = torch.where(finite, r_rel, torch.full_like(r_rel, math.inf))
         self.log.append((idx.clone(), r_abs.clone(), r_rel.clone()))
         metric = self._update_best(idx, z, r_abs, r_rel)
-        conv = finite & (metric < self.tol)
+        conv = finite & is_converged(metric, self.tol)
         div = ~finite | big
         stall = ~conv & ~div & (self.since[idx] > self.patience)
         self.finish(idx[conv], "converged", f"{'r_rel' if self.rel else 'r_abs'} < {self.tol:g}")
@@ -949,7 +971,7 @@ def solve_map(
     lmap: LoopMap,
     z0: Tensor,
     method: str | SolverConfig = "auto",
-    tol: float = 1e-6,
+    tol: float = CONVERGED_R_REL,
     max_iter: int = 100,
     *,
     stop_mode: str = "rel",
@@ -1034,7 +1056,7 @@ def solve(
     inputs: Any,
     h0: Tensor | None = None,
     method: str | SolverConfig = "auto",
-    tol: float = 1e-6,
+    tol: float = CONVERGED_R_REL,
     max_iter: int = 100,
     *,
     stop_mode: str = "rel",

@@ -114,7 +114,7 @@ def test_slow_points_are_never_merged_with_fixed_points():
     counts = c.counts().iloc[0]
     assert counts["unique_fixed"] == 1 and counts["unique_slow"] == 1
     # a stricter slow band turns the ghost into non-converged, never into a fixed point
-    c2 = find_fixed_points(ghost_loop(), None, seeds, slow_tol_rel=1e-8)
+    c2 = find_fixed_points(ghost_loop(), None, seeds, q_tol_rel=1e-10, slow_tol_rel=1e-8)
     assert list(c2.to_frame()["kind"]) == ["fixed"]
     assert (c2.seed_class[c.seed_class == "slow"] == "non-converged").all()
 
