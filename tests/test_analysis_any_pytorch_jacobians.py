@@ -249,3 +249,49 @@ def test_a_float64_analysis_of_a_step_closing_over_a_bridge_block_leaves_it_floa
         ref = fd_jacobian(lambda x: m._raw(x.reshape(1, 64), None), z)
     assert torch.allclose(J, ref, rtol=1e-6, atol=1e-9)
     assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+def _closure_loop():
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.LayerNorm(5), nn.Linear(5, 5), nn.Tanh())
+    with torch.no_grad():
+        net[1].weight.mul_(0.5)
+    return FnLoop(step=lambda h, x: 0.5 * net(h) + x), net, torch.randn(2, 5)
+
+
+@pytest.mark.parametrize("which", ["mha_fast_path", "fnloop_closure"])
+def test_every_jacobian_analysis_runs_in_float64_and_the_jacobian_matches_finite_differences(
+    which, transformer
+):
+    from loopscope.analysis import lyapunov
+
+    if which == "mha_fast_path":  # nn.MultiheadAttention, fast path on, default SDPA
+        model, x = transformer
+        loop, mods = make_loop(model), model
+    else:  # an FnLoop whose lambda closes over a float32 module (LayerNorm + Linear)
+        loop, mods, x = _closure_loop()
+    state = (*x.shape, model.emb.embedding_dim) if which == "mha_fast_path" else tuple(x.shape)
+    m = LoopMap(loop, x, state_shape=state[1:])
+    g = torch.Generator().manual_seed(0)
+    z = 0.5 * torch.randn(m.B, m.n, generator=g, dtype=F64)  # a generic state
+    J = m.jacobian(z)
+    eps = 3e-5  # central differences: truncation and roundoff both ~1e-11 at this step
+    with torch.no_grad():
+        cols = []
+        for j in range(m.n):
+            dz = torch.zeros_like(z)
+            dz[:, j] = eps
+            cols.append((m._raw(z + dz, m.ctx) - m._raw(z - dz, m.ctx)) / (2 * eps))
+    fd = torch.stack(cols, 2)
+    assert J.dtype == F64 and torch.allclose(J, fd, rtol=1e-6, atol=1e-10)
+    h0 = m.unflatten(z).to(torch.float32)
+    r = solve(loop, x, h0=h0, tol=1e-12, max_iter=200)
+    assert r.z_best.dtype == F64 and r.status == ["converged", "converged"]
+    assert spectrum(loop, x, r.z_best).status == ["ok", "ok"]
+    lam = lyapunov(loop, x, h0=h0, n_steps=20, warmup=2, k=1, bootstrap=0).to_frame()
+    assert len(lam) == 2 and np.isfinite(lam["exponent"]).all()
+    seeds = r.z_best[:1] + 1e-3 * torch.randn(3, *r.z_best.shape[1:], generator=g, dtype=F64)
+    c = find_fixed_points(loop, x[:1], seeds, max_iter=50, spectra=True)
+    assert c.end_states.dtype == F64 and (c.seed_class == "fixed").all()
+    assert abs(float(c.rho[0]) - spectrum(loop, x[:1], r.z_best[:1]).rho[0]) < 1e-8
+    assert {p.dtype for p in mods.parameters()} == {torch.float32}
