@@ -16,6 +16,7 @@ __all__ = [
     "spectra_lyapunov",
     "eigen_scatter",
     "basin_map",
+    "basin_maps",
     "halting_tradeoff",
     "hierarchical_convergence",
     "heatmap",
@@ -113,6 +114,105 @@ def basin_map(img: pd.DataFrame, fractions: pd.DataFrame) -> plt.Figure:
     )
     axes[1].set_ylim(0, 1.02)
     axes[1].set_title("share of random inits ending on the correct answer")
+    fig.tight_layout()
+    return fig
+
+
+#: basin colours: the correct answer green, wrong answers distinct hues, pooled answers grey
+_CORRECT = "#2ca02c"
+_WRONG = ["#1f77b4", "#ff7f0e", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
+_OTHER, _DIVERGED = "#c7c7c7", "#000000"
+
+
+def _basin_colours(answers: pd.DataFrame) -> dict[int, str]:
+    out, k = {-1: _DIVERGED}, 0
+    for r in answers.sort_values("answer_id").itertuples():
+        if "other answers" in str(r.label):
+            out[int(r.answer_id)] = _OTHER
+        elif r.correct:
+            out[int(r.answer_id)] = _CORRECT
+        else:
+            out[int(r.answer_id)] = _WRONG[k % len(_WRONG)]
+            k += 1
+    return out
+
+
+def basin_maps(grid: pd.DataFrame, fractions: pd.DataFrame, answers: pd.DataFrame) -> plt.Figure:
+    """One row per ``model``: left, the decoded answer reached from each point of a 2-D slice of
+    initial states around the model's own ``h_0`` (star), dashed circles at the shell radii,
+    a legend naming each colour's answer and attractor kind; right, the share of inits on each
+    sphere ``||h - h_0|| = r`` ending in each basin, with 95 % CIs.
+
+    Frames (each with ``model``): ``grid`` (alpha, beta, answer_id), ``fractions`` (radius,
+    answer_id, fraction, ci_low, ci_high, n), ``answers`` (answer_id, label, correct) and
+    optionally ``title`` on ``answers`` (the panel title)."""
+    from matplotlib.colors import to_rgb
+    from matplotlib.patches import Circle, Patch
+
+    models = list(dict.fromkeys(grid["model"]))
+    fig, axes = plt.subplots(len(models), 2, figsize=(12, 4.4 * len(models)), squeeze=False)
+    for i, m in enumerate(models):
+        g, fr, an = (d[d["model"] == m] for d in (grid, fractions, answers))
+        col = _basin_colours(an)
+        alphas, betas = np.sort(g["alpha"].unique()), np.sort(g["beta"].unique())
+        img = np.ones((len(betas), len(alphas), 3))
+        ia = np.searchsorted(alphas, g["alpha"].to_numpy())
+        ib = np.searchsorted(betas, g["beta"].to_numpy())
+        img[ib, ia] = [to_rgb(col.get(int(a), _OTHER)) for a in g["answer_id"]]
+        ext = [alphas[0], alphas[-1], betas[0], betas[-1]]
+        ax = axes[i, 0]
+        ax.imshow(img, origin="lower", extent=ext, interpolation="nearest", aspect="equal")
+        for r in sorted(fr.loc[fr["radius"] > 0, "radius"].unique()):
+            if r <= alphas[-1] * 1.42:  # the spheres the slice reaches
+                ax.add_patch(Circle((0, 0), r, fill=False, ls="--", lw=0.8, color="w"))
+        ax.set_xlim(ext[0], ext[1])
+        ax.set_ylim(ext[2], ext[3])
+        ax.grid(False)
+        ax.xaxis.set_major_locator(plt.MaxNLocator(5))
+        ax.yaxis.set_major_locator(plt.MaxNLocator(5))
+        ax.plot(0, 0, marker="*", ms=13, color="w", mec="k", ls="none")
+        ax.set_xlabel("a (units of scale)")
+        ax.set_ylabel("b (units of scale)")
+        title = an["title"].iloc[0] if "title" in an and len(an) else m
+        ax.set_title(title, fontsize=9)
+        present = set(g["answer_id"]) | set(fr["answer_id"])
+        handles = [
+            Patch(color=col[int(r.answer_id)], label=str(r.label))
+            for r in an.sort_values("answer_id").itertuples()
+            if int(r.answer_id) in present
+        ]
+        if -1 in present:
+            handles.append(Patch(color=_DIVERGED, label="diverged"))
+        handles.append(
+            plt.Line2D(
+                [], [], marker="*", ms=10, color="w", mec="k", ls="none", label="h_0 (own init)"
+            )
+        )
+        ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        ax2 = axes[i, 1]
+        rs = sorted(fr["radius"].unique())  # equally spaced: the radii are geometric
+        pos = {r: k for k, r in enumerate(rs)}
+        k_ans = max(1, fr["answer_id"].nunique())
+        for j, (a, d) in enumerate(fr.groupby("answer_id")):
+            d = d.sort_values("radius")
+            x = d["radius"].map(pos) + (j - (k_ans - 1) / 2) * 0.06  # dodge: no hidden line
+            c = col.get(int(a), _OTHER)
+            ax2.plot(
+                x, d["fraction"], marker="o", ms=4, lw=1.2, color=c, mec="k" if c == _OTHER else c
+            )
+            # CIs where they say something: a share > 0 on a sphere (the own init is one state)
+            e = d[(d["fraction"] > 0) & (d["radius"] > 0)]
+            ex = e["radius"].map(pos) + (j - (k_ans - 1) / 2) * 0.06
+            err = [e["fraction"] - e["ci_low"], e["ci_high"] - e["fraction"]]
+            ax2.errorbar(ex, e["fraction"], yerr=err, fmt="none", capsize=3, lw=1, color=c)
+        ax2.set_xticks(range(len(rs)), ["own init" if r == 0 else f"{r:g}" for r in rs])
+        n = int(fr.loc[fr["radius"] > 0, "n"].max()) if (fr["radius"] > 0).any() else 0
+        ax2.set_ylim(-0.03, 1.03)
+        ax2.set_xlabel("distance from h_0, r (units of scale)")
+        ax2.set_ylabel("share of inits in the basin")
+        ax2.set_title(
+            f"basin shares on spheres around h_0 ({n} inits each, 95 % Wilson CI)", fontsize=9
+        )
     fig.tight_layout()
     return fig
 

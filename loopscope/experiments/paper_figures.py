@@ -173,73 +173,23 @@ def fig_spectra(ctx: PaperContext):
 
 
 def fig_basins(ctx: PaperContext):
-    from loopscope.analysis import basins
-    from loopscope.analysis.attractors import GridSeeds, InitSeeds
+    from loopscope.experiments.basin_maps import paper_basin_frames
 
-    name = "s3_fprm"
-    model, task = ctx.model(name), ctx.task(name)
-    frac_rows = []
-    for split in ("id", "ood"):
-        b = task.sample(4 if ctx.quick else 16, split, seed=ctx.seed)
-        res = basins(
-            model,
-            b.tokens,
-            seeds=InitSeeds(n=16 if ctx.quick else 64),
-            n_iter=ctx.n_iter(b, 2.0),
-            targets=b.targets,
-            seed=ctx.seed,
-        )
-        s = res.seeds
-        for sample, g in s.groupby("sample"):
-            frac_rows.append(
-                dict(
-                    model=name,
-                    split=split,
-                    sample=sample,
-                    correct_basin_fraction=float(g["correct"].mean()),
-                    n_answers=int(g["answer"].nunique()),
-                    n_attractors=int(g.loc[g["attractor"] >= 0, "attractor"].nunique()),
-                )
-            )
-    b = task.sample(1, "ood", seed=ctx.seed)
-    ctx_enc = model.encode(b.tokens)
-    h0 = model.init_state(ctx_enc, torch.Generator().manual_seed(ctx.seed)).double()
-    g = torch.Generator().manual_seed(ctx.seed + 1)
-    u = torch.randn(h0.numel(), generator=g, dtype=torch.float64)
-    v = torch.randn(h0.numel(), generator=g, dtype=torch.float64)
-    u, v = u / u.norm() * h0.norm(), v / v.norm() * h0.norm()
-    res = 11 if ctx.quick else 41
-    gb = basins(
-        model,
-        b.tokens,
-        seeds=GridSeeds(center=h0.reshape(-1), u=u, v=v, extent=2.0, resolution=res),
-        n_iter=ctx.n_iter(b, 2.0),
-        targets=b.targets,
-        seed=ctx.seed,
-    )
-    s = gb.seeds.copy()
-    s["answer_id"] = pd.factorize(s["answer"])[0]
-    alphas = np.linspace(-2, 2, res)
-    s["alpha"] = np.repeat(alphas, res)[: len(s)]
-    s["beta"] = np.tile(alphas, res)[: len(s)]
-    fr = (
-        pd.DataFrame(frac_rows)
-        .groupby(["model", "split"], as_index=False)["correct_basin_fraction"]
-        .mean()
+    grid, fr, answers, cap = paper_basin_frames(
+        lambda name: (ctx.model(name), ctx.task(name)), quick=ctx.quick, seed=ctx.seed
     )
     data = pd.concat(
         [
-            pd.DataFrame(frac_rows).assign(kind="fractions"),
-            s[["alpha", "beta", "answer_id", "correct"]].assign(kind="slice"),
+            fr.merge(answers, on=["model", "answer_id"], how="left").assign(kind="fractions"),
+            grid.assign(kind="slice"),
         ],
         ignore_index=True,
-    )
-    cap = (
-        f"{name}: decoded answer reached from a 2-D slice of initial states h_0 + a u + b v (random directions scaled to ||h_0||), "
-        "one OOD input; share of random inits (the model's init distribution) that end on the correct answer, ID vs OOD."
-    )
+    ).drop(columns=["title"])
     return PaperFigure(
-        draw=lambda: figures.basin_map(s, fr), frame=data, title="Basins of attraction", caption=cap
+        draw=lambda: figures.basin_maps(grid, fr, answers),
+        frame=data,
+        title="Basins of attraction",
+        caption=cap,
     )
 
 
