@@ -162,8 +162,8 @@ def circuit_graph(
     """Unrolled circuit graph with effects, pruning and faithfulness (see module docstring).
 
     Args:
-        loop, clean, corrupt, sites, metric, n_iter, positions, units, seed, batch_size,
-            measure_at: as in :func:`~loopscope.circuits.patch_sweep`.
+        loop, clean, corrupt, sites, metric, n_iter: as in :func:`~loopscope.circuits.patch_sweep`;
+            so are positions, units, seed, batch_size and measure_at.
         effects: "exact" (noising patch per node, batched) or "atp" (attribution patching).
         threshold: circuit = nodes with |effect| >= threshold.
         top_n: circuit = the top_n nodes by |effect| (default, with no threshold either: the
