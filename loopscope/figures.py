@@ -39,16 +39,25 @@ def convergence_curves(df: pd.DataFrame) -> plt.Figure:
         d = df[df["model"] == m]
         for split, g in d.groupby("split", sort=False):
             ax = axes[0, j]
-            (line,) = ax.plot(g["iteration"], g["median"], label=f"{split} 1-step")
-            ax.fill_between(g["iteration"], g["q25"], g["q75"], alpha=0.2, color=line.get_color())
-            ax.plot(
-                g["iteration"],
-                g["median_p2"],
-                ls="--",
-                color=line.get_color(),
-                label=f"{split} period-2",
+            r1 = g.dropna(subset=["median"])  # the last state has no next one: no residual
+            (line,) = ax.plot(r1["iteration"], r1["median"], label=f"{split} 1-step")
+            ax.fill_between(
+                r1["iteration"], r1["q25"], r1["q75"], alpha=0.2, color=line.get_color()
             )
-            axes[1, j].plot(g["iteration"], g["accuracy"], color=line.get_color(), label=split)
+            p2 = g.dropna(subset=["median_p2"])  # drawn (and in the legend) only where measured
+            if len(p2):
+                ax.plot(
+                    p2["iteration"],
+                    p2["median_p2"],
+                    ls="--",
+                    color=line.get_color(),
+                    label=f"{split} period-2",
+                )
+            acc = g.dropna(subset=["accuracy"])
+            if len(acc):
+                axes[1, j].plot(
+                    acc["iteration"], acc["accuracy"], color=line.get_color(), label=split
+                )
         axes[0, j].set_yscale("log")
         axes[0, j].set_title(m)
         axes[0, j].set_ylabel("relative residual")
@@ -56,7 +65,12 @@ def convergence_curves(df: pd.DataFrame) -> plt.Figure:
         axes[1, j].set_xlabel("iteration")
         axes[1, j].set_ylim(0, 1.02)
         axes[0, j].legend(fontsize=7)
-        axes[1, j].legend(fontsize=7)
+        if axes[1, j].lines:
+            axes[1, j].legend(fontsize=7)
+        else:
+            axes[1, j].text(
+                0.5, 0.5, "no accuracy measured", ha="center", transform=axes[1, j].transAxes
+            )
     fig.tight_layout()
     return fig
 

@@ -246,7 +246,15 @@ def _split_row(loop: Loop, batch: Any, trace: Trace, name: str, split: str, n: i
         "seq_acc": correct.float().mean().item(), "token_acc": token_acc, **mt.summary(),
         **{f"class_{k}": v for k, v in classes.value_counts(normalize=True).to_dict().items()},
     }  # fmt: skip
-    curve = mf[["iteration", "sample", "rel_residual"]].assign(split=split)
+    # per iteration: the period-2 residual ||h_t - h_(t-2)|| / ||h_t|| (small with a large 1-step
+    # residual = a 2-cycle) and the token accuracy of the readout at h_t
+    tok_t = token_correct(trace.logits.argmax(-1), batch.targets) & labelled(batch.targets)
+    acc_t = (tok_t.sum(-1) / labelled(batch.targets).sum(-1).clamp_min(1)).double()  # [T+1, B]
+    curve = mf[["iteration", "sample", "rel_residual"]].assign(
+        rel_residual_p2=(mf["res_p2"] / mf["norm"].where(mf["norm"] > 0)).to_numpy(),
+        token_acc=acc_t.numpy()[mf["iteration"].to_numpy(), mf["sample"].to_numpy()],
+        split=split,
+    )
     return row, curve, per_sample
 
 
@@ -308,12 +316,19 @@ def stability_figures(result: StabilityResult) -> dict[str, Any]:
     from loopscope import figures
 
     model = str(result.meta.get("model"))
-    g = result.curves.groupby(["split", "iteration"])["rel_residual"]
+    c = result.curves
+    g = c.groupby(["split", "iteration"])
     agg = pd.DataFrame(
-        {"median": g.median(), "q25": g.quantile(0.25), "q75": g.quantile(0.75)}
+        {
+            "median": g["rel_residual"].median(),
+            "q25": g["rel_residual"].quantile(0.25),
+            "q75": g["rel_residual"].quantile(0.75),
+            "median_p2": g["rel_residual_p2"].median() if "rel_residual_p2" in c else np.nan,
+            "accuracy": g["token_acc"].mean() if "token_acc" in c else np.nan,
+        }
     ).reset_index()
-    agg["model"], agg["median_p2"], agg["accuracy"] = model, float("nan"), float("nan")
-    out = {"residual_curves": figures.convergence_curves(agg.dropna(subset=["median"]))}
+    agg["model"] = model
+    out = {"residual_curves": figures.convergence_curves(agg)}
     ps = result.per_sample.copy()
     ps["log10 final relative residual"] = np.log10(ps["rel_residual"].clip(lower=1e-16))
     out["accuracy_vs_residual"] = figures.scatter_xy(

@@ -1,0 +1,49 @@
+"""Figures as a new user sees them: every legend entry is a drawn line with data, no colour
+names two things, no dropped point goes unmarked."""
+
+from __future__ import annotations
+
+import matplotlib
+import numpy as np
+import pandas as pd
+import pytest
+
+from loopscope import figures, zoo
+
+matplotlib.use("Agg")
+
+
+@pytest.fixture(autouse=True)
+def _close():
+    import matplotlib.pyplot as plt
+
+    yield
+    plt.close("all")
+
+
+def test_stability_residual_curves_draw_period2_and_accuracy():
+    from loopscope.experiments.stability import stability, stability_figures
+
+    res = stability(zoo.load("s3_rope"), zoo.task_of("s3_rope"), splits=["id"], n=4, dynamics=False)
+    assert res.curves["token_acc"].notna().all() and res.curves["rel_residual_p2"].notna().any()
+    fig = stability_figures(res)["residual_curves"]
+    top, bottom = fig.axes[0], fig.axes[1]
+    legend = [t.get_text() for t in top.get_legend().get_texts()]
+    assert legend == ["id 1-step", "id period-2"]
+    for line in top.lines + bottom.lines:  # every line drawn has finite points
+        assert np.isfinite(np.asarray(line.get_ydata(), dtype=float)).any(), line.get_label()
+    acc = np.asarray(bottom.lines[0].get_ydata(), dtype=float)
+    assert acc[-1] == pytest.approx(res.table["token_acc"].item())  # the table's end accuracy
+
+
+def test_convergence_curves_leave_unmeasured_lines_out_of_the_legend():
+    df = pd.DataFrame(
+        {
+            "model": "m", "split": "id", "iteration": [0, 1, 2], "median": [1.0, 0.1, 0.01],
+            "q25": [1.0, 0.1, 0.01], "q75": [1.0, 0.1, 0.01], "median_p2": np.nan,
+            "accuracy": np.nan,
+        }
+    )  # fmt: skip
+    fig = figures.convergence_curves(df)
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["id 1-step"]
+    assert not fig.axes[1].lines and "no accuracy measured" in fig.axes[1].texts[0].get_text()
