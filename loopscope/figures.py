@@ -237,12 +237,44 @@ def halting_tradeoff(df: pd.DataFrame, gaps: pd.DataFrame | None = None) -> plt.
         1, 2 if gaps is not None else 1, figsize=(11 if gaps is not None else 6, 4.2), squeeze=False
     )
     ax = axes[0, 0]
-    for (crit, split), g in df.groupby(["criterion", "split"], sort=False):
+    # one colour per criterion (never reused), one line style + marker per split
+    crits = list(dict.fromkeys(df["criterion"]))
+    palette = dict(
+        zip(
+            crits,
+            sns.color_palette("tab20" if len(crits) > 10 else "tab10", len(crits)),
+            strict=True,
+        )
+    )
+    splits = list(dict.fromkeys(df["split"])) if "split" in df else [None]
+    styles = dict(zip(splits, [("-", "o"), ("--", "s"), (":", "^"), ("-.", "D")] * 3, strict=False))
+    groups = (
+        df.groupby(["criterion", "split"], sort=False)
+        if "split" in df
+        else df.groupby(["criterion"], sort=False)
+    )
+    for key, g in groups:
+        crit, split = (key[0], key[1]) if "split" in df else (key[0], None)
         g = g.sort_values("mean_steps")
-        ax.plot(g["mean_steps"], g["accuracy"], marker="o", ms=3, label=f"{crit} ({split})")
+        ls, mk = styles[split]
+        ax.plot(g["mean_steps"], g["accuracy"], ls=ls, marker=mk, ms=3.5, color=palette[crit])
+    handles = [plt.Line2D([], [], color=palette[c], lw=2, label=c) for c in crits]
+    if len(splits) > 1:
+        handles += [
+            plt.Line2D(
+                [],
+                [],
+                color="k",
+                ls=styles[sp][0],
+                marker=styles[sp][1],
+                ms=3.5,
+                label=f"split: {sp}",
+            )
+            for sp in splits
+        ]
     ax.set_xlabel("mean iterations at exit")
     ax.set_ylabel("sequence accuracy")
-    ax.legend(fontsize=6, ncol=2)
+    ax.legend(handles=handles, fontsize=6, ncol=2)
     ax.set_title("halting trade-off")
     if gaps is not None:
         sns.barplot(

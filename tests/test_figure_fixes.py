@@ -47,3 +47,25 @@ def test_convergence_curves_leave_unmeasured_lines_out_of_the_legend():
     fig = figures.convergence_curves(df)
     assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["id 1-step"]
     assert not fig.axes[1].lines and "no accuracy measured" in fig.axes[1].texts[0].get_text()
+
+
+def test_halting_legend_gives_every_criterion_its_own_colour():
+    crits = [f"c{i}" for i in range(13)]  # more criteria than one 10-colour cycle
+    df = pd.DataFrame(
+        [
+            {"criterion": c, "split": sp, "mean_steps": k + t, "accuracy": 0.5, "threshold": t}
+            for k, c in enumerate(crits)
+            for sp in ("id", "ood")
+            for t in (1, 2)
+        ]
+    )
+    fig = figures.halting_tradeoff(df)
+    ax = fig.axes[0]
+    colour = {}
+    for line in ax.lines:  # one line per (criterion, split), its x identifies the criterion
+        crit = crits[int(min(line.get_xdata()) - 1)]
+        colour.setdefault(crit, set()).add(matplotlib.colors.to_hex(line.get_color()))
+    assert all(len(v) == 1 for v in colour.values())  # a criterion keeps its colour across splits
+    assert len({next(iter(v)) for v in colour.values()}) == len(crits)  # never reused
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == crits + ["split: id", "split: ood"]
