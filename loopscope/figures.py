@@ -381,10 +381,23 @@ def verdict_table(df: pd.DataFrame) -> plt.Figure:
     return fig
 
 
+def _thin_ticks(ax: plt.Axes, labels_x: list, labels_y: list, most: int = 12) -> None:
+    """Heatmap tick labels every k-th cell so that at most ``most`` show (no overlap)."""
+    for labels, set_ticks, set_labels in (
+        (labels_x, ax.set_xticks, ax.set_xticklabels),
+        (labels_y, ax.set_yticks, ax.set_yticklabels),
+    ):
+        k = max(1, int(np.ceil(len(labels) / most)))
+        idx = list(range(0, len(labels), k))
+        set_ticks([i + 0.5 for i in idx])
+        set_labels([str(labels[i]) for i in idx], rotation=0)
+
+
 def probe_wavefront(
     df: pd.DataFrame, onset_df: pd.DataFrame, transfer: pd.DataFrame | None = None
 ) -> plt.Figure:
-    """Probe test accuracy over (iteration x position), one panel per split, onset vs position,
+    """Probe test accuracy over (iteration x position), one panel per split, onset vs position
+    (positions that never reach the threshold marked x at the top, with their final accuracy),
     and (optionally) the cross-iteration transfer matrix (fit at t, score at t')."""
     splits = list(dict.fromkeys(df["split"]))
     extra = 2 if transfer is not None else 1
@@ -394,45 +407,71 @@ def probe_wavefront(
             index="iteration", columns="position", values="test_acc"
         )
         sns.heatmap(piv, ax=ax, vmin=0, vmax=1, cmap="viridis", cbar=ax is axes[len(splits) - 1])
+        _thin_ticks(ax, [int(c) for c in piv.columns], [int(i) for i in piv.index])
         ax.invert_yaxis()
         ax.set_title(f"probe accuracy, running state ({sp})")
-    for sp, g in onset_df.groupby("split", sort=False):
-        g = g[g["onset"] >= 0]
-        axes[len(splits)].plot(g["position"], g["onset"], marker="o", label=sp)
-    lim = float(onset_df["position"].max())
-    axes[len(splits)].plot([0, lim], [0, lim], color="k", lw=0.8, ls=":", label="onset = position")
     ax_on = axes[len(splits)]
+    top = float(df["iteration"].max())
+    for sp, g in onset_df.groupby("split", sort=False):
+        ok = g[g["onset"] >= 0]
+        (line,) = ax_on.plot(ok["position"], ok["onset"], marker="o", ms=4, label=sp)
+        never = g[g["onset"] < 0]
+        if len(never):
+            d = df[df["split"] == sp]
+            last = d[d["iteration"] == d["iteration"].max()].groupby("position")["test_acc"].mean()
+            ax_on.plot(
+                never["position"], [top + 1.5] * len(never), ls="none", marker="x", ms=7, mew=2,
+                color=line.get_color(),
+                label=f"{sp}: never >= 0.9 (final acc "
+                + ", ".join(f"{last.get(p, np.nan):.2f}" for p in never["position"][:4])
+                + (" ..." if len(never) > 4 else "") + ")",
+                clip_on=False,
+            )  # fmt: skip
+    lim = float(onset_df["position"].max())
+    ax_on.plot([0, lim], [0, lim], color="k", lw=0.8, ls=":", label="onset = position")
+    ax_on.axhline(top + 0.5, color="grey", lw=0.6)
+    ax_on.set_ylim(bottom=0, top=top + 3)
     ax_on.set_xlabel("position")
     ax_on.set_ylabel("onset iteration (acc >= 0.9)")
-    ax_on.legend()
+    ax_on.legend(fontsize=7, loc="upper left")
     if transfer is not None:
         piv = transfer.pivot(index="fit_iteration", columns="score_iteration", values="accuracy")
         sns.heatmap(piv, ax=axes[-1], vmin=0, vmax=1, cmap="viridis")
+        _thin_ticks(axes[-1], [int(c) for c in piv.columns], [int(i) for i in piv.index])
         axes[-1].invert_yaxis()
         axes[-1].set_title("transfer: probe fit at t, scored at t'")
     fig.tight_layout()
     return fig
 
 
-def patching_panels(heat: pd.DataFrame, transplant: pd.DataFrame) -> plt.Figure:
-    """Denoising recovery over (iteration x position) and the state-transplant curve R(t)."""
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+def patching_panels(
+    heat: pd.DataFrame, transplant: pd.DataFrame, *, setting: str | None = None
+) -> plt.Figure:
+    """Denoising recovery over (iteration x position) and the state-transplant curve R(t), one
+    style per measuring step (solid circles / dashed open squares: an overlap stays visible);
+    ``setting`` (e.g. n, length, T, the corrupted position) heads the figure."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.3))
     piv = heat.pivot_table(index="iteration", columns="position", values="recovery", aggfunc="mean")
     sns.heatmap(piv, ax=axes[0], cmap="RdBu_r", center=0, vmin=-1, vmax=1)
+    _thin_ticks(axes[0], [int(c) for c in piv.columns], [int(i) for i in piv.index])
     axes[0].invert_yaxis()
     axes[0].set_title("denoising recovery: clean h_t at one position")
-    sns.lineplot(
-        data=transplant,
-        x="t",
-        y="recovery",
-        hue="measured_at",
-        marker="o",
-        ax=axes[1],
-        errorbar=("ci", 95),
-    )
+    styles = [("-", "o", "C0", "full"), ("--", "s", "C3", "none"), (":", "^", "C2", "full")]
+    for (at, g), (ls, mk, c, fill) in zip(transplant.groupby("measured_at"), styles, strict=False):
+        m = g.groupby("t")["recovery"]
+        mean, se = m.mean(), m.sem().fillna(0)
+        axes[1].fill_between(mean.index, mean - 1.96 * se, mean + 1.96 * se, color=c, alpha=0.12)
+        axes[1].plot(
+            mean.index, mean.to_numpy(), ls=ls, marker=mk, ms=5, color=c, fillstyle=fill,
+            label=f"measured at iteration {int(at)} (n = {g['example'].nunique()})",
+        )  # fmt: skip
     axes[1].set_ylim(-0.1, 1.1)
-    axes[1].set_title("state transplant R(t)")
+    axes[1].legend(fontsize=8)
+    axes[1].set_title("state transplant: clean h_t into the corrupted run, R(t)")
     axes[1].set_xlabel("iteration t of the transplant")
+    axes[1].set_ylabel("recovery (mean, 95 % CI)")
+    if setting:
+        fig.suptitle(setting, fontsize=9)
     fig.tight_layout()
     return fig
 

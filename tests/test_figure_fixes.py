@@ -69,3 +69,49 @@ def test_halting_legend_gives_every_criterion_its_own_colour():
     assert len({next(iter(v)) for v in colour.values()}) == len(crits)  # never reused
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
     assert labels == crits + ["split: id", "split: ood"]
+
+
+def test_probe_wavefront_marks_positions_that_never_reach_onset_and_thins_ticks():
+    rows = [
+        {
+            "split": "ood",
+            "iteration": t,
+            "position": p,
+            "test_acc": 1.0 if t > p and p < 30 else 0.3,
+        }
+        for t in range(1, 41)
+        for p in range(1, 33)
+    ]
+    df = pd.DataFrame(rows)
+    on = pd.DataFrame({"split": "ood", "position": range(1, 33)})
+    on["onset"] = np.where(on["position"] < 30, on["position"] + 1, -1)
+    fig = figures.probe_wavefront(df, on)
+    heat, ax_on = fig.axes[0], fig.axes[1]
+    assert len(heat.get_xticklabels()) <= 12 and len(heat.get_yticklabels()) <= 12
+    crosses = [ln for ln in ax_on.lines if ln.get_marker() == "x"]
+    assert len(crosses) == 1 and list(crosses[0].get_xdata()) == [30, 31, 32]
+    labels = [t.get_text() for t in ax_on.get_legend().get_texts()]
+    assert any(lb.startswith("ood: never >= 0.9 (final acc 0.30") for lb in labels)
+
+
+def test_transplant_lines_differ_in_style_and_the_setting_is_stated():
+    tp = pd.DataFrame(
+        [
+            {"t": t, "recovery": 0.0, "measured_at": at, "example": e}
+            for t in range(5)
+            for at in (10, 20)
+            for e in range(3)
+        ]
+    )
+    heat = pd.DataFrame({"iteration": [0, 1], "position": [0, 0], "recovery": [0.0, 1.0]})
+    fig = figures.patching_panels(heat, tp, setting="n = 3 pairs, T = 10, position 3 corrupted")
+    lines = [ln for ln in fig.axes[1].lines if ln.get_label().startswith("measured")]
+    assert len(lines) == 2  # identical data: told apart by style, not hidden
+    a, b = lines
+    assert (a.get_linestyle(), a.get_marker(), a.get_color()) != (
+        b.get_linestyle(),
+        b.get_marker(),
+        b.get_color(),
+    )
+    assert all("(n = 3)" in ln.get_label() for ln in lines)
+    assert "position 3 corrupted" in fig._suptitle.get_text()

@@ -426,14 +426,18 @@ def fig_patching(ctx: PaperContext):
         model, clean, corrupt, ["hook_state"], "all", metric, n_iter=T, seed=ctx.seed
     ).frame
     tp = state_transplant(model, clean, corrupt, metric, n_iter=T, extra=T, seed=ctx.seed).frame
+    setting = (
+        f"{name}: n = {len(clean)} STR pairs, S3 length 12, position 3 corrupted (one group "
+        f"element changed), budget T = {T}"
+    )
     cap = (
-        f"{name}, S3 length 12, STR pairs changing exactly one group element (position 3): left, normalised logit-difference "
+        f"{name}, S3 length 12, n = {len(clean)} STR pairs changing exactly one group element (position 3): left, normalised logit-difference "
         "recovery when the clean state h_t at one position replaces the corrupted one (denoising); right, recovery when the "
         f"whole clean state h_t is transplanted, measured at T = {T} and at 2T."
     )
     data = pd.concat([heat.assign(kind="patch"), tp.assign(kind="transplant")], ignore_index=True)
     return PaperFigure(
-        draw=lambda: figures.patching_panels(heat, tp),
+        draw=lambda: figures.patching_panels(heat, tp, setting=setting),
         frame=data,
         title="Per-iteration patching and state transplant",
         caption=cap,
