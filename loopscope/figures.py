@@ -75,18 +75,55 @@ def convergence_curves(df: pd.DataFrame) -> plt.Figure:
     return fig
 
 
-def spectra_lyapunov(rho: pd.DataFrame, lyap: pd.DataFrame) -> plt.Figure:
-    """Histograms of the spectral radius rho(J) at the end state and of the largest Lyapunov
-    exponent, per model, ID vs OOD."""
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    sns.stripplot(data=rho, x="model", y="rho", hue="split", dodge=True, ax=axes[0], size=4)
-    axes[0].axhline(1.0, color="k", lw=0.8, ls=":")
-    axes[0].set_title("spectral radius of J at the end state")
-    sns.stripplot(data=lyap, x="model", y="lambda1", hue="split", dodge=True, ax=axes[1], size=4)
-    axes[1].axhline(0.0, color="k", lw=0.8, ls=":")
-    axes[1].set_title("largest Lyapunov exponent (nats / iteration)")
-    for ax in axes:
-        ax.tick_params(axis="x", rotation=15)
+def spectra_lyapunov(
+    rho: pd.DataFrame, lyap: pd.DataFrame, eig: pd.DataFrame | None = None
+) -> plt.Figure:
+    """Spectral radius rho(J) at the end state and largest Lyapunov exponent per model, ID vs
+    OOD, every sample a point (n per group in the tick labels); with ``eig`` (model, split,
+    real, imag), a row above with the leading eigenvalues of every sample in the complex plane
+    against the unit circle, one panel per model."""
+    models = list(dict.fromkeys(rho["model"]))
+    splits = list(dict.fromkeys(rho["split"]))
+    colours = dict(zip(splits, sns.color_palette("tab10", len(splits)), strict=True))
+    rows = 2 if eig is not None and len(eig) else 1
+    fig = plt.figure(figsize=(max(10, 3.6 * len(models)), 3.9 * rows))
+    gs = fig.add_gridspec(rows, 2 * len(models))
+    if rows == 2:
+        th = np.linspace(0, 2 * np.pi, 400)
+        for j, m in enumerate(models):
+            ax = fig.add_subplot(gs[0, 2 * j : 2 * j + 2])
+            ax.plot(np.cos(th), np.sin(th), color="k", lw=0.8)
+            for sp in splits:
+                g = eig[(eig["model"] == m) & (eig["split"] == sp)]
+                n = g["sample"].nunique() if "sample" in g else 0
+                ax.scatter(g["real"], g["imag"], s=12, alpha=0.6, color=colours[sp],
+                           label=f"{sp}: {len(g)} eigenvalues, {n} samples")  # fmt: skip
+            ax.set_aspect("equal")
+            ax.set_title(f"{m}: leading eigenvalues of J (end state)", fontsize=9)
+            ax.set_xlabel("Re λ")
+            ax.set_ylabel("Im λ")
+            ax.legend(fontsize=7, loc="lower left")
+    half = len(models)
+    for k, (df, col, ref, title) in enumerate(
+        (
+            (rho, "rho", 1.0, "spectral radius of J at the end state"),
+            (lyap, "lambda1", 0.0, "largest Lyapunov exponent (nats / iteration)"),
+        )
+    ):
+        ax = fig.add_subplot(gs[rows - 1, k * half : (k + 1) * half])
+        sns.stripplot(data=df, x="model", y=col, hue="split", dodge=True, ax=ax, size=5,
+                      palette=colours, order=models, hue_order=splits, jitter=0.15)  # fmt: skip
+        ax.axhline(ref, color="k", lw=0.8, ls=":")
+        ax.set_title(title, fontsize=9)
+        counts = df.groupby(["model", "split"]).size()
+        ax.set_xticks(
+            range(len(models)),
+            [
+                f"{m}\n(n = {' + '.join(str(int(counts.get((m, sp), 0))) for sp in splits)})"
+                for m in models
+            ],
+        )
+        ax.set_xlabel("")
     fig.tight_layout()
     return fig
 

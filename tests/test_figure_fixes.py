@@ -115,3 +115,23 @@ def test_transplant_lines_differ_in_style_and_the_setting_is_stated():
     )
     assert all("(n = 3)" in ln.get_label() for ln in lines)
     assert "position 3 corrupted" in fig._suptitle.get_text()
+
+
+def test_spectra_figure_draws_every_eigenvalue_and_counts_per_split():
+    rho = pd.DataFrame(
+        {"model": ["a", "a", "b", "b"], "split": ["id", "ood"] * 2, "sample": 0, "rho": 0.5}
+    )
+    lyap = rho.rename(columns={"rho": "lambda1"}).assign(lambda1=-0.5)
+    eig = pd.DataFrame(
+        [
+            {"model": m, "split": sp, "sample": 0, "real": 0.1 * k, "imag": 0.0}
+            for m in "ab"
+            for sp in ("id", "ood")
+            for k in range(6)
+        ]
+    )
+    fig = figures.spectra_lyapunov(rho, lyap, eig)
+    planes = fig.axes[:2]
+    assert all(sum(len(c.get_offsets()) for c in ax.collections) == 12 for ax in planes)
+    ticks = [t.get_text() for t in fig.axes[2].get_xticklabels()]
+    assert ticks == ["a\n(n = 1 + 1)", "b\n(n = 1 + 1)"]

@@ -158,14 +158,15 @@ def fig_spectra(ctx: PaperContext):
                 ly_rows.append(
                     dict(model=name, split=split, sample=s, lambda1=float(ly.exponents[s, 0]))
                 )
-    rho, lyd = pd.DataFrame(rho_rows), pd.DataFrame(ly_rows)
+    rho, lyd, eig = pd.DataFrame(rho_rows), pd.DataFrame(ly_rows), pd.DataFrame(eig_rows)
     df = rho.merge(lyd, on=["model", "split", "sample"])
     cap = (
         "Spectral radius of the step's Jacobian at the end state (dense or ARPACK with ncv >= 64) and the largest Lyapunov "
-        "exponent from the middle of the trajectory (QR method), per model; ID inputs vs OOD inputs of 24 tokens (1.5x the training length); rho < 1 and lambda1 < 0 mean a locally stable attractor."
+        "exponent from the middle of the trajectory (QR method), per model; ID inputs vs OOD inputs of 24 tokens (1.5x the training length); rho < 1 and lambda1 < 0 mean a locally stable attractor. "
+        f"{k_samples} inputs per model and split (every one a point); top: the 6 leading eigenvalues of each in the complex plane."
     )
     return PaperFigure(
-        draw=lambda: figures.spectra_lyapunov(rho, lyd),
+        draw=lambda: figures.spectra_lyapunov(rho, lyd, eig),
         frame=df,
         title="Jacobian spectra and Lyapunov exponents",
         caption=cap,
