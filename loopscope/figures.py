@@ -24,6 +24,8 @@ __all__ = [
     "scatter_xy",
     "verdict_table",
     "memory_panels",
+    "knob_effects",
+    "seed_spread",
 ]
 
 
@@ -565,5 +567,92 @@ def memory_panels(
         ax[3].scatter(g["real"], g["imag"], s=6, alpha=0.5, label=name)
     ax[3].set(aspect="equal", xlabel="Re", ylabel="Im")
     ax[3].set_title("spectrum at the filler fixed point")
+    fig.tight_layout()
+    return fig
+
+
+def knob_effects(long: pd.DataFrame, summary: pd.DataFrame, metrics: dict[str, str]) -> plt.Figure:
+    """Study metrics per architecture configuration: one panel per metric, configurations on x,
+    one colour per split; every seed a small mark, the mean over seeds with its 95 % CI a large
+    one. ``long``: config, split, metric, seed, value; ``summary``: config, split, metric, mean,
+    ci_low, ci_high, n_seeds; ``metrics``: metric -> panel title."""
+    configs = list(dict.fromkeys(long["config"]))
+    splits = list(dict.fromkeys(long["split"]))
+    colours = dict(zip(splits, sns.color_palette("tab10", len(splits)), strict=True))
+    names = [m for m in metrics if m in set(long["metric"])]
+    ncol = 3
+    nrow = int(np.ceil(len(names) / ncol))
+    fig, axes = plt.subplots(nrow, ncol, figsize=(15, 3.9 * nrow), squeeze=False)
+    x = np.arange(len(configs))
+    for ax, m in zip(axes.flat, names, strict=False):
+        for k, sp in enumerate(splits):
+            off = (k - (len(splits) - 1) / 2) * 0.25
+            d = long[(long["metric"] == m) & (long["split"] == sp)]
+            xi = d["config"].map({c: i for i, c in enumerate(configs)}).to_numpy() + off
+            jit = (d["seed"].to_numpy() % 3 - 1) * 0.04
+            ax.scatter(xi + jit, d["value"], s=18, alpha=0.7, color=colours[sp], lw=0)
+            sm = summary[(summary["metric"] == m) & (summary["split"] == sp)].set_index("config")
+            sm = sm.reindex(configs)
+            err = [sm["mean"] - sm["ci_low"], sm["ci_high"] - sm["mean"]]
+            ax.errorbar(x + off, sm["mean"], yerr=err, fmt="o", ms=6, capsize=3, lw=1.3,
+                        color=colours[sp], mec="k", label=f"{sp}: mean over seeds, 95 % CI")  # fmt: skip
+        ax.set_title(metrics[m], fontsize=10)
+        ax.set_xticks(x, [c.replace(" ", "\n") for c in configs], fontsize=7)
+        if m.endswith(("_acc", "_fraction")):  # shares: a t-interval past [0, 1] is cut
+            ax.set_ylim(-0.05, 1.05)
+        if m == "rho_median":
+            ax.axhline(1.0, color="k", lw=0.8, ls=":")
+        if m == "lambda1_median":
+            ax.axhline(0.0, color="k", lw=0.8, ls=":")
+    for ax in list(axes.flat)[len(names) :]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def seed_spread(long: pd.DataFrame) -> plt.Figure:
+    """Headline findings across training seeds: one row per finding, one mark per seed (its
+    seed number beside it), the threshold the finding is read against (dotted; the side where
+    it holds shaded), and on how many seeds it holds. ``long``: finding, seed, value, rule,
+    holds."""
+    findings = list(dict.fromkeys(long["finding"]))
+    fig, ax = plt.subplots(figsize=(10, 0.62 * len(findings) + 1.2))
+    markers = ["o", "s", "^", "D", "v", "P", "X"]
+    lo = min(-0.05, float(long["value"].min()) - 0.05)
+    for i, f in enumerate(findings):
+        g = long[long["finding"] == f].sort_values("seed")
+        op, thr = str(g["rule"].iloc[0]).split()
+        thr = float(thr)
+        span = (thr, 1.08) if op == ">=" else (lo, thr)
+        ax.fill_between(span, i - 0.35, i + 0.35, color="#d9f0d3", lw=0)
+        ax.plot([thr, thr], [i - 0.38, i + 0.38], color="k", lw=0.9, ls=":")
+        for j, r in enumerate(g.itertuples()):
+            c = "#2ca02c" if r.holds else "#d62728"
+            y = i + (j - (len(g) - 1) / 2) * 0.15
+            ax.plot(
+                r.value,
+                y,
+                marker=markers[int(r.seed) % len(markers)],
+                ms=7,
+                color=c,
+                mec="k",
+                ls="none",
+            )
+            ax.annotate(
+                f"s{int(r.seed)}",
+                (r.value, y),
+                xytext=(5, -3),
+                textcoords="offset points",
+                fontsize=6,
+            )
+        ax.text(1.1, i, f"holds on {int(g['holds'].sum())}/{len(g)}", va="center", fontsize=8)
+    ax.set_yticks(range(len(findings)), findings, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(lo, 1.08)
+    ax.set_xlabel(
+        "value (green side of the dotted line: the finding holds; green mark: it holds on that seed)"
+    )
+    ax.set_title("Headline findings across training seeds (one mark per seed)")
     fig.tight_layout()
     return fig
