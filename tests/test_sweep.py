@@ -100,6 +100,25 @@ def test_unknown_study_key_is_a_one_line_error_with_a_suggestion():
         expand_grid({"defaults": {"task": "s3", "preset": "fprm"}, "grid": {"modle.n_core": [1]}})
     with pytest.raises(LoopscopeError, match="no 'preset'"):
         expand_grid({"defaults": {"task": "s3"}})
+    base = {"task": "s3", "preset": "fprm"}
+    for bad, msg in (
+        ({"grid": {"model.n_cor": [1]}}, r"unknown knob model.n_cor \(did you mean: n_core"),
+        ({"defaults": {**base, "preset": "fprn"}}, r"unknown preset 'fprn' \(did you mean: fprm"),
+        ({"defaults": {**base, "task": "s4"}}, r"unknown task 's4' \(did you mean: s5"),
+        ({"grid": {"train.stpes": [3]}}, r"unknown knob train.stpes \(did you mean: steps"),
+    ):
+        with pytest.raises(LoopscopeError, match=msg):
+            expand_grid({"defaults": base, **bad})
+
+
+def test_bad_toml_is_a_one_line_error(tmp_path):
+    p = tmp_path / "bad.toml"
+    p.write_text("[study\nname = 1")
+    with pytest.raises(LoopscopeError, match="invalid TOML") as e:
+        load_study(p)
+    assert "\n" not in str(e.value)
+    with pytest.raises(LoopscopeError, match="study file not found"):
+        load_study(tmp_path / "missing.toml")
 
 
 def test_quick_empty_axis_drops_its_grid_table_and_zoo_checkpoint_is_checked(tmp_path):

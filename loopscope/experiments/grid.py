@@ -207,6 +207,36 @@ def _resolve(defaults: dict, point: dict, quick: dict) -> Job:
     return Job(**d, axes={k: v for k, v in point.items()})
 
 
+def _check_names(job: Job, seen: set) -> None:
+    """Unknown task, preset or knob names are one-line errors at load time (with a suggestion);
+    bad values (e.g. ``norm = "bogus"``) are left to the job, which records its error."""
+    import dataclasses
+
+    from loopscope import tasks
+    from loopscope.models.presets import PRESETS
+    from loopscope.train import TrainConfig
+
+    if job.preset not in PRESETS:
+        raise LoopscopeError(
+            f"unknown preset {job.preset!r}{suggest(job.preset, PRESETS)}; presets: {', '.join(PRESETS)}"
+        )
+    groups = (
+        ("model", job.model, [f.name for f in dataclasses.fields(PRESETS[job.preset][0])]),
+        ("train", job.train, [f.name for f in dataclasses.fields(TrainConfig) if f.name not in _TRAIN_OWN]),
+        ("analysis", job.analysis, [*_ANALYSIS_DEFAULTS, "verdict"]),
+    )  # fmt: skip
+    for table, values, known in groups:
+        for k in values:
+            if k not in known:
+                raise LoopscopeError(
+                    f"unknown knob {table}.{k}{suggest(k, known)} (preset {job.preset!r})"
+                )
+    key = json.dumps([job.task, job.task_params], sort_keys=True, default=str)
+    if key not in seen:  # each task once: constructing one validates its name and parameters
+        tasks.get(job.task, **job.task_params)
+        seen.add(key)
+
+
 def _axes(grid: dict[str, Any], quick: dict[str, Any] | None) -> dict[str, list]:
     axes = {}
     for k, v in _flat(grid, "[grid]").items():
@@ -240,10 +270,12 @@ def expand_grid(config: dict[str, Any], *, quick: bool = False) -> list[Job]:
     grids = config.get("grid", {})
     grids = grids if isinstance(grids, list) else [grids]
     jobs: dict[str, Job] = {}
+    seen: set = set()
     for grid in grids:
         axes = _axes(grid, qk if quick else None)
         for values in itertools.product(*axes.values()):
             job = _resolve(defaults, dict(zip(axes, values, strict=True)), qk)
+            _check_names(job, seen)
             jobs.setdefault(job.key, job)
     return list(jobs.values())
 
