@@ -19,9 +19,11 @@ def sweep(
     max_parallel: int = typer.Option(
         None, "--max-parallel", min=1, help="most jobs in flight (default: the CPUs)"
     ),
-    quick: bool = typer.Option(False, "--quick", help="the study's [quick] variant (CI-sized)"),
+    quick: bool = typer.Option(
+        False, "--quick", help="the study's quick variant (its quick table: CI-sized)"
+    ),
     out: Path = typer.Option(
-        None, help="output folder (default: runs/sweep/<study>[-quick]); rerun to resume"
+        None, help="output folder (default: runs/sweep/STUDY, or STUDY-quick); rerun to resume"
     ),
     sequential: bool = typer.Option(
         False, "--sequential", help="run in-process one job at a time, even with Ray installed"
@@ -33,8 +35,8 @@ def sweep(
     Each job trains one model (task x preset x knobs x seed) and measures accuracy per split,
     converged / cycle fractions, rho(J) at the end state, lambda1, the correct-basin fraction,
     per-layer residuals and halting figures. Jobs run as Ray tasks (one torch thread each) when
-    Ray is installed (pip install 'loopscope[sweep]'), else sequentially. Rerunning skips the
-    jobs already done; a failing job is recorded and the rest finish.
+    Ray is installed (the sweep extra: pip install -e ".\\[sweep]"), else sequentially. Rerunning
+    skips the jobs already done; a failing job is recorded and the rest finish.
 
     Example: loopscope sweep studies/architecture.toml --quick
     """
