@@ -162,10 +162,12 @@ def _labelled_sites(trace: Trace, names: list[str]) -> list[_Site]:
     raw: list[_Site] = []
     for name in names:
         if name == "state":
-            a = trace.states
+            a = _state_layout(trace, trace.states)  # positions from the loop's state_axes
             labels = [(t, 0) for t in range(a.shape[0])]
         else:
             a = trace[name]  # raises UnknownHookError with suggestions
+            if name == "hook_state":
+                a = _state_layout(trace, a)
             labels = trace.labels.get(name) or trace.labels.get(trace.aliases.get(name, ""))
             labels = labels or [(t, 0) for t in range(a.shape[0])]
         for site, arr in _split_components(name, a.detach()):
