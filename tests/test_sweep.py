@@ -232,6 +232,8 @@ def test_kill_9_mid_sweep_then_rerun_completes_the_same_table(tmp_path, referenc
 def local_ray():
     import ray
 
+    # the memory monitor would kill these tiny jobs when a shared machine is short of memory
+    os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
     ray.init(
         num_cpus=2,
         object_store_memory=100 * 1024**2,

@@ -17,8 +17,9 @@ config is a new job); failed jobs are retried. A job that raises is recorded (``
 ``failed``, ``error``) and the others finish. Every job runs on one torch thread, so Ray and the
 sequential fallback give the same table (``wall_s`` aside).
 
-Ray: ``ray.init()`` local with the machine's CPUs and a small object store by default, or
-``address=`` to join a running cluster (the output folder must then be on a filesystem every
+Ray: ``ray.init()`` local with the machine's CPUs, a small object store and Ray's memory monitor
+off (``RAY_memory_monitor_refresh_ms=0`` unless set: it would kill these small jobs for other
+processes' memory) by default, or ``address=`` to join a running cluster (the output folder must then be on a filesystem every
 node sees). Without Ray installed the jobs run sequentially and the run says so in one line.
 
 Example:
@@ -222,6 +223,10 @@ def _ray_init(address: str | None) -> bool:
         return False
     opts: dict[str, Any] = {"logging_level": "ERROR", "log_to_driver": False}
     if address is None:
+        # Ray's memory monitor kills workers when the whole node is short of memory; on a shared
+        # machine that kills these small jobs for other processes' memory (a spurious failure).
+        # Off for the embedded local Ray unless the user set it.
+        os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
         opts.update(
             num_cpus=os.cpu_count() or 1,
             object_store_memory=OBJECT_STORE_BYTES,
