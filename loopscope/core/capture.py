@@ -249,6 +249,10 @@ def release_buffers() -> int:
     return buffers.clear()
 
 
+def _shown(positions: Any) -> Any:
+    return positions.tolist() if isinstance(positions, Tensor) else positions
+
+
 class Recorder:
     """Keeps a detached copy of every forward firing of one hook point, with its label.
 
@@ -303,7 +307,13 @@ class Recorder:
         if self.positions is not None and v.dim() > self.pos_dim:
             index: list[Any] = [slice(None)] * v.dim()
             index[self.pos_dim] = self.positions
-            v = v[tuple(index)]
+            try:
+                v = v[tuple(index)]
+            except IndexError:
+                raise LoopscopeError(
+                    f"positions {_shown(self.positions)} out of range for hook {self.name!r}: it "
+                    f"has {v.shape[self.pos_dim]} positions (axis {self.pos_dim})"
+                ) from None
         return v
 
     def record(self, x: Tensor, label: tuple) -> None:

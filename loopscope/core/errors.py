@@ -111,3 +111,52 @@ def check_seed(value: Any, name: str = "seed") -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < 0:
         raise LoopscopeError(f"{name} must be an integer >= 0, got {value!r}")
     return int(value)
+
+
+class NeverFiresWarning(UserWarning):
+    """An intervention or option that can never take effect in the run it was given to."""
+
+
+class OutputError(LoopscopeError, OSError):
+    """An output that cannot be written (disk full, read-only, a file where a folder should be,
+    another process writing the same folder)."""
+
+
+def check_number(
+    name: str, value: Any, *, low: float | None = None, strict: bool = False, finite: bool = True
+) -> float:
+    """Validate ``value`` as a real number (not bool), finite unless ``finite=False``, and
+    ``> low`` (``strict``) or ``>= low``; return it as float.
+
+    >>> check_number("blowup", -1.0, low=0, strict=True)
+    Traceback (most recent call last):
+    ...
+    loopscope.core.errors.LoopscopeError: blowup must be a number > 0, got -1.0
+    """
+    import math
+    import numbers
+
+    cond = "" if low is None else f" {'>' if strict else '>='} {low:g}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise LoopscopeError(f"{name} must be a number{cond}, got {value!r}")
+    v = float(value)
+    if math.isnan(v) or (finite and math.isinf(v)):
+        raise LoopscopeError(f"{name} must be a finite number{cond}, got {value!r}")
+    if low is not None and (v <= low if strict else v < low):
+        raise LoopscopeError(f"{name} must be a number{cond}, got {value!r}")
+    return v
+
+
+def check_float_dtype(name: str, value: Any) -> Any:
+    """Validate ``value`` as a floating ``torch.dtype`` (None passes) and return it."""
+    import torch
+
+    if value is None:
+        return None
+    if isinstance(value, torch.dtype) and value.is_floating_point:
+        return value
+    hint = f" (torch.{value})" if isinstance(value, str) and hasattr(torch, value) else ""
+    shown = str(value).replace("torch.", "") if isinstance(value, torch.dtype) else repr(value)
+    raise LoopscopeError(
+        f"{name} must be a floating torch dtype such as torch.float16{hint}, got {shown}"
+    )

@@ -20,6 +20,9 @@ from loopscope.core.capture import HookSession, IterationClock, available_memory
 from loopscope.core.errors import (
     CaptureMemoryError,
     LoopscopeError,
+    NeverFiresWarning,
+    check_float_dtype,
+    check_number,
     check_positive_int,
     check_seed,
     did_you_mean,
@@ -96,6 +99,11 @@ def unroll(
         0.9575
     """
     n_iter, ivs, generator = _validate(loop, n_iter, interventions, generator, seed, blowup)
+    positions = _check_options(
+        positions=positions, offload=offload, store_dtype=store_dtype, halt=halt,
+        max_bytes=max_bytes, meta=meta, decode=decode, grad=grad,
+    )  # fmt: skip
+    _warn_never_fires(ivs, n_iter)
     budget = _Budget(max_bytes, offload)
     session = HookSession(
         loop,
@@ -112,12 +120,15 @@ def unroll(
         ctx = loop.encode(inputs)
         session.clock.advance(IterationClock.INIT)  # init_state's own firings: iteration -1
         h = _initial_state(loop, ctx, init, generator)
+        budget.check_rows("states", n_iter if halt is None else min(n_iter, 63), h, h.device)
         run = _iterate(loop, ctx, h, n_iter, session, budget, halt, decode, grad, blowup)
     meta_out: dict[str, Any] = {"loopscope_version": _version(), "n_iter_requested": n_iter}
     if seed is not None:
         meta_out["seed"] = int(seed)
     if positions is not None:
-        meta_out["positions"] = torch.as_tensor(positions).tolist()
+        meta_out["positions"] = (
+            repr(positions) if isinstance(positions, slice) else torch.as_tensor(positions).tolist()
+        )
     meta_out.update(meta or {})
     return Trace(
         states=run.states(),
@@ -149,9 +160,92 @@ def _validate(
             raise LoopscopeError(
                 f"interventions must be loopscope interventions, got {type(iv).__name__}"
             )
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise LoopscopeError(
+            f"generator must be a torch.Generator, got {type(generator).__name__} {generator!r}"
+        )
     if generator is None and seed is not None:
         generator = torch.Generator().manual_seed(check_seed(seed))
+    if blowup is not None:  # None: only NaN / inf count as diverged
+        check_number("blowup", blowup, low=0, strict=True, finite=False)
     return n_iter, ivs, generator
+
+
+def _check_options(
+    *,
+    positions: Any,
+    offload: Any,
+    store_dtype: Any,
+    halt: Any,
+    max_bytes: Any,
+    meta: Any,
+    decode: Any,
+    grad: Any,
+) -> Any:
+    """The remaining options, checked before anything runs; returns ``positions`` as a 1-D long
+    tensor (or None / a slice)."""
+    check_float_dtype("store_dtype", store_dtype)
+    if offload is not None:
+        try:
+            torch.device(offload)
+        except (RuntimeError, TypeError):
+            raise LoopscopeError(
+                f"offload must be a torch device such as 'cpu', got {offload!r}"
+            ) from None
+    if halt is not None and not callable(halt):
+        raise LoopscopeError(
+            f"halt must be a callable halt(t, h_prev, h_next, ctx) -> bool[B], got "
+            f"{type(halt).__name__} {halt!r}"
+        )
+    if max_bytes is not None and (
+        isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1
+    ):
+        raise LoopscopeError(f"max_bytes must be a positive integer (bytes), got {max_bytes!r}")
+    if meta is not None and not isinstance(meta, dict):
+        raise LoopscopeError(f"meta must be a dict, got {type(meta).__name__} {meta!r}")
+    for name, v in (("decode", decode), ("grad", grad)):
+        if not isinstance(v, bool):
+            raise LoopscopeError(f"{name} must be True or False, got {v!r}")
+    if positions is None or isinstance(positions, slice):
+        return positions
+    bad = LoopscopeError(
+        f"positions must be an int or a list / 1-D tensor of ints, got {positions!r}"
+    )
+    if isinstance(positions, (str, bytes, bool, float)):
+        raise bad
+    try:
+        pos = torch.as_tensor(positions)
+    except (TypeError, ValueError, RuntimeError):
+        raise bad from None
+    if pos.numel() == 0:
+        raise LoopscopeError("positions is empty: keep at least one position (or pass None)")
+    if pos.dim() > 1 or pos.dtype == torch.bool or pos.is_floating_point() or pos.is_complex():
+        raise bad
+    return pos.to(torch.long).reshape(-1) if pos.dim() == 1 else positions
+
+
+def _selector_ints(selector: Any) -> list[int]:
+    """The plain iteration numbers an intervention's selector names (tuples and 'all' skipped)."""
+    if isinstance(selector, int) and not isinstance(selector, bool):
+        return [selector]
+    if isinstance(selector, (list, range, set, frozenset)):
+        return [i for s in selector for i in _selector_ints(s)]
+    return []
+
+
+def _warn_never_fires(ivs: list[Intervention], n_iter: int) -> None:
+    """An intervention at iterations the run never reaches is a warning naming them."""
+    import warnings
+
+    for iv in ivs:
+        late = sorted({i for i in _selector_ints(iv.iteration) if i >= n_iter})
+        if late:
+            warnings.warn(
+                f"{type(iv).__name__} on {iv.hook!r} at iteration(s) {late} never fires: unroll "
+                f"runs iterations 0..{n_iter - 1} (n_iter={n_iter})",
+                NeverFiresWarning,
+                stacklevel=3,
+            )
 
 
 def _initial_state(loop: Loop, ctx: Any, init: Any, generator: Any) -> Tensor:
@@ -161,11 +255,36 @@ def _initial_state(loop: Loop, ctx: Any, init: Any, generator: Any) -> Tensor:
         h = init(ctx, generator)
     elif isinstance(init, Tensor):
         h = init
+        _check_init(loop, ctx, h)
     else:
         raise LoopscopeError(f"init must be a tensor or callable, got {type(init).__name__}")
     if not isinstance(h, Tensor) or h.dim() < 1:
         raise LoopscopeError("init_state must return a tensor with a leading batch axis")
     return h
+
+
+def _check_init(loop: Loop, ctx: Any, h: Tensor) -> None:
+    """A given ``init`` must be a floating ``[B, *state]`` tensor of the inputs' batch and of the
+    shape the loop's own ``init_state`` gives (when it has one)."""
+    shape = tuple(h.shape)
+    if not (h.is_floating_point() or h.is_complex()):
+        dt = str(h.dtype).replace("torch.", "")
+        raise LoopscopeError(f"init must be a floating tensor [B, *state], got dtype {dt}")
+    if h.dim() < 1:
+        raise LoopscopeError(f"init must have a leading batch axis, got shape {shape}")
+    try:
+        b = loop.batch_size(ctx)
+    except Exception:  # noqa: BLE001 - a context without a batch axis: nothing to compare
+        b = None
+    try:  # the loop's own h_0 shape, from a private generator (the caller's RNGs untouched)
+        with torch.no_grad():
+            ref = tuple(loop.init_state(ctx, torch.Generator().manual_seed(0)).shape)
+    except Exception:  # noqa: BLE001 - no init_state (FnLoop without one): nothing to compare
+        ref = None
+    if ref is not None and shape != ref:
+        raise LoopscopeError(f"init has shape {shape} but the loop's states are {ref}")
+    if b is not None and shape[0] != b:
+        raise LoopscopeError(f"init has batch {shape[0]} but the inputs have batch {b}")
 
 
 # -- memory -------------------------------------------------------------------------------------
@@ -176,6 +295,7 @@ class _Budget:
     max_bytes: Any
     offload: Any
     n_shares: int = 1
+    kept: int = 0  # bytes of the states and logits rows, counted by check_rows
     _limit: int | None = None
 
     def limit(self, device: Any) -> int:
@@ -191,10 +311,25 @@ class _Budget:
         """What one recorder may preallocate before the check after iteration 0."""
         return self.limit(device) // self.n_shares
 
+    def check_rows(self, what: str, n_iter: int, x: Tensor, device: Any) -> None:
+        """What ``n_iter + 1`` rows like ``x`` (the states, decode's logits) will take, counted
+        against the budget before the first row is allocated."""
+        per_row = x.numel() * x.element_size()
+        need = per_row * (n_iter + 1)
+        self.kept += need
+        budget = self.limit(device)
+        if self.kept > budget:
+            fix = "decode=False (decode later with trace.decode(t)), " if what != "states" else ""
+            raise CaptureMemoryError(
+                f"unroll would keep ~{_size(need)} of {what} ({_size(per_row)} per iteration x "
+                f"n_iter + 1 = {n_iter + 1}) but the budget is {_size(budget)}; run fewer "
+                f"iterations (n_iter=), {fix}use halt= to stop early, or raise max_bytes"
+            )
+
     def check_capture(self, session: HookSession, n_iter: int, device: Any) -> None:
         per_iter = session.bytes_so_far()
         estimate = per_iter * n_iter
-        budget = self.limit(device)
+        budget = self.limit(device) - self.kept
         if estimate > budget:
             raise CaptureMemoryError(
                 f"capture would need ~{estimate / 2**20:.1f} MiB ({per_iter / 2**20:.2f} MiB per "
@@ -292,7 +427,10 @@ def _iterate(
         h = state_hp(h)  # fires hook_state: capture / transplant of h_t
         run.states_rows.add(h)
         if decode:
-            run.logits_rows.add(loop.decode(h, ctx))
+            y = loop.decode(h, ctx)
+            if t == 0 and isinstance(y, Tensor):
+                budget.check_rows("decode logits", run.states_rows.rows - 1, y, y.device)
+            run.logits_rows.add(y)
         h_next = loop.step(h, ctx, t)
         if not isinstance(h_next, Tensor) or h_next.shape != h.shape:
             raise LoopscopeError(
@@ -358,6 +496,13 @@ def _guard(run: _Run, t: int, h: Tensor, h_next: Tensor, ref_norm: Tensor, blowu
         mask = freeze.view(h.shape[0], *([1] * (h.dim() - 1)))
         h_next = torch.where(mask, h, h_next)
     return h_next
+
+
+def _size(n: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n / 2**10:.1f} KiB"
 
 
 def _version() -> str:
