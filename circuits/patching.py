@@ -408,6 +408,24 @@ def patch_sweep(
                 seed, batch_size, n_iter, read_at, reuse_prefix,
             ),
         )  # fmt: skip
+    try:
+        return _run_sweep(
+            loop, clean, corruption, metric, names, units, its, positions, direction, seed,
+            n_iter, read_at, batch_size, reuse_prefix, budget, store,
+        )  # fmt: skip
+    finally:
+        if store is not None:
+            store.close()  # another process may resume the folder now
+
+
+def _run_sweep(
+    loop: Loop, clean: Any, corruption: Any, metric: Callable, names: list[str],
+    units: dict[str, int], its: list[int], positions: Any, direction: str, seed: int,
+    n_iter: int, read_at: int, batch_size: int, reuse_prefix: bool, budget: Any,
+    store: ChunkCheckpoint | None,
+) -> SweepResult:  # fmt: skip
+    """:func:`patch_sweep` after validation: base runs, every chunk (resumed or computed), the
+    frame."""
     base = _base_runs(loop, clean, corruption, names, n_iter, seed, read_at, budget)
     base["clean_inputs"] = clean
     infos = {s: site_info(loop, base["src_clean"], s, units.get(s)) for s in names}

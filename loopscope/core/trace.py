@@ -9,8 +9,8 @@
 * ``trace.diverged_at`` / ``trace.halted_at``: ``[B]`` long, ``-1`` where it did not happen.
 * ``trace.logits``: ``[T+1, B, ...]`` when ``unroll(..., decode=True)``, else :meth:`decode` on demand.
 
-Saved as safetensors (tensors) + JSON (labels, status, metadata); :meth:`Trace.load` reads only
-those formats.
+Saved as ``NAME.safetensors`` (tensors) + ``NAME.json`` (labels, status, metadata and the
+tensors' SHA-256); :meth:`Trace.load` reads only those formats and verifies the hash.
 """
 
 from __future__ import annotations
@@ -156,14 +156,27 @@ class Trace:
         return df
 
     # -- persistence --------------------------------------------------------------------------
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write ``path.safetensors`` + ``path.json`` atomically; returns the JSON path."""
-        from safetensors.torch import save_file
-
+    @staticmethod
+    def _paths(path: str | os.PathLike) -> tuple[Path, Path]:
+        """``(tensors, json)`` of a trace at ``path``: ``path.safetensors`` + ``path.json``
+        (a name ending in ``.json`` / ``.safetensors`` names the pair; any other suffix is part
+        of the name, so ``r.id`` and ``r.ood`` are two traces)."""
         base = Path(path)
         if base.suffix in (".json", ".safetensors"):
             base = base.with_suffix("")
-        base.parent.mkdir(parents=True, exist_ok=True)
+        return base.with_name(base.name + ".safetensors"), base.with_name(base.name + ".json")
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write ``path.safetensors`` + ``path.json`` atomically; returns the JSON path.
+
+        The JSON records the SHA-256 of the tensors' payload (verified by :meth:`load`); it is
+        written last, so a kill between the two files leaves a pair that :meth:`load` refuses.
+        """
+        from safetensors.torch import save_file
+
+        from loopscope.core.io import _atomic, payload_sha256
+
+        st, js = self._paths(path)
         tensors = {"states": self.states}
         for name, v in self.acts.items():
             tensors[f"acts/{name}"] = v
@@ -172,52 +185,92 @@ class Trace:
             if v is not None:
                 tensors[name] = v
         tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+        _atomic(st, lambda tmp: save_file(tensors, str(tmp)))
         meta = {
             "format": "loopscope.trace/1",
+            "tensors": st.name,
+            "sha256": payload_sha256(st),
             "labels": {k: [list(x) for x in v] for k, v in self.labels.items()},
             "status": list(self.status),
             "aliases": self.aliases,
             "meta": self.meta,
         }
-        st, js = base.with_suffix(".safetensors"), base.with_suffix(".json")
-        tmp_st, tmp_js = st.with_name(st.name + ".tmp"), js.with_name(js.name + ".tmp")
-        save_file(tensors, str(tmp_st))
-        tmp_js.write_text(json.dumps(meta, indent=1, default=str))
-        os.replace(tmp_st, st)
-        os.replace(tmp_js, js)
+        _atomic(js, lambda tmp: tmp.write_text(json.dumps(meta, indent=1, default=str)))
         return js
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Trace:
-        """Read a trace written by :meth:`save` (safetensors + JSON only; nothing is unpickled)."""
-        from safetensors.torch import load_file
+        """Read a trace written by :meth:`save` (safetensors + JSON only; nothing is unpickled).
 
-        base = Path(path)
-        if base.suffix in (".json", ".safetensors"):
-            base = base.with_suffix("")
-        st, js = base.with_suffix(".safetensors"), base.with_suffix(".json")
-        for f in (st, js):
+        The payload hash recorded in the JSON is checked, and so is every field: a damaged or
+        mismatched pair is a :class:`~loopscope.core.errors.CheckpointError` naming the file.
+        """
+        from loopscope.core.io import _UNSAFE_SUFFIXES, load_state_dict, read_json
+
+        if Path(path).suffix in _UNSAFE_SUFFIXES:
+            raise CheckpointError(
+                f"refusing to load {path}: pickle-based files are never loaded; a trace is "
+                "NAME.safetensors + NAME.json"
+            )
+        st, js = cls._paths(path)
+        for f in (js, st):
             if not f.exists():
                 raise CheckpointError(f"trace file not found: {f}")
+        meta = read_json(js)
+        if not isinstance(meta, dict) or meta.get("format") != "loopscope.trace/1":
+            raise CheckpointError(f"{js} is not a loopscope trace (no format loopscope.trace/1)")
+        sha = meta.get("sha256")  # traces saved before hashes were recorded load unchecked
         try:
-            tensors = load_file(str(st))
-        except Exception as e:  # safetensors raises several types on corrupt files
-            raise CheckpointError(f"corrupted or truncated trace file {st}: {e}") from None
-        try:
-            meta = json.loads(js.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"corrupted trace metadata {js}: {e}") from None
-        if meta.get("format") != "loopscope.trace/1" or "states" not in tensors:
-            raise CheckpointError(f"{js} is not a loopscope trace")
-        acts = {k[5:]: v for k, v in tensors.items() if k.startswith("acts/")}
-        return cls(
-            states=tensors["states"],
-            acts=acts,
-            labels={k: [tuple(x) for x in v] for k, v in meta["labels"].items()},
-            status=meta["status"],
-            diverged_at=tensors.get("diverged_at"),
-            halted_at=tensors.get("halted_at"),
-            logits=tensors.get("logits"),
-            meta=meta["meta"],
-            aliases=meta.get("aliases", {}),
-        )
+            tensors = load_state_dict(st, sha256=sha, where=js)
+        except CheckpointError as e:
+            raise CheckpointError(str(e).replace("checkpoint", "trace file", 1)) from None
+        if "states" not in tensors:
+            raise CheckpointError(f"{st} is not a loopscope trace (no states tensor)")
+        return cls(**_fields(meta, tensors, js))
+
+
+def _fields(meta: dict, tensors: dict[str, Tensor], js: Path) -> dict[str, Any]:
+    """The Trace fields of a loaded pair, each checked against the tensors (field named)."""
+
+    def bad(field: str, why: str) -> CheckpointError:
+        return CheckpointError(f"{js}: field {field!r} {why}")
+
+    states = tensors["states"]
+    B = states.shape[1] if states.dim() > 1 else None
+    acts = {k[5:]: v for k, v in tensors.items() if k.startswith("acts/")}
+    labels = meta.get("labels")
+    if not isinstance(labels, dict):
+        raise bad("labels", f"must be a dict of hook -> firing labels, got {_kind(labels)}")
+    for k, v in labels.items():
+        if k not in acts:
+            raise bad("labels", f"names hook {k!r}, which has no tensor")
+        if not isinstance(v, list) or not all(isinstance(x, list) for x in v):
+            raise bad("labels", f"of {k!r} must be a list of label lists")
+        if len(v) != acts[k].shape[0]:
+            raise bad("labels", f"of {k!r} has {len(v)} entries for {acts[k].shape[0]} firings")
+    status = meta.get("status")
+    if not isinstance(status, list) or not all(isinstance(x, str) for x in status):
+        raise bad("status", f"must be a list of strings, got {_kind(status)}")
+    if status and B is not None and len(status) != B:
+        raise bad("status", f"has {len(status)} entries for a batch of {B}")
+    aliases = meta.get("aliases", {})
+    if not isinstance(aliases, dict):
+        raise bad("aliases", f"must be a dict, got {_kind(aliases)}")
+    extra = meta.get("meta", {})
+    if not isinstance(extra, dict):
+        raise bad("meta", f"must be a dict, got {_kind(extra)}")
+    return {
+        "states": states,
+        "acts": acts,
+        "labels": {k: [tuple(x) for x in v] for k, v in labels.items()},
+        "status": status,
+        "diverged_at": tensors.get("diverged_at"),
+        "halted_at": tensors.get("halted_at"),
+        "logits": tensors.get("logits"),
+        "meta": extra,
+        "aliases": aliases,
+    }
+
+
+def _kind(v: Any) -> str:
+    return "nothing" if v is None else type(v).__name__

@@ -3,8 +3,15 @@
 Layout::
 
     model.safetensors   # state dict
-    config.json         # {"class": "LoopedTransformer", "config": {...}, "format": "loopscope.model/1"}
+    config.json         # {"class": "LoopedTransformer", "config": {...}, "format": "loopscope.model/1",
+                        #  "sha256": SHA-256 of model.safetensors' payload}
     card.json           # optional model card (task, preset, seed, accuracy ...)
+
+Integrity: config.json is written after the weights and records their payload hash; loading
+verifies it, so a damaged or swapped ``model.safetensors`` (even one flipped byte with the header
+intact) is a :class:`~loopscope.core.errors.CheckpointError` naming the file, and weights whose
+shapes disagree with the config name the config field (``d_mlp = 264 but the weights have 256``).
+A config missing fields loads with their defaults and a warning naming them.
 
 Any Loop that declares its constructor config saves and loads the same way: a ``config()``
 method returning a JSON-able dict, rebuilt by the classmethod ``from_config(config)`` if the
@@ -41,6 +48,7 @@ from loopscope.core.io import (
     _UNSAFE_SUFFIXES,
     atomic_write_text,
     load_state_dict,
+    payload_sha256,
     read_json,
     save_state_dict,
 )
@@ -123,6 +131,7 @@ def save_model(model: nn.Module, directory: str | os.PathLike, card: dict | None
     if tied:
         spec["tied"] = tied
     save_state_dict(state, directory / "model.safetensors")
+    spec["sha256"] = payload_sha256(directory / "model.safetensors")
     atomic_write_text(directory / "config.json", json.dumps(spec, indent=1))
     if card is not None:
         atomic_write_text(directory / "card.json", json.dumps(card, indent=1, default=str))
@@ -191,19 +200,23 @@ def load_model(
         raise CheckpointError(f"{where}: invalid config (not a dict)")
     if cls is None and name in reg:
         mcls, cfg_cls = reg[name]
+        _warn_missing_fields(cfg_cls, config, where)
         try:
             cfg = cfg_cls.from_dict(config)
         except Exception as e:
-            raise CheckpointError(f"{where}: invalid config: {e}") from None
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise CheckpointError(f"{where}: invalid config: {msg}") from None
         model = mcls(cfg)
     elif cls is not None or (isinstance(name, str) and ":" in name):
         model = _build(cls if cls is not None else _import_loop_class(name, where), config, where)
     else:
         raise CheckpointError(f"{where}: unknown model class {name!r}")
-    state = load_state_dict(directory / "model.safetensors")
+    sha = spec.get("sha256")  # checkpoints saved before hashes were recorded load unchecked
+    state = load_state_dict(directory / "model.safetensors", sha256=sha, where=where)
     for dup, kept in (spec.get("tied") or {}).items():
         if kept in state:
             state[dup] = state[kept]
+    _check_shapes(model, state, config, directory / "model.safetensors")
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise CheckpointError(
@@ -214,3 +227,41 @@ def load_model(
     if dtype is not None:
         model.to(dtype)
     return model
+
+
+def _warn_missing_fields(cfg_cls: Any, config: dict[str, Any], where: Path) -> None:
+    """A config without some of its class's fields loads with their defaults, said aloud."""
+    import dataclasses
+    import warnings
+
+    fields = {f.name: f for f in dataclasses.fields(cfg_cls)}
+    missing = [k for k in fields if k not in config]
+    if missing:
+        defaults = {k: fields[k].default for k in missing}
+        warnings.warn(
+            f"{where}: config lacks field(s) {', '.join(missing)}; using the defaults {defaults}",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def _check_shapes(model: nn.Module, state: dict[str, torch.Tensor], config: Any, path: Path):
+    """Weights whose shapes disagree with the model the config builds: a one-line error naming
+    the tensor and the config field(s) whose value is the disagreeing size."""
+    expected = model.state_dict()
+    for k, v in state.items():
+        want = expected.get(k)
+        if want is None or tuple(want.shape) == tuple(v.shape):
+            continue
+        got_s, want_s = list(v.shape), list(want.shape)
+        sizes = {w: g for w, g in zip(want_s, got_s, strict=False) if w != g}
+        suspects = [
+            f"{f} = {val} but the weights have {sizes[val]}"
+            for f, val in (config.items() if isinstance(config, dict) else [])
+            if isinstance(val, int) and not isinstance(val, bool) and val in sizes
+        ]
+        hint = f" (config {'; '.join(suspects)})" if suspects else ""
+        raise CheckpointError(
+            f"{path} does not match its config: {k} is {got_s} in the weights but {want_s} for "
+            f"the config{hint}"
+        )

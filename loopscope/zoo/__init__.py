@@ -17,7 +17,7 @@ from typing import Any
 
 import pandas as pd
 
-from loopscope.core.errors import LoopscopeError, suggest
+from loopscope.core.errors import CheckpointError, LoopscopeError, suggest
 from loopscope.core.io import read_json
 from loopscope.models.checkpoint import load_model
 
@@ -48,8 +48,39 @@ def checkpoint_dir(name: str) -> Path:
 
 
 def card(name: str) -> dict[str, Any]:
-    """The model card of ``name`` (a dict)."""
-    return read_json(checkpoint_dir(name) / "card.json")
+    """The model card of ``name`` (a dict; a malformed card is a CheckpointError naming the
+    file and the field)."""
+    path = checkpoint_dir(name) / "card.json"
+    return _checked_card(read_json(path), path)
+
+
+def _checked_card(c: Any, path: Path) -> dict[str, Any]:
+    """The fields the zoo reads, checked: ``accuracy`` is ``{split: {token_acc, seq_acc}}``,
+    ``task`` a name, ``task_params`` a dict, the counts numbers."""
+
+    def bad(field: str, why: str) -> CheckpointError:
+        return CheckpointError(f"{path}: field {field!r} {why}")
+
+    if not isinstance(c, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, got {type(c).__name__}")
+    if not isinstance(c.get("task"), str):
+        raise bad("task", f"must be a task name, got {c.get('task')!r}")
+    if not isinstance(c.get("task_params") or {}, dict):
+        raise bad("task_params", f"must be a dict, got {type(c['task_params']).__name__}")
+    acc = c.get("accuracy") or {}
+    if not isinstance(acc, dict):
+        raise bad("accuracy", f"must be {{split: {{token_acc, seq_acc}}}}, got {acc!r}")
+    for split, res in acc.items():
+        if not isinstance(res, dict) or not all(
+            isinstance(res.get(k), (int, float)) and not isinstance(res.get(k), bool)
+            for k in ("token_acc", "seq_acc")
+        ):
+            raise bad("accuracy", f"of split {split!r} must have numbers token_acc and seq_acc")
+    for k in ("n_params", "steps", "seed", "wall_s"):
+        v = c.get(k)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise bad(k, f"must be a number, got {v!r}")
+    return c
 
 
 def task_of(name: str):
