@@ -219,6 +219,7 @@ def selectivity(
     max_iter: int = 1000,
     tol: float = 1e-4,
     dtype: str = "float64",
+    solver: str = "lbfgs",
     groups: Any = None,
     folds: int | None = None,
     split: Any = "random",
@@ -260,7 +261,8 @@ def selectivity(
         batch_size: minibatch size (mlp).
         max_iter: iteration cap (logistic, lowrank).
         tol: gradient tolerance (logistic, lowrank).
-        dtype: precision of the data passes, ``"float64"`` or ``"float32"``.
+        dtype: precision the probes are solved in, ``"float64"`` or ``"float32"``.
+        solver: logistic solver, ``"lbfgs"`` or ``"newton"``.
         groups: ``[N]`` example ids (resampled as units).
         folds: k-fold cross-validation (overrides ``split``).
         split: ``"random"`` (``test_frac`` held out), ``"all"`` or explicit.
@@ -289,6 +291,7 @@ def selectivity(
         max_iter=max_iter,
         tol=tol,
         dtype=dtype,
+        solver=solver,
         groups=groups,
         folds=folds,
         split=split,

@@ -40,6 +40,7 @@ from loopscope.core.trace import Trace
 from loopscope.probes import solvers
 from loopscope.probes.activations import ActivationSet
 from loopscope.probes.design import trace_design
+from loopscope.probes.logistic import check_solver
 from loopscope.probes.splits import as_groups, make_folds
 
 __all__ = ["fit_probes", "ProbeResult", "LinearProbe"]
@@ -221,6 +222,7 @@ class _ProbeSpec:
     max_iter: int
     tol: float
     dtype: torch.dtype
+    solver: str
 
     @classmethod
     def checked(cls, kind: str, *, dtype: Any, **hyper: Any) -> _ProbeSpec:
@@ -245,6 +247,7 @@ class _ProbeSpec:
             check_positive_int("rank", hyper["rank"])
         for key in ("C", "alpha", "weight_decay", "lr", "tol"):
             hyper[key] = float(hyper[key])
+        check_solver(hyper["solver"])
         return cls(kind=kind, dtype=_DTYPES[name], **hyper)
 
     @property
@@ -256,13 +259,10 @@ class _ProbeSpec:
         )
 
     def solve(self, Z: Tensor, y: Tensor, w: Tensor, K: int, gen: torch.Generator) -> dict:
-        """Fit every site on standardised training rows ``Z [S, n, d]`` (see solvers)."""
+        """Fit every site on standardised training rows ``Z [S, n, d]`` (see solvers; the
+        logistic probe standardises as it goes: :func:`_solve_logistic`)."""
         if self.kind == "ridge":
             return solvers.ridge(Z, y, w, K, alpha=self.alpha)
-        if self.kind == "logistic":
-            return solvers.logistic(
-                Z, y, w, K, C=self.C, max_iter=self.max_iter, tol=self.tol, dtype=self.dtype
-            )
         if self.kind == "lowrank":
             return solvers.lowrank(
                 Z,
@@ -287,6 +287,27 @@ class _ProbeSpec:
             batch_size=self.batch_size,
             generator=gen,
         )
+
+
+def _solve_logistic(
+    spec: _ProbeSpec, X: Tensor, rows: Tensor, y: Tensor, w: Tensor, K: int, standardize: bool
+) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+    """The logistic probe from the raw rows (it standardises chunk by chunk, never copying the
+    whole training set in float64): ``(params, mean, std)``."""
+    p = solvers.logistic(
+        X,
+        y,
+        w,
+        K,
+        rows=rows,
+        standardize=standardize,
+        C=spec.C,
+        max_iter=spec.max_iter,
+        tol=spec.tol,
+        dtype=spec.dtype,
+        solver=spec.solver,
+    )
+    return p, p.pop("mean"), p.pop("std")
 
 
 def _finite_rows(X: Tensor) -> Tensor:
@@ -396,39 +417,72 @@ class _Fold:
     mean: Tensor  # [S, 1, d]
     std: Tensor  # [S, 1, d]
     pred: Tensor  # [S, N]
+    notes: dict[str, Tensor]  # per-site solver diagnostics (logistic: iterations, jitter)
 
 
 def _fit_fold(
     spec: _ProbeSpec, data: _Data, tr: Tensor, standardize: bool, gen: torch.Generator
 ) -> _Fold:
     """Fit every site on the rows ``tr`` and predict every row."""
-    S, N, d = data.X.shape
     K = int(data.classes.numel())
     w = data.valid[:, tr].double()
     yi = data.yi[:, tr]
-    # full-array passes dominate at probe sizes: standardise the training rows in place and
-    # score every row through weights with the standardisation folded in
-    Ztr = data.X[:, tr]  # an index tensor: always a copy, so the in-place passes are safe
-    if not standardize:
-        mean = torch.zeros(S, 1, d, dtype=torch.float64)
-        std = torch.ones(S, 1, d, dtype=torch.float64)
-        p = spec.solve(Ztr, yi, w, K, gen)
+    if spec.kind == "logistic":
+        p, mean, std = _solve_logistic(spec, data.X, tr, yi, w, K, standardize)
     else:
-        mean = solvers._wmean(Ztr, w)
-        Ztr -= mean
-        mean = mean.double()
-        if spec.kind == "ridge":
-            # the closed form never needs the scaled copy: std comes from the centred Gram
-            p, std = solvers.ridge_centred(Ztr, yi, w, K, mean, alpha=spec.alpha)
-        else:
-            std = solvers.standard_deviation(Ztr, w, mean)
-            Ztr /= std
-            p = spec.solve(Ztr, yi, w, K, gen)
-    del Ztr
+        p, mean, std = _solve_standardised(spec, data.X, tr, yi, w, K, standardize, gen)
+    notes = {k: p.pop(k) for k in ("iterations", "jitter") if k in p}
+    # score every row through weights with the standardisation folded in (no scaled copy)
     raw = solvers.fold_standardisation(spec.kind, p, mean, std)
     if data.X.dtype != torch.float64:
         raw = {k: v.to(data.X.dtype) for k, v in raw.items()}
-    return _Fold(p, mean, std, solvers.scores(spec.kind, raw, data.X).argmax(-1))
+    return _Fold(p, mean, std, solvers.scores(spec.kind, raw, data.X).argmax(-1), notes)
+
+
+def _solve_standardised(
+    spec: _ProbeSpec,
+    X: Tensor,
+    tr: Tensor,
+    yi: Tensor,
+    w: Tensor,
+    K: int,
+    standardize: bool,
+    gen: torch.Generator,
+) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+    """Standardise a copy of the training rows in place, then solve: ``(params, mean, std)``."""
+    S, _, d = X.shape
+    Ztr = X[:, tr]  # an index tensor: always a copy, so the in-place passes are safe
+    if not standardize:
+        mean = torch.zeros(S, 1, d, dtype=torch.float64)
+        std = torch.ones(S, 1, d, dtype=torch.float64)
+        return spec.solve(Ztr, yi, w, K, gen), mean, std
+    mean = solvers._wmean(Ztr, w)
+    Ztr -= mean
+    mean = mean.double()
+    if spec.kind == "ridge":
+        # the closed form never needs the scaled copy: std comes from the centred Gram
+        p, std = solvers.ridge_centred(Ztr, yi, w, K, mean, alpha=spec.alpha)
+        return p, mean, std
+    std = solvers.standard_deviation(Ztr, w, mean)
+    Ztr /= std
+    return spec.solve(Ztr, yi, w, K, gen), mean, std
+
+
+def _solver_notes(spec: _ProbeSpec, data: _Data, fits: list[_Fold]) -> dict[str, Any]:
+    """The logistic solver used, and per site the Hessian jitter a fold needed (0: none)."""
+    if spec.kind != "logistic":
+        return {}
+    jitter = torch.stack([f.notes["jitter"] for f in fits]).amax(0)
+    notes: dict[str, Any] = {"solver": spec.solver}
+    notes["hessian_jitter"] = jitter.tolist()
+    bad = torch.nonzero(jitter > 0).flatten().tolist()
+    if bad:
+        notes["notes"] = [
+            f"site {s}: Hessian not positive definite, factorised with diagonal jitter "
+            f"{jitter[s]:.3g}" + (" (none sufficed: gradient steps)" if jitter[s] == np.inf else "")
+            for s in bad
+        ]
+    return notes
 
 
 def _assemble(
@@ -494,6 +548,7 @@ def fit_probes(
     max_iter: int = 1000,
     tol: float = 1e-4,
     dtype: str = "float64",
+    solver: str = "lbfgs",
     groups: Any = None,
     folds: int | None = None,
     split: Any = "random",
@@ -529,8 +584,12 @@ def fit_probes(
         max_iter: iteration cap of the logistic and low-rank solvers.
         tol: the logistic and low-rank solvers stop at ``max |gradient| <= tol`` of the objective
             scaled by ``1 / (C n)`` (scikit-learn's convention).
-        dtype: ``"float64"`` or ``"float32"``: the precision of the passes over the data
-            (float32 is about 2x faster; the solver state stays float64).
+        dtype: ``"float64"`` or ``"float32"``: the precision the probes are solved in (the
+            logistic solvers run float32 passes first and, for float64, finish with float64
+            ones; the closed-form ridge reads float32 data in float32 end to end).
+        solver: the logistic solver: ``"lbfgs"`` (L-BFGS with Kronecker-factored curvature) or
+            ``"newton"`` (Newton / IRLS, one Cholesky per site per iteration); both reach
+            scikit-learn's optimum (see :mod:`loopscope.probes.logistic`).
         groups: ``[N]`` example ids (tokens of one example never straddle folds).
         folds: k-fold cross-validation (k >= 2); overrides ``split``.
         split: ``"random"`` (one seeded split, ``test_frac`` held out), ``"all"`` (train on
@@ -565,6 +624,7 @@ def fit_probes(
         max_iter=max_iter,
         tol=tol,
         dtype=dtype,
+        solver=solver,
     )
     seed = check_seed(seed)
     on_trace = isinstance(X, (Trace, ActivationSet))
@@ -617,6 +677,7 @@ def fit_probes(
         "folds": folds,
         "split_mode": split if isinstance(split, str) else "explicit",
         "n_nonfinite": (~data.finite).sum(1).tolist(),
+        **_solver_notes(spec, data, fits),
     }
     info = result_meta(
         model=extra.get("model"), seed=seed, split=extra.get("split"), settings=settings
@@ -644,7 +705,8 @@ class LinearProbe:
         batch_size: minibatch size (mlp).
         max_iter: iteration cap (logistic, lowrank).
         tol: gradient tolerance (logistic, lowrank).
-        dtype: precision of the data passes, ``"float64"`` or ``"float32"``.
+        dtype: precision the probes are solved in, ``"float64"`` or ``"float32"``.
+        solver: logistic solver, ``"lbfgs"`` or ``"newton"``.
         mask: ``[N]`` or ``[S, N]`` bool, the rows to train on.
         classes: the label set (default: the labels seen by :meth:`fit`).
         standardize: z-score the features with the training statistics.
@@ -674,6 +736,7 @@ class LinearProbe:
         max_iter: int = 1000,
         tol: float = 1e-4,
         dtype: str = "float64",
+        solver: str = "lbfgs",
         mask: Any = None,
         classes: Any = None,
         standardize: bool = True,
@@ -691,6 +754,7 @@ class LinearProbe:
         self.max_iter = max_iter
         self.tol = tol
         self.dtype = dtype
+        self.solver = solver
         self.mask = mask
         self.classes = classes
         self.standardize = standardize
@@ -718,6 +782,7 @@ class LinearProbe:
             max_iter=self.max_iter,
             tol=self.tol,
             dtype=self.dtype,
+            solver=self.solver,
             mask=self.mask,
             classes=self.classes,
             standardize=self.standardize,

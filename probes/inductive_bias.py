@@ -212,6 +212,7 @@ def linear_head(
     max_iter: int = 1000,
     tol: float = 1e-4,
     dtype: str = "float64",
+    solver: str = "lbfgs",
     standardize: bool = True,
     seed: int = 0,
 ) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
@@ -232,7 +233,8 @@ def linear_head(
         batch_size: minibatch size (mlp).
         max_iter: iteration cap (logistic, lowrank).
         tol: gradient tolerance (logistic, lowrank).
-        dtype: precision of the data passes, ``"float64"`` or ``"float32"``.
+        dtype: precision the probes are solved in, ``"float64"`` or ``"float32"``.
+        solver: logistic solver, ``"lbfgs"`` or ``"newton"``.
         standardize: z-score the features with the training statistics.
         seed: initialisation seed (lowrank, mlp).
     """
@@ -255,6 +257,7 @@ def linear_head(
             max_iter=max_iter,
             tol=tol,
             dtype=dtype,
+            solver=solver,
             standardize=standardize,
             seed=seed,
         )

@@ -91,21 +91,21 @@ def armijo(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per-site Armijo backtracking from the unit step along the descent direction ``d``.
 
-    Returns the accepted ``(x, f, g)`` (unchanged where no step was accepted) and ``moved``,
-    the active sites that took a step.
+    Each trial evaluates only the sites still searching. Returns the accepted ``(x, f, g)``
+    (unchanged where no step was accepted) and ``moved``, the active sites that took a step.
     """
     gd = (g * d).sum(1)
     t = torch.ones_like(f)
     pending = active.clone()
     xn, fn, gn = x.clone(), f.clone(), g.clone()
     for _ in range(max_halvings):
-        xt = x + t.unsqueeze(1) * d
-        ft, gt = fg(xt, idx)
-        ok = pending & torch.isfinite(ft) & (ft <= f + 1e-4 * t * gd)
-        xn = torch.where(ok.unsqueeze(1), xt, xn)
-        fn = torch.where(ok, ft, fn)
-        gn = torch.where(ok.unsqueeze(1), gt, gn)
-        pending = pending & ~ok
+        r = pending.nonzero().flatten()
+        xt = x[r] + t[r].unsqueeze(1) * d[r]
+        ft, gt = fg(xt, idx[r])
+        ok = torch.isfinite(ft) & (ft <= f[r] + 1e-4 * t[r] * gd[r])
+        hit = r[ok]
+        xn[hit], fn[hit], gn[hit] = xt[ok], ft[ok], gt[ok]
+        pending[hit] = False
         if not bool(pending.any()):
             break
         t = torch.where(pending, 0.5 * t, t)
@@ -120,11 +120,14 @@ def minimize(
     tol: float = 1e-6,
     history: int = 10,
     precond: Preconditioner | None = None,
+    compact: float = 0.5,
 ) -> tuple[Tensor, int]:
     """Minimise S problems at once from ``x0 [S, P]``.
 
     ``precond(q, sel) -> H0 q`` is an optional fixed initial inverse-Hessian (e.g. from a
     curvature bound) used in the two-loop recursion instead of the scalar ``s.y / y.y``.
+    Converged sites leave the working set once the active ones are at most ``compact`` of it
+    (1.0: at once, for objectives that slice for free; 0.5 amortises re-slicing copies).
     Stops a site when ``max |grad| <= tol`` or its line search cannot decrease ``f`` any more.
     Returns the solutions ``[S, P]`` and the number of iterations run.
     """
@@ -142,7 +145,8 @@ def minimize(
         if not bool(active.any()):
             break
         n_iter += 1
-        if int(active.sum()) <= len(idx) // 2:  # compact the working set
+        n_active = int(active.sum())
+        if n_active < len(idx) and n_active <= compact * len(idx):  # compact the working set
             out[idx] = x
             keep = torch.nonzero(active).flatten()
             idx, x, f, g, active = idx[keep], x[keep], f[keep], g[keep], active[keep]

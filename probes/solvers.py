@@ -8,8 +8,8 @@ same optimum:
 * ``ridge``: ``||Z W + b - Y||^2 + alpha ||W||^2`` on one-vs-rest ``Y in {-1, +1}`` (sklearn
   ``Ridge(alpha)``; intercept unpenalised), closed form in float64 (batched Cholesky).
 * ``logistic``: ``0.5 ||W||^2 + C * sum_i CE_i`` (sklearn ``LogisticRegression(C)``; binary
-  problems in sklearn's one-vector parametrisation, ``K > 2`` multinomial), batched per-site
-  L-BFGS (:mod:`loopscope.probes.lbfgs`) with analytic gradients.
+  problems in sklearn's one-vector parametrisation, ``K > 2`` multinomial), by batched Newton or
+  by L-BFGS with Kronecker-factored curvature (:mod:`loopscope.probes.logistic`).
 * ``lowrank``: logistic loss with ``W = L R`` (``rank`` r) and ``0.5 (||L||^2 + ||R||^2)``
   (the variational form of a nuclear-norm penalty), batched L-BFGS with autograd gradients.
 * ``mlp``: one ReLU hidden layer (``hidden`` units), Adam on minibatches, L2 ``alpha``
@@ -29,6 +29,7 @@ from torch import Tensor
 
 from loopscope.core.errors import LoopscopeError
 from loopscope.probes.lbfgs import minimize
+from loopscope.probes.logistic import logistic
 
 __all__ = ["ridge", "logistic", "lowrank", "mlp", "scores", "KINDS"]
 
@@ -109,120 +110,6 @@ def _weighted_ce(logits: Tensor, y: Tensor, w: Tensor) -> Tensor:
     """Per-site ``sum_i w_i CE_i``: ``logits [S, n, K]`` -> ``[S]``."""
     lp = torch.log_softmax(logits, -1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
     return -(w * lp).sum(1)
-
-
-class _Logistic:
-    """Batched L2-logistic objective, scaled per site by ``1 / (C * n_site)`` (same optimum).
-
-    ``K == 2`` uses scikit-learn's binary parametrisation (one weight vector + intercept),
-    ``K > 2`` the multinomial one (``W [d, K]``, ``b [K]``); the intercept is unpenalised.
-    """
-
-    def __init__(
-        self, Z: Tensor, y: Tensor, w: Tensor, K: int, C: float, dtype: torch.dtype = torch.float64
-    ) -> None:
-        # data passes run in ``dtype`` (float32 halves the memory traffic); L-BFGS state, the
-        # objective value and the gradient handed back stay float64
-        self.Z, self.y, self.w, self.K, self.C = Z.to(dtype), y, w.to(dtype), K, C
-        self.scale = 1.0 / (C * w.sum(1).clamp_min(1.0))
-        self.Y = None if K == 2 else F.one_hot(y, K).to(dtype)
-        self._sel: Tensor | None = None
-        self._cache: tuple = ()
-        if K == 2:  # Boehning's bound p(1-p) <= 1/4: a fixed per-site L-BFGS preconditioner
-            self._bound(Z, w)
-
-    def _bound(self, Z: Tensor, w: Tensor) -> None:
-        """Eigen-decomposition of the weighted Gram matrix of ``[Z, 1]`` (scaled by 1/n)."""
-        n_s = w.sum(1).clamp_min(1.0)
-        Zw = Z * w.unsqueeze(-1)
-        G = torch.empty(Z.shape[0], Z.shape[2] + 1, Z.shape[2] + 1, dtype=Z.dtype)
-        G[:, :-1, :-1] = Zw.transpose(1, 2) @ Z
-        G[:, :-1, -1] = G[:, -1, :-1] = Zw.sum(1)
-        G[:, -1, -1] = w.sum(1)
-        ev, self.V = torch.linalg.eigh(G)
-        self.ev = ev.clamp_min(0) / n_s.unsqueeze(1)  # [S, D]
-        self.lam = self.scale  # 1 / (C n): the scaled L2 curvature
-
-    def _data(self, sel: Tensor) -> tuple:
-        if len(sel) == self.Z.shape[0]:
-            return self.Z, self.y, self.w, self.Y, self.scale
-        if self._sel is None or len(self._sel) != len(sel) or not torch.equal(self._sel, sel):
-            # re-sliced only when the working set shrinks (a few times per fit)
-            Y = None if self.Y is None else self.Y[sel]
-            self._cache = (self.Z[sel], self.y[sel], self.w[sel], Y, self.scale[sel])
-            self._sel = sel
-        return self._cache
-
-    @property
-    def n_params(self) -> int:
-        d = self.Z.shape[-1]
-        return d + 1 if self.K == 2 else (d + 1) * self.K
-
-    def precond(self, q: Tensor, sel: Tensor) -> Tensor:
-        """``B^{-1} q`` for the binary bound ``B = G / (4 n) + I / (C n)``."""
-        V, ev, lam = self.V[sel], self.ev[sel], self.lam[sel]
-        c = V.transpose(1, 2) @ q.unsqueeze(-1)
-        c = c / (0.25 * ev + lam.unsqueeze(1)).unsqueeze(-1)
-        return (V @ c).squeeze(-1)
-
-    def __call__(self, x64: Tensor, sel: Tensor) -> tuple[Tensor, Tensor]:
-        Z, y, w, Y, scale = self._data(sel)
-        s, n, d = Z.shape
-        C = self.C
-        x = x64.to(Z.dtype)
-        if self.K == 2:
-            W, b = x[:, :d], x[:, d]
-            z = (Z @ W.unsqueeze(-1)).squeeze(-1) + b.unsqueeze(1)
-            yf = y.to(Z.dtype)
-            f = C * (w * (F.softplus(z) - yf * z)).sum(1) + 0.5 * (W * W).sum(1)
-            r = C * w * (torch.sigmoid(z) - yf)  # [s, n]
-            # r^T Z reads Z in its stored (row-major) layout: ~2x faster than Z^T r
-            gW = (r.unsqueeze(1) @ Z).squeeze(1) + W
-            g = torch.cat([gW, r.sum(1, keepdim=True)], 1)
-        else:
-            K = self.K
-            W, b = x[:, : d * K].reshape(s, d, K), x[:, d * K :]
-            logits = Z @ W + b.unsqueeze(1)
-            lse = torch.logsumexp(logits, -1)
-            picked = (logits * Y).sum(-1)
-            f = C * (w * (lse - picked)).sum(1) + 0.5 * (W * W).sum((1, 2))
-            # softmax from the lse already at hand (torch.softmax over a tiny last axis is slow)
-            R = C * w.unsqueeze(-1) * (torch.exp(logits - lse.unsqueeze(-1)) - Y)  # [s, n, K]
-            gW = (R.transpose(1, 2) @ Z).transpose(1, 2) + W
-            g = torch.cat([gW.reshape(s, -1), R.sum(1)], 1)
-        return f.double() * scale, g.double() * scale.unsqueeze(1)
-
-
-def logistic(
-    Z: Tensor,
-    y: Tensor,
-    w: Tensor,
-    K: int,
-    *,
-    C: float = 1.0,
-    max_iter: int = 1000,
-    tol: float = 1e-4,
-    dtype: torch.dtype = torch.float64,
-) -> dict[str, Tensor]:
-    """L2-logistic regression for all sites at once (batched per-site L-BFGS).
-
-    ``tol`` bounds ``max |grad|`` of the per-site objective scaled by ``1 / (C n)``;
-    ``dtype`` is the precision of the passes over the data (the iterates stay float64).
-    """
-    Z, w = Z.double(), w.double()
-    S, n, d = Z.shape
-    obj = _Logistic(Z, y, w, K, C, dtype)
-    # the curvature bound preconditions binary problems well (measured: ~3x fewer iterations);
-    # for K > 2 the Kronecker bound is too loose and plain L-BFGS scaling converges faster
-    pc = obj.precond if K == 2 else None
-    x, _ = minimize(obj, Z.new_zeros(S, obj.n_params), max_iter=max_iter, tol=tol, precond=pc)
-    if K == 2:
-        W = Z.new_zeros(S, d, 2)
-        W[:, :, 1] = x[:, :d]
-        b = Z.new_zeros(S, 2)
-        b[:, 1] = x[:, d]
-        return {"W": W, "b": b}
-    return {"W": x[:, : d * K].reshape(S, d, K), "b": x[:, d * K :]}
 
 
 def _autograd_objective(loss_fn: Callable[[Tensor, Tensor], Tensor]):

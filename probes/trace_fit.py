@@ -68,6 +68,7 @@ def fit_trace(
     max_iter: int = 1000,
     tol: float = 1e-4,
     dtype: str = "float64",
+    solver: str = "lbfgs",
     folds: int | None = None,
     split: Any = "random",
     test_frac: float = 0.25,
@@ -100,7 +101,8 @@ def fit_trace(
         batch_size: minibatch size (mlp).
         max_iter: iteration cap (logistic, lowrank).
         tol: gradient tolerance (logistic, lowrank).
-        dtype: precision of the data passes, ``"float64"`` or ``"float32"``.
+        dtype: precision the probes are solved in, ``"float64"`` or ``"float32"``.
+        solver: logistic solver, ``"lbfgs"`` or ``"newton"``.
         folds: k-fold cross-validation over sequences (overrides ``split``).
         split: ``"random"`` (``test_frac`` of the sequences held out), ``"all"``, explicit.
         test_frac: held-out fraction for ``split="random"``.
@@ -133,6 +135,7 @@ def fit_trace(
         max_iter=max_iter,
         tol=tol,
         dtype=dtype,
+        solver=solver,
         folds=folds,
         split=split,
         test_frac=test_frac,
