@@ -325,6 +325,39 @@ _FAMILIES = (
 )
 
 
+def _seed_count(seeds: Any) -> int | None:
+    """Seeds a family will draw per input (None when unknown before materialising)."""
+    if isinstance(seeds, InitSeeds | GaussianSeeds):
+        return int(seeds.n)
+    if isinstance(seeds, GridSeeds):
+        return int(seeds.resolution) ** 2
+    if isinstance(seeds, ShellSeeds):
+        return len(seeds.radii) * int(seeds.n_per_radius)
+    if isinstance(seeds, (list, tuple)):
+        counts = [_seed_count(s) for s in seeds]
+        return None if any(c is None for c in counts) else sum(counts)
+    return None
+
+
+def _check_seed_memory(seeds: Any, B: int, n: int, dtype: torch.dtype, chunk: int) -> None:
+    """Every seed state is kept (start, end, and one chunk in flight): refuse before
+    materialising a seed set larger than half the free memory, with the numbers and the way out."""
+    from loopscope.core.capture import available_memory_bytes
+
+    S = _seed_count(seeds)
+    if S is None:
+        return
+    item = torch.empty(0, dtype=dtype).element_size()
+    need = 3 * S * B * n * item + min(S * B, chunk) * n * item
+    budget = available_memory_bytes("cpu") // 2
+    if need > budget:
+        raise LoopscopeError(
+            f"seeds: {S} seeds x {B} inputs x {n} state entries would need ~{need / 2**30:.1f} GiB "
+            f"but the budget is {budget / 2**30:.1f} GiB (half the free memory); use fewer seeds "
+            "(a smaller GridSeeds resolution or n), fewer inputs per call, or a smaller state"
+        )
+
+
 def _materialise(seeds: Any, m: LoopMap, B: int, seed: int) -> SeedSet:
     gen = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -808,6 +841,7 @@ def basins(
     _check_basin_args(n_iter, seed, tol, blowup, chunk, eps_d)
     m = _make_map(loop, inputs, seeds, ctx, dtype, batch_size, state_shape)
     B, n = m.B, m.n
+    _check_seed_memory(seeds, B, n, m.dtype or torch.float64, chunk)
     ss = _materialise(seeds, m, B, seed)
     X0 = ss.states.to(m.dtype)
     S = X0.shape[0]

@@ -519,7 +519,9 @@ def _check_metric_args(trace: Trace, eps: float, tol: float, min_p: float, decod
         or not isinstance(trace.states, Tensor)
         or trace.states.dim() < 2
     ):
-        raise LoopscopeError("metrics needs a Trace with states [T+1, B, ...]")
+        raise LoopscopeError(
+            f"metrics needs a Trace (trace.states [T+1, B, ...]), got trace={type(trace).__name__}"
+        )
 
 
 def _diverged_samples(trace: Trace, S: Tensor, last: Tensor) -> Tensor:

@@ -970,6 +970,7 @@ def input_sensitivity(
         dtype=dtype,
     )  # fmt: skip
     z = m.flatten(h_star.to(m.dtype or h_star.dtype))
+    m.check_state(z, name="h_star")
     fz = m.f(z)
     r_rel = (fz - z).norm(dim=1) / (fz.norm(dim=1) + 1e-9)
     if not bool(torch.isfinite(r_rel).all()) or bool((r_rel > float(check_tol)).any()):

@@ -668,7 +668,12 @@ def _correct_per_step(
         return None
     if LG is None:
         raise LoopscopeError("targets need the readout: record the trace with decode=True")
-    tg = torch.as_tensor(targets).cpu().reshape(B, -1)
+    tg = torch.as_tensor(targets).cpu()
+    if tg.dim() == 0 or tg.shape[0] != B:
+        raise LoopscopeError(
+            f"targets must be [B={B}] or [B={B}, positions], got shape {tuple(tg.shape)}"
+        )
+    tg = tg.reshape(B, -1)
     A = LG.argmax(-1).reshape(T1, B, -1)
     if tg.shape[1] != A.shape[2]:
         raise LoopscopeError(

@@ -239,7 +239,9 @@ def _start(
         state_shape=tuple(h0.shape[1:]),
         batch_size=h0.shape[0],
     )
-    return m, m.flatten(h0.to(dtype)).clone()
+    z = m.flatten(h0.to(dtype)).clone()
+    m.check_state(z, name="h0")
+    return m, z
 
 
 class _Benettin:

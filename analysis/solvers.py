@@ -1047,7 +1047,9 @@ def _start_map(
         bc = batch_size_of(m.ctx)
         if bc != h0.shape[0]:
             raise LoopscopeError(f"h0 has batch {h0.shape[0]} but the inputs have batch {bc}")
-    return m, m.flatten(h0.to(m.dtype or h0.dtype))
+    z = m.flatten(h0.to(m.dtype or h0.dtype))
+    m.check_state(z, name="h0")
+    return m, z
 
 
 @did_you_mean

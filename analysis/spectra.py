@@ -304,11 +304,29 @@ def spectrum_map(
         raise LoopscopeError(f"z must be flat states [b, {n}], got {getattr(z, 'shape', z)!r}")
     use_dense = method == "dense" or (method == "auto" and n <= dense_max)
     if use_dense:
+        _check_dense_memory(n, z.shape[0], m.dtype or z.dtype)
         sp = _dense(m, z, k, bool(sigma))
     else:
         sp = _arpack(m, z, k or 6, ncv, float(tol), int(seed), bool(sigma), arpack_fallback_max)
     sp.meta = result_meta(m.loop, settings={**sp.meta, "jacobian_path": m.jacobian_path})
     return sp
+
+
+def _check_dense_memory(n: int, B: int, dtype: torch.dtype) -> None:
+    """The dense path holds B Jacobians of n x n and an eigen workspace of a few n x n: refused
+    before allocating when that passes half the free memory (the way out: ARPACK)."""
+    from loopscope.core.capture import available_memory_bytes
+
+    item = torch.empty(0, dtype=dtype).element_size()
+    need = (B + 4) * n * n * item
+    budget = available_memory_bytes("cpu") // 2
+    if need > budget:
+        raise LoopscopeError(
+            f"spectrum method='dense' at n = {n} would need ~{need / 2**30:.1f} GiB ({B} "
+            f"Jacobian(s) of {n} x {n} and the eigen workspace) but the budget is "
+            f"{budget / 2**30:.1f} GiB (half the free memory); use method='arpack' (the k leading "
+            "eigenvalues from matrix-free products), fewer samples per call, or a smaller state"
+        )
 
 
 def _dense(m: LoopMap, z: Tensor, k: int | None, want_sigma: bool) -> Spectrum:

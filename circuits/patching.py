@@ -166,7 +166,9 @@ def _iterations(its: Any, n_iter: int) -> list[int] | None:
         if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
             raise LoopscopeError(f"iterations must be ints, got {t!r}")
         if not 0 <= int(t) < n_iter:
-            raise LoopscopeError(f"iteration {int(t)} out of range 0..{n_iter - 1}")
+            raise LoopscopeError(
+                f"iterations: iteration {int(t)} out of range 0..{n_iter - 1} (n_iter={n_iter})"
+            )
         out.append(int(t))
     return out
 

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
-from loopscope.core.errors import LoopscopeError, suggest
+from loopscope.core.errors import LoopscopeError, check_seed, suggest
 
 __all__ = ["Batch", "Task", "split_rng"]
 
@@ -88,6 +88,7 @@ class Task:
             raise LoopscopeError(
                 f"task {self.name!r} has no split {split!r}{suggest(split, self.splits)}; splits: {', '.join(self.splits)}"
             )
+        check_seed(seed)
         return self._sample(n, split, split_rng(self.name, split, int(seed)))
 
     def _sample(self, n: int, split: str, rng: np.random.Generator) -> Batch:  # pragma: no cover
