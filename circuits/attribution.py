@@ -179,8 +179,8 @@ def attribution(
     """Per-iteration attribution patching with exact re-check (see module docstring).
 
     Args:
-        loop, clean, corrupt, sites, metric, n_iter, positions, units, seed, batch_size,
-            measure_at: as in :func:`~loopscope.circuits.patch_sweep`.
+        loop, clean, corrupt, sites, metric, n_iter: as in :func:`~loopscope.circuits.patch_sweep`;
+            so are positions, units, seed, batch_size and measure_at.
         method: "atp" (gradient at the clean run) or "ig" (gradient averaged along the
             interpolation of ``ig_hook``, ``ig_steps`` points).
         ig_hook: the hook interpolated corrupt -> clean for ``method="ig"``.
