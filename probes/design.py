@@ -70,16 +70,26 @@ def _activations(
     return aset
 
 
-def _targets(targets: Any, aset: ActivationSet, mask: Any) -> Tensor:
-    """``[B, P]`` labels at the collected positions (``-100`` where ``mask`` is False)."""
+def _targets(targets: Any, aset: ActivationSet, mask: Any, n_pos: int | None = None) -> Tensor:
+    """``[B, P]`` labels at the collected positions (``-100`` where ``mask`` is False).
+
+    ``n_pos``: the trace's number of positions when every one was collected; targets of another
+    length (another batch's longer sequences) are refused instead of read misaligned."""
     B = aset.batch_size
     last = max(aset.positions)
     tg = torch.as_tensor(np.asarray(targets.cpu() if torch.is_tensor(targets) else targets))
     if tg.dim() == 1:  # one label per sequence: the same at every position
-        tg = tg.unsqueeze(1).expand(B, last + 1)
-    if tg.dim() != 2 or tg.shape[0] != B or tg.shape[1] <= last:
+        tg = tg.unsqueeze(1).expand(B, last + 1 if n_pos is None else n_pos)
+    want = f"{n_pos}" if n_pos is not None else f">{last}"
+    if (
+        tg.dim() != 2
+        or tg.shape[0] != B
+        or tg.shape[1] <= last
+        or (n_pos is not None and tg.shape[1] != n_pos)
+    ):
         raise LoopscopeError(
-            f"targets must be [B, pos] = [{B}, >{last}] (or [B]), got {tuple(tg.shape)}"
+            f"targets must be [B, pos] = [{B}, {want}] (or [B]) to line up with the trace's "
+            f"positions, got shape {tuple(tg.shape)}"
         )
     tg = tg.long().clone()
     if mask is not None:
@@ -114,7 +124,8 @@ def trace_design(
     """
     aset = _activations(trace, sites, positions, iterations)
     E, B, P, d = aset.X.shape
-    tg = _targets(targets, aset, mask)  # [B, P]
+    every = positions is None and not isinstance(trace, ActivationSet)
+    tg = _targets(targets, aset, mask, n_pos=len(aset.positions) if every else None)  # [B, P]
     keep = torch.ones(B, dtype=torch.bool)
     meta = {k: aset.meta[k] for k in _META_KEYS if k in aset.meta}
     meta["n_diverged_excluded"] = 0
