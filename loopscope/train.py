@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from loopscope.core.errors import LoopscopeError
+from loopscope.core.errors import LoopscopeError, check_number, check_seed
 from loopscope.core.io import atomic_write_text, load_state_dict, read_json, save_state_dict
 
 __all__ = [
@@ -84,6 +84,10 @@ class TrainConfig:
             raise LoopscopeError(f"truncate must be >= 1 or None, got {self.truncate!r}")
         if not (0 < self.iters[0] <= self.iters[1]):
             raise LoopscopeError(f"iters must satisfy 0 < lo <= hi, got {self.iters!r}")
+        check_number("lr", self.lr, low=0, strict=True)
+        check_number("weight_decay", self.weight_decay, low=0)
+        check_number("grad_clip", self.grad_clip, low=0, strict=True)
+        check_seed(self.seed)
         self.iters = tuple(self.iters)  # type: ignore[assignment]
         self.betas = tuple(self.betas)  # type: ignore[assignment]
 

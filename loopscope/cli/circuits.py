@@ -12,8 +12,12 @@ from loopscope.cli.app import (
     MODEL_ARG,
     TASK_HELP,
     app,
+    device_option,
+    dtype_option,
+    max_memory_option,
     model_and_task,
     model_label,
+    prepare_out,
     split_list,
 )
 from loopscope.core.errors import LoopscopeError
@@ -35,6 +39,9 @@ def probe(
     n: int = typer.Option(256, min=8),
     seed: int = typer.Option(0, min=0),
     out: Path = typer.Option(Path("probe_out"), help="output folder (tidy CSV + figure)"),
+    device: str = device_option(),
+    dtype: str = dtype_option(),
+    max_memory: str = max_memory_option(),
 ) -> None:
     """Fit linear probes for a task variable at every iteration and position (one batched solve each).
 
@@ -59,16 +66,16 @@ def probe(
         raise LoopscopeError(
             f"--iterations must be 'all' or a positive integer, got {iterations!r}"
         )
-    m, t = model_and_task(model, task, loop)
-    res = probe_study(
-        m, t, target=target, splits=split_list(split), iterations=T, site=site, n=n, seed=seed
-    )
-    df, on = res.to_frame(), res.onset
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "probes.csv", df.to_csv(index=False))
-    atomic_write_text(out / "onset.csv", on.to_csv(index=False))
-    set_style()
-    atomic_savefig(figures.probe_wavefront(df, on), out / "probes.png", dpi=120)
+    with prepare_out(out):
+        m, t = model_and_task(model, task, loop, device=device, dtype=dtype, max_memory=max_memory)
+        res = probe_study(
+            m, t, target=target, splits=split_list(split), iterations=T, site=site, n=n, seed=seed
+        )
+        df, on = res.to_frame(), res.onset
+        atomic_write_text(out / "probes.csv", df.to_csv(index=False))
+        atomic_write_text(out / "onset.csv", on.to_csv(index=False))
+        set_style()
+        atomic_savefig(figures.probe_wavefront(df, on), out / "probes.png", dpi=120)
     typer.echo(on.to_string(index=False))
 
 
@@ -93,6 +100,9 @@ def patch(
         help="reuse the finished chunks in OUT/checkpoint of an interrupted run with the same "
         "settings (--no-resume deletes them first)",
     ),
+    device: str = device_option(),
+    dtype: str = dtype_option(),
+    max_memory: str = max_memory_option(),
 ) -> None:
     """Per-iteration denoising sweep over (iteration x position) with single-token corruptions.
 
@@ -108,33 +118,45 @@ def patch(
     from loopscope.experiments.patching import patch_study
     from loopscope.report import set_style
 
-    m, t = model_and_task(model, task, loop)
-    its = "all" if iterations == "all" else [int(x) for x in iterations.split(",")]
+    its = _patch_iterations(iterations)
     ck = out / "checkpoint"
-    if not resume:
-        ChunkCheckpoint.discard(ck)
-    try:
-        res = patch_study(
-            m, t, iterations=its, site=site, position=position, n=n, seed=seed,
-            batch_size=batch_size, checkpoint_dir=ck,
-        )  # fmt: skip
-    except CheckpointError as e:
-        raise CheckpointError(f"{e} (or rerun with --no-resume)") from None
-    df, info = res.to_frame(), res.checkpoint
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "patching.csv", df.to_csv(index=False))
-    set_style()
-    fig = figures.heatmap(
-        df,
-        "iteration",
-        "position",
-        "recovery",
-        f"{model_label(model, loop)}: denoising recovery ({site})",
-        center=0,
-    )
-    atomic_savefig(fig, out / "patching.png", dpi=120)
+    with prepare_out(out):
+        m, t = model_and_task(model, task, loop, device=device, dtype=dtype, max_memory=max_memory)
+        if not resume:
+            ChunkCheckpoint.discard(ck)
+        try:
+            res = patch_study(
+                m, t, iterations=its, site=site, position=position, n=n, seed=seed,
+                batch_size=batch_size, checkpoint_dir=ck,
+            )  # fmt: skip
+        except CheckpointError as e:
+            raise CheckpointError(f"{e} (or rerun with --no-resume)") from None
+        df, info = res.to_frame(), res.checkpoint
+        atomic_write_text(out / "patching.csv", df.to_csv(index=False))
+        set_style()
+        fig = figures.heatmap(
+            df,
+            "iteration",
+            "position",
+            "recovery",
+            f"{model_label(model, loop)}: denoising recovery ({site})",
+            center=0,
+        )
+        atomic_savefig(fig, out / "patching.png", dpi=120)
     summary = {
         "rows": len(df), "out": str(out), "mean_recovery": float(df["recovery"].mean()),
         "chunks": info["total"], "resumed": info["resumed"],
     }  # fmt: skip
     typer.echo(json.dumps(summary))
+
+
+def _patch_iterations(text: str) -> str | list[int]:
+    """``--iterations``: 'all' or comma-separated iterations >= 0 (range checked by the sweep)."""
+    if text == "all":
+        return "all"
+    parts = [x.strip() for x in text.split(",")]
+    if not parts or not all(x.isdigit() for x in parts):
+        raise LoopscopeError(
+            f"--iterations must be 'all' or comma-separated iterations >= 0, got {text!r}"
+        )
+    return [int(x) for x in parts]

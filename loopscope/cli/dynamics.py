@@ -15,10 +15,20 @@ from loopscope.cli.app import (
     MODEL_ARG,
     TASK_HELP,
     app,
+    device_option,
+    dtype_option,
+    max_memory_option,
     model_and_task,
     model_label,
+    prepare_out,
+    prepare_out_file,
     split_list,
 )
+from loopscope.core.errors import check_number
+
+
+def _iter_factor(value: float) -> float:
+    return check_number("--iter-factor", value, low=0, strict=True)
 
 
 @app.command()
@@ -38,6 +48,9 @@ def stability(
         "and the correct-basin fraction on the first --n-dyn samples (slower)",
     ),
     n_dyn: int = typer.Option(4, "--n-dyn", min=1, help="samples for the --dynamics columns"),
+    device: str = device_option(),
+    dtype: str = dtype_option(),
+    max_memory: str = max_memory_option(),
 ) -> None:
     """Stability table per split: accuracy, converged / cycle / diverged fractions, T_conv, residual.
 
@@ -52,19 +65,28 @@ def stability(
     Example: loopscope stability s3_fprm --split id,ood --out s3_stability
 
     Your own model: loopscope stability --loop my_model:make_loop --task my_model:MyTask
+
+    An HF checkpoint larger than memory: loopscope stability ckpt/ --task text_addition
+    --max-memory 2GiB --no-dynamics (offloaded weights: the Jacobian columns need them in memory)
     """
-    from loopscope.core.io import atomic_savefig, atomic_write_text
     from loopscope.experiments.stability import stability as run
+
+    _iter_factor(iter_factor)
+    with prepare_out(out):
+        m, t = model_and_task(model, task, loop, device=device, dtype=dtype, max_memory=max_memory)
+        res = run(
+            m, t, splits=split_list(split), n=n, iter_factor=iter_factor, seed=seed,
+            dynamics=dynamics, n_dyn=n_dyn, model_name=model_label(model, loop),
+        )  # fmt: skip
+        _write_stability(res, out)
+
+
+def _write_stability(res, out: Path) -> None:
+    from loopscope.core.io import atomic_savefig, atomic_write_text
     from loopscope.experiments.stability import stability_figures
     from loopscope.report import set_style
 
-    m, t = model_and_task(model, task, loop)
-    res = run(
-        m, t, splits=split_list(split), n=n, iter_factor=iter_factor, seed=seed,
-        dynamics=dynamics, n_dyn=n_dyn, model_name=model_label(model, loop),
-    )  # fmt: skip
     table = res.to_frame()
-    out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "stability.csv", table.to_csv(index=False))
     atomic_write_text(out / "stability.json", table.to_json(orient="records", indent=1))
     atomic_write_text(out / "per_sample.csv", res.per_sample.to_csv(index=False))
@@ -95,16 +117,17 @@ def halting(
     from loopscope.experiments.halting import halting_figure, halting_study
     from loopscope.report import set_style
 
-    m, t = model_and_task(model, task, loop)
-    res = halting_study(
-        m, t, splits=split_list(split), n=n, iter_factor=iter_factor, seed=seed,
-        model_name=model_label(model, loop),
-    )  # fmt: skip
-    df = res.to_frame()
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "halting.csv", df.to_csv(index=False))
-    set_style()
-    atomic_savefig(halting_figure(res), out / "halting_tradeoff.png", dpi=120)
+    _iter_factor(iter_factor)
+    with prepare_out(out):
+        m, t = model_and_task(model, task, loop)
+        res = halting_study(
+            m, t, splits=split_list(split), n=n, iter_factor=iter_factor, seed=seed,
+            model_name=model_label(model, loop),
+        )  # fmt: skip
+        df = res.to_frame()
+        atomic_write_text(out / "halting.csv", df.to_csv(index=False))
+        set_style()
+        atomic_savefig(halting_figure(res), out / "halting_tradeoff.png", dpi=120)
     cols = ["split", "criterion", "threshold", "mean_steps", "accuracy", "compute_saved"]
     typer.echo(df[cols].to_string(index=False))
 
@@ -124,6 +147,9 @@ def verdict(
     ),
     out: Path = typer.Option(None, help="write the evidence table here (CSV)"),
     as_json: bool = typer.Option(False, "--json", help="print JSON records"),
+    device: str = device_option(),
+    dtype: str = dtype_option(),
+    max_memory: str = max_memory_option(),
 ) -> None:
     """The evidence vector for "real algorithm" vs "memorized subgraphs / heuristics".
 
@@ -132,7 +158,9 @@ def verdict(
     from loopscope.core.io import atomic_write_text
     from loopscope.experiments.verdict import verdict as run_verdict
 
-    m, t = model_and_task(model, task, loop)
+    if out is not None:
+        prepare_out_file(out)
+    m, t = model_and_task(model, task, loop, device=device, dtype=dtype, max_memory=max_memory)
     df = run_verdict(m, t, n=n, seed=seed, n_basin=n_basin, n_probe=n_probe).to_frame()
     if out is not None:
         atomic_write_text(out, df.to_csv(index=False))

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import typer
 
-from loopscope.cli.app import app
+from loopscope.cli.app import app, prepare_out
+from loopscope.core.errors import LoopscopeError, suggest
 
 
 @app.command()
@@ -26,12 +27,20 @@ def paper(
 
     Example: loopscope paper --quick --out paper_out
     """
-    from loopscope.paper import run_paper
+    from loopscope import paper as paper_mod
+    from loopscope.experiments.paper_figures import FIGURES
 
+    for name in only or []:
+        if name not in FIGURES:
+            raise LoopscopeError(
+                f"--only: unknown figure {name!r}{suggest(name, FIGURES)}; figures: "
+                f"{', '.join(FIGURES)}"
+            )
     cmd = "loopscope paper" + (" --quick" if quick else "") + f" --out {out.name} --seed {seed}"
-    recs = run_paper(
-        out, quick=quick, seed=seed, only=list(only) if only else None, progress=not quiet,
-        command=cmd,
-    )  # fmt: skip
+    with prepare_out(out):
+        recs = paper_mod.run_paper(
+            out, quick=quick, seed=seed, only=list(only) if only else None, progress=not quiet,
+            command=cmd,
+        )  # fmt: skip
     report = {"out": str(out), "figures": [r.name for r in recs], "report": str(out / "report.md")}
     typer.echo(json.dumps(report))

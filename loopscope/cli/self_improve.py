@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from loopscope.cli.app import app
+from loopscope.cli.app import app, prepare_out
 
 
 @app.command("self-improve")
@@ -39,9 +39,9 @@ def self_improve(
 
     matplotlib.use("Agg")
     from loopscope.core.io import atomic_savefig, atomic_write_text
+    from loopscope.experiments import self_improve as si
     from loopscope.experiments import self_improve_figures as figs
     from loopscope.experiments.self_improve import SelfImproveConfig
-    from loopscope.experiments.self_improve import self_improve as run
 
     cfg = SelfImproveConfig.quick() if quick else SelfImproveConfig.full()
     changes = dict(
@@ -50,15 +50,16 @@ def self_improve(
     )  # fmt: skip
     cfg = dataclasses.replace(cfg, **{k: v for k, v in changes.items() if v is not None})
     out = out or Path("runs") / ("self_improve" + ("-quick" if quick else ""))
-    res = run(cfg, run_dir=out / "checkpoints", progress=not quiet)
-    res.to_frame().to_csv(out / "table.csv", index=False)
-    summary = {**res.summary(), "frontier": res.frontier().to_dict(), "config": cfg.to_dict()}
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
-    for name, fn in (
-        ("accuracy", figs.accuracy_by_length),
-        ("fixed_points", figs.fixed_points_by_round),
-        ("labels", figs.labels_by_round),
-        ("panels", figs.panels),
-    ):
-        atomic_savefig(fn(res), out / f"{name}.png", dpi=120)
+    with prepare_out(out):
+        res = si.self_improve(cfg, run_dir=out / "checkpoints", progress=not quiet)
+        atomic_write_text(out / "table.csv", res.to_frame().to_csv(index=False))
+        summary = {**res.summary(), "frontier": res.frontier().to_dict(), "config": cfg.to_dict()}
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
+        for name, fn in (
+            ("accuracy", figs.accuracy_by_length),
+            ("fixed_points", figs.fixed_points_by_round),
+            ("labels", figs.labels_by_round),
+            ("panels", figs.panels),
+        ):
+            atomic_savefig(fn(res), out / f"{name}.png", dpi=120)
     typer.echo(json.dumps({"out": str(out), **{k: v for k, v in summary.items() if k != "config"}}))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from loopscope.cli.app import app
+from loopscope.cli.app import app, prepare_out
 
 
 @app.command()
@@ -40,19 +40,20 @@ def sweep(
 
     Example: loopscope sweep studies/architecture.toml --quick
     """
+    from loopscope.experiments import sweep as sweep_mod
     from loopscope.experiments.grid import load_study
-    from loopscope.experiments.sweep import run_sweep
 
     study = load_study(config, quick=quick)
     out = out or Path("runs") / "sweep" / (study.name + ("-quick" if quick else ""))
-    res = run_sweep(
-        study,
-        out=out,
-        backend="sequential" if sequential else "auto",
-        address=address,
-        max_parallel=max_parallel,
-        progress=not quiet,
-    )
+    with prepare_out(out):
+        res = sweep_mod.run_sweep(
+            study,
+            out=out,
+            backend="sequential" if sequential else "auto",
+            address=address,
+            max_parallel=max_parallel,
+            progress=not quiet,
+        )
     s = res.summary()
     typer.echo(
         json.dumps(

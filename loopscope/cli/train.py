@@ -11,8 +11,14 @@ from loopscope.cli.app import (
     LOOP_HELP,
     MODEL_ARG,
     app,
+    device_option,
+    dtype_option,
+    max_memory_option,
     model_label,
     parse_inputs,
+    placement,
+    prepare_out,
+    prepare_out_file,
     resolve_model,
     user_loop,
 )
@@ -27,7 +33,7 @@ def train(
     steps: int = typer.Option(1000, min=1),
     batch_size: int = typer.Option(64, min=1),
     lr: float = typer.Option(2e-3),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, min=0),
     config: Path = typer.Option(None, help="JSON TrainConfig (overrides the other options)"),
     quiet: bool = typer.Option(False, help="no progress bar"),
 ) -> None:
@@ -47,10 +53,11 @@ def train(
         cfg = TrainConfig(
             task=task, preset=preset, steps=steps, batch_size=batch_size, lr=lr, seed=seed
         )
-    model, history = run_train(cfg, out_dir=out, progress=not quiet)
-    save_model(
-        model, out / "final", card={"train_config": cfg.to_dict(), "history_tail": history[-5:]}
-    )
+    _check_train_config(cfg)
+    with prepare_out(out):
+        model, history = run_train(cfg, out_dir=out, progress=not quiet)
+        card = {"train_config": cfg.to_dict(), "history_tail": history[-5:]}
+        save_model(model, out / "final", card=card)
     typer.echo(
         json.dumps(
             {
@@ -60,6 +67,14 @@ def train(
             }
         )
     )
+
+
+def _check_train_config(cfg) -> None:
+    """The task and the preset exist (one line naming them), before anything is written."""
+    from loopscope import models, tasks
+
+    task = tasks.get(cfg.task, **cfg.task_params)
+    models.preset(cfg.preset, vocab_size=task.vocab_size, n_classes=task.n_classes)
 
 
 @app.command()
@@ -74,20 +89,37 @@ def trace(
     ),
     split: str = typer.Option("id", help="task split"),
     n: int = typer.Option(8, min=1, help="number of task examples"),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, min=0),
     capture: list[str] = typer.Option(None, help="hook names or globs to capture (repeatable)"),
+    device: str = device_option(),
+    dtype: str = dtype_option(),
+    max_memory: str = max_memory_option(),
 ) -> None:
     """Run a model and save every iteration as a Trace (safetensors + JSON).
 
     Example: loopscope trace s3_fprm --task s3 --n 8 --n-iter 32 --capture 'core.blocks.*.hook_resid_post' --out s3.trace
+
+    An HF checkpoint split over CPU and disk: loopscope trace ckpt/ --task text_addition
+    --max-memory 2GiB --capture core.hook_resid_post --out t (the JSON line says where the
+    layers went)
     """
     import loopscope as ls
 
     if (model is None) == (loop is None):
-        raise LoopscopeError("give a model (zoo name or checkpoint directory) or --loop, not both")
-    m = user_loop(loop) if loop is not None else resolve_model(model)
+        raise LoopscopeError(
+            "give a model (zoo name or checkpoint directory) or --loop, not both"
+            if model is not None
+            else "give a model (zoo name or checkpoint directory) or --loop module:factory"
+        )
     if (inputs is None) == (task is None):
         raise LoopscopeError("give exactly one of --inputs or --task")
+    prepare_out_file(out)
+    if loop is not None:
+        if any(v is not None for v in (device, dtype, max_memory)):
+            raise LoopscopeError("--device, --dtype and --max-memory apply to an HF checkpoint")
+        m = user_loop(loop)
+    else:
+        m = resolve_model(model, device=device, dtype=dtype, max_memory=max_memory)
     if task is not None:
         from loopscope.cli.app import get_task
 
@@ -117,6 +149,7 @@ def trace(
                 "batch": tr.batch_size,
                 "hooks": tr.keys(),
                 "status": tr.status,
+                **({"placement": placement(m)} if placement(m) else {}),
             }
         )
     )

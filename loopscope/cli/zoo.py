@@ -8,7 +8,8 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from loopscope.cli.app import zoo_app
+from loopscope.cli.app import prepare_out, zoo_app
+from loopscope.core.errors import LoopscopeError, suggest
 
 
 @zoo_app.callback()
@@ -52,9 +53,20 @@ def zoo_build(
 
     Example: loopscope zoo build s3_fprm
     """
-    from loopscope.zoo.recipes import build
+    from loopscope.zoo import recipes
 
-    card = build(name, steps=steps, out=out, progress=not quiet)
+    if name not in recipes.RECIPES:
+        raise LoopscopeError(
+            f"unknown recipe {name!r}{suggest(name, recipes.RECIPES)}; recipes: "
+            f"{', '.join(recipes.RECIPES)}"
+        )
+    if steps is not None and steps < 1:
+        raise LoopscopeError(f"--steps must be a positive integer, got {steps}")
+    if out is not None:
+        with prepare_out(out):
+            card = recipes.build(name, steps=steps, out=out, progress=not quiet)
+    else:
+        card = recipes.build(name, steps=steps, out=out, progress=not quiet)
     typer.echo(json.dumps(card.get("accuracy", {}), indent=1))
 
 
