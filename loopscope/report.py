@@ -7,16 +7,17 @@ a matplotlib Figure; :class:`FigureWriter` saves it with its data table.
 
 from __future__ import annotations
 
+import hashlib
 import html
 import json
-import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from loopscope.core.io import atomic_write_text
+from loopscope.core.io import atomic_savefig, atomic_write_text
 
 __all__ = ["set_style", "FigureWriter", "FigureRecord"]
 
@@ -39,6 +40,18 @@ class FigureRecord:
     data: str
     rows: int
     meta: dict[str, Any] = field(default_factory=dict)
+    #: the settings that made it (a rerun with other settings redoes it)
+    settings: dict[str, Any] = field(default_factory=dict)
+    #: SHA-256 of every file it wrote (a damaged or truncated file is redone)
+    sha256: dict[str, str] = field(default_factory=dict)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 class FigureWriter:
@@ -48,28 +61,50 @@ class FigureWriter:
         out_dir: output folder.
         command: the command line that produced the figures (goes into every caption).
         seed: the seed used (goes into every caption).
+        settings: what makes the figures (recorded with each; default: the seed and the command
+            without its ``--out``). A figure made with other settings is redone, never reused.
     """
 
-    def __init__(self, out_dir: str | Path, command: str, seed: int) -> None:
+    def __init__(
+        self, out_dir: str | Path, command: str, seed: int, settings: dict | None = None
+    ) -> None:
         self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.command = command
         self.seed = seed
+        if settings is None:
+            settings = {"seed": seed, "command": re.sub(r"\s--out(=|\s+)\S+", "", command)}
+        self.settings = json.loads(json.dumps(settings, default=str))
         self.records: list[FigureRecord] = []
 
     def done(self, name: str) -> bool:
-        """Whether figure ``name`` is already complete on disk (resume after interruption)."""
+        """Whether figure ``name`` is complete on disk and was made with these settings (resume
+        after an interruption): its JSON reads back, its settings are this writer's, and every
+        file it lists is there with the SHA-256 it recorded (a truncated CSV is redone)."""
         meta = self.out / f"{name}.json"
         if not meta.exists():
             return False
         try:
             rec = FigureRecord(**json.loads(meta.read_text()))
-        except (json.JSONDecodeError, TypeError):
+        except (json.JSONDecodeError, TypeError, UnicodeDecodeError):
             return False
-        if all((self.out / f).exists() for f in rec.files + [rec.data]):
-            self.records.append(rec)
-            return True
-        return False
+        if rec.settings != self.settings:
+            return False
+        for f in rec.files + [rec.data]:
+            path = self.out / f
+            if f not in rec.sha256 or not path.is_file() or _sha256(path) != rec.sha256[f]:
+                return False
+        self.records.append(rec)
+        return True
+
+    def _record(self, rec: FigureRecord, name: str) -> FigureRecord:
+        rec.settings = self.settings
+        rec.sha256 = {f: _sha256(self.out / f) for f in rec.files + [rec.data]}
+        atomic_write_text(
+            self.out / f"{name}.json", json.dumps(rec.__dict__, indent=1, default=str)
+        )  # written last: a figure is done only once every file is
+        self.records.append(rec)
+        return rec
 
     def save(
         self, name: str, fig: Any, data: pd.DataFrame, title: str, caption: str, **meta: Any
@@ -81,9 +116,7 @@ class FigureWriter:
         files = []
         for ext in ("pdf", "png"):
             path = self.out / f"{name}.{ext}"
-            tmp = path.with_name(f"{name}.tmp.{ext}")
-            fig.savefig(tmp, bbox_inches="tight", dpi=130)
-            os.replace(tmp, path)
+            atomic_savefig(fig, path, bbox_inches="tight", dpi=130)
             files.append(path.name)
         plt.close(fig)
         csv = self.out / f"{name}.csv"
@@ -97,11 +130,7 @@ class FigureWriter:
             rows=len(data),
             meta=meta,
         )
-        atomic_write_text(
-            self.out / f"{name}.json", json.dumps(rec.__dict__, indent=1, default=str)
-        )
-        self.records.append(rec)
-        return rec
+        return self._record(rec, name)
 
     def save_table(
         self, name: str, data: pd.DataFrame, title: str, caption: str, **meta: Any
@@ -123,11 +152,7 @@ class FigureWriter:
             rows=len(data),
             meta=meta,
         )
-        atomic_write_text(
-            self.out / f"{name}.json", json.dumps(rec.__dict__, indent=1, default=str)
-        )
-        self.records.append(rec)
-        return rec
+        return self._record(rec, name)
 
     def write_report(self, title: str, intro: str = "") -> tuple[Path, Path]:
         """``report.md`` and ``report.html`` putting every figure with its caption together."""
