@@ -194,37 +194,62 @@ def test_rerun_skips_completed_jobs_and_retries_failed_ones(tmp_path, reference)
     _same_table(load_table(out), res.frame)
 
 
-def _kill_mid_sweep(toml: Path, out: Path) -> None:
-    """Start the CLI sweep, kill -9 it as soon as the first job's row is written (the second job
-    is then mid-training or mid-analysis)."""
+def _ok_rows(out: Path) -> list[Path]:
+    rows = []
+    for p in out.glob("jobs/*/row.json"):
+        try:
+            if json.loads(p.read_text())["status"] == "ok":
+                rows.append(p)
+        except (OSError, ValueError, KeyError):
+            continue
+    return rows
+
+
+def _kill_mid_sweep(toml: Path, out: Path, address: str) -> None:
+    """Start the CLI sweep as a driver on the running local Ray (``--address``: 2 workers), kill
+    -9 the driver as soon as the first job's row says ok (another job is then mid-training or
+    mid-analysis), then clean up whatever it started in its own session."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "loopscope", "sweep", str(toml), "--out", str(out)]
     proc = subprocess.Popen(
-        [*cmd, "--sequential", "--quiet"],
+        [*cmd, "--address", address, "--max-parallel", "2", "--quiet"],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     t0 = time.monotonic()
-    while not list(out.glob("jobs/*/row.json")) and time.monotonic() - t0 < 120:
-        if proc.poll() is not None:
-            break
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    try:
+        while not _ok_rows(out) and time.monotonic() - t0 < 300:
+            if proc.poll() is not None:
+                break
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)  # the driver only: this is what a kill -9 does
+        proc.wait()
+    finally:
+        time.sleep(0.5)
+        try:  # what the driver left behind: raylet, workers, agents of its own session
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
-def test_kill_9_mid_sweep_then_rerun_completes_the_same_table(tmp_path, reference):
+def test_kill_9_of_the_ray_driver_then_rerun_runs_only_the_missing_jobs(
+    tmp_path, reference, local_ray
+):
     study, res = reference
     toml = tmp_path / "tiny.toml"
     toml.write_text(TINY)
     out = tmp_path / "out"
-    _kill_mid_sweep(toml, out)
+    _kill_mid_sweep(toml, out, local_ray.get_runtime_context().gcs_address)
     done = read_rows(out, study.jobs)
-    assert 1 <= len(done) < 3  # killed mid-sweep, and what it wrote reads back whole
+    ok = {k for k, r in done.items() if r["status"] == "ok"}
+    assert 1 <= len(ok) and len(done) < 3  # killed mid-sweep, and what it wrote reads back whole
     load_table(out)  # the partial table is a valid table, never a torn file
-    rerun = run_sweep(study, out=out, backend="sequential", progress=False)
-    assert rerun.skipped == sum(r["status"] == "ok" for r in done.values())
+    stamps = {p: p.stat().st_mtime_ns for p in _ok_rows(out)}
+    rerun = run_sweep(study, out=out, backend="ray", progress=False)
+    assert (rerun.skipped, rerun.ran) == (len(ok), 3 - len(ok))  # only the missing jobs ran
+    assert stamps == {p: p.stat().st_mtime_ns for p in stamps}  # finished rows untouched
     _same_table(rerun.frame, res.frame)
 
 
