@@ -613,6 +613,33 @@ def fig_self_improve(ctx: PaperContext):
     )
 
 
+def _runs_dir(ctx: PaperContext) -> Path | None:
+    return ctx.model_dir.parent / "runs" if ctx.model_dir is not None else None
+
+
+def fig_architecture(ctx: PaperContext):
+    from loopscope.experiments import study_figures as S
+
+    table, source = S.paper_study_table("architecture", quick=ctx.quick, runs=_runs_dir(ctx))
+    long = S.architecture_long(table)
+    summ = S.architecture_summary(long)
+    n_seeds = int(long["seed"].nunique())
+    cap = (
+        "Architecture study (the question of arXiv 2604.11791): a tiny looped transformer (d 32, "
+        "RoPE, h_0 = the input embedding) trained on parity for 600 steps for each of core layers "
+        "L in {1, 2} x input injection {none, add} x norm {pre, post}, "
+        f"{n_seeds} training seeds each, measured ID (length <= 16) and OOD (length 32) at 3x the "
+        "length; rho, lambda1 and the correct-basin fraction on 4 inputs per split: small marks = "
+        "one seed, large = mean over seeds with a 95 % t-interval. " + source
+    )
+    return PaperFigure(
+        draw=lambda: figures.knob_effects(long, summ, S.ARCH_METRICS),
+        frame=summ,
+        title="Architecture study: fixed points vs block size, injection and norm",
+        caption=cap,
+    )
+
+
 FIGURES: dict[str, Callable[[PaperContext], PaperFigure]] = {
     "convergence": fig_convergence,
     "spectra": fig_spectra,
@@ -625,6 +652,7 @@ FIGURES: dict[str, Callable[[PaperContext], PaperFigure]] = {
     "verdict": fig_verdict,
     "memory": fig_memory,
     "self_improve": fig_self_improve,
+    "architecture": fig_architecture,
 }
 
 EXPECTED_FIGURES = list(FIGURES)
