@@ -809,6 +809,7 @@ def basins(
     blowup: float = BLOWUP,
     chunk: int = 65536,
     dtype: torch.dtype = torch.float64,
+    attractors: bool = True,
 ) -> BasinResult:
     """Iterate from every seed, cluster end states into attractors and decoded-answer basins.
 
@@ -834,6 +835,10 @@ def basins(
             flagged diverged and frozen.
         chunk: trajectories per batch.
         dtype: analysis dtype.
+        attractors: cluster the end states into attractors (period, stability at each
+            representative). False skips it when only the decoded answers matter (a
+            correct-basin fraction): the seeds table's ``attractor`` column is then -1 and the
+            attractors table is empty.
 
     Returns:
         :class:`BasinResult`.
@@ -858,7 +863,7 @@ def basins(
         if targets is not None:
             correct = _correct(A, targets, S, B)
     return _assemble_basins(
-        loop, m, ss, X0, ends, answers, correct, eps_d, stability_max, n_iter, seed
+        loop, m, ss, X0, ends, answers, correct, eps_d, stability_max, n_iter, seed, attractors
     )
 
 
@@ -874,6 +879,7 @@ def _assemble_basins(
     stability_max: int,
     n_iter: int,
     seed: int,
+    attractors: bool = True,
 ) -> BasinResult:
     """Cluster each sample's end states and build the seed / attractor tables."""
     S, B, n = X0.shape[0], m.B, m.n
@@ -889,6 +895,9 @@ def _assemble_basins(
         fin = np.isfinite(Xb).all(1)
         med = float(np.median(np.linalg.norm(Xb[fin], axis=1))) if fin.any() else 0.0
         eps_d[b] = float(eps_opt) if eps_opt is not None else 1e-3 * (1.0 + med)
+        if not attractors:
+            seed_rows.append(_seed_rows(ss, b, np.full(S, -1), ends, answers, correct, S, B))
+            continue
         lab = single_linkage(Xb, eps_d[b])
         seed_rows.append(_seed_rows(ss, b, lab, ends, answers, correct, S, B))
         att_rows.extend(_cluster_rows(m, b, Xb, lab, res_np[:, b], answers, correct, stability_max))

@@ -176,7 +176,11 @@ def basin_row(
     seed: int,
     split: str,
 ) -> dict:
-    """Correct-basin fraction: Gaussian inits at the init's entry scale, same budget."""
+    """Correct-basin fraction: Gaussian inits at the init's entry scale, same budget.
+
+    Only each seed's decoded answer counts, so the seeds run in float32 (the model's own dtype;
+    float64 decoded the same answer for every seed of every zoo model in the paper's verdict)
+    and their end states are not clustered into attractors."""
     res = basins(
         model,
         tokens,
@@ -184,6 +188,8 @@ def basin_row(
         n_iter=T,
         targets=targets,
         seed=seed,
+        dtype=torch.float32,
+        attractors=False,
     )
     per_sample = res.seeds.groupby("sample")["correct"].mean().astype(float).to_numpy()
     frac = float(per_sample.mean())

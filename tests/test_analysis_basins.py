@@ -301,3 +301,19 @@ def test_an_empty_seed_tensor_is_a_one_line_error():
     with pytest.raises(ls.LoopscopeError, match="seeds is empty") as e:
         ls.analysis.basins(loop, x, torch.zeros(0, 3, dtype=torch.float64), state_shape=(3,))
     assert "\n" not in str(e.value)
+
+
+def test_attractors_false_keeps_every_seed_row_and_skips_the_clustering():
+    # readout per coordinate: class 1 where positive
+    loop = ls.FnLoop(
+        step=lambda h: torch.tanh(2 * h), decode=lambda h, ctx: torch.stack([-h, h], -1)
+    )
+    seeds = GridSeeds(torch.zeros(2, dtype=torch.float64), resolution=11)
+    kw = dict(n_iter=60, batch_size=1, targets=torch.tensor([[1, 1]]))
+    full = basins(loop, None, seeds=seeds, **kw)
+    lean = basins(loop, None, seeds=seeds, attractors=False, **kw)
+    assert len(full.attractors) == 9 and lean.attractors.empty
+    assert (lean.seeds["attractor"] == -1).all() and (full.seeds["attractor"] >= 0).all()
+    for col in ("answer", "correct", "conv_time", "end_residual", "diverged"):
+        assert lean.seeds[col].equals(full.seeds[col]), col
+    assert lean.seeds["correct"].sum() == 25  # the open positive quadrant of the 11 x 11 grid
