@@ -241,7 +241,8 @@ def basin_map(
         n_inits: inits per sphere per input.
         radii: sphere radii in units of ``scale``; the map spans the smallest one at which
             under half of the inits end where ``h_0`` ends (a boundary inside), else the largest.
-        resolution: grid points per side of the map.
+        resolution: grid points per side of the map (at most 7 when no input reached a
+            second answer from any sphere: the slice is one basin).
         n_iter: iterations per init (default: the zoo card's budget for the split, else 2 x
             length).
         seed: seed of the inputs, the init, the directions and the shells.
@@ -273,6 +274,9 @@ def basin_map(
     mine = shell[shell["sample"] == s]
     u, v = _orthonormal(n, torch.Generator().manual_seed(seed + 1))
     R = _map_radius(mine, radii, scale)
+    if int(shell.loc[~shell["diverged"]].groupby("sample")["answer"].nunique().max()) <= 1:
+        # no input reached a second answer from any sphere: one basin, mapped coarsely
+        resolution = min(resolution, 7)
     gb = basins(
         model,
         b.tokens[s : s + 1],
