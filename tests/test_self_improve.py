@@ -195,6 +195,42 @@ def test_resume_after_kill_9_mid_round_is_bit_identical(tiny_run, tmp_path):
     _assert_same_models(resumed.models, tiny_run.models)
 
 
+def test_a_full_disk_mid_run_is_a_one_line_error_and_the_rerun_resumes_bit_identically(
+    tiny_run, tmp_path, monkeypatch
+):
+    from loopscope.core.errors import OutputError
+
+    real, calls = os.replace, []
+
+    def fills_up(src, dst):
+        calls.append(dst)
+        if len(calls) > 9:  # round 0 and part of round 1 written, then the disk is full
+            raise OSError(28, "No space left on device")
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", fills_up)
+    with pytest.raises(OutputError, match="No space left on device") as e:
+        self_improve(tiny(), run_dir=tmp_path / "r", progress=False)
+    assert "\n" not in str(e.value)
+    monkeypatch.undo()
+    assert not list((tmp_path / "r").rglob("*.tmp"))  # no temporary left behind
+    resumed = self_improve(tiny(), run_dir=tmp_path / "r", progress=False)
+    pd.testing.assert_frame_equal(resumed.to_frame(), tiny_run.to_frame())
+    _assert_same_models(resumed.models, tiny_run.models)
+
+
+def test_a_damaged_round_checkpoint_is_refused_naming_the_file(tmp_path):
+    from loopscope.core.errors import CheckpointError
+
+    self_improve(tiny(), run_dir=tmp_path / "r", progress=False, stop_after_round=0)
+    p = tmp_path / "r" / "round-000" / "models.safetensors"
+    data = bytearray(p.read_bytes())
+    data[-20] ^= 0xFF
+    p.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"round-000/models\.safetensors is damaged"):
+        self_improve(tiny(), run_dir=tmp_path / "r", progress=False, stop_after_round=0)
+
+
 def test_a_run_stopped_after_a_round_resumes_to_the_same_result(tiny_run, tmp_path):
     part = self_improve(tiny(), run_dir=tmp_path / "r", progress=False, stop_after_round=0)
     assert sorted(part.to_frame()["round"].unique()) == [0]

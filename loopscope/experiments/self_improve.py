@@ -36,6 +36,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -47,11 +48,12 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from loopscope.core.errors import LoopscopeError, did_you_mean
+from loopscope.core.errors import CheckpointError, LoopscopeError, did_you_mean
 from loopscope.core.io import (
     atomic_write_text,
     fingerprint,
     load_state_dict,
+    payload_sha256,
     read_json,
     save_state_dict,
 )
@@ -624,8 +626,16 @@ def _save_round(
     }
     if labels:
         save_state_dict(labels, d / "labels.safetensors")
-    atomic_write_text(d / "rows.json", json.dumps(rows, default=float))
-    meta = {"format": _FORMAT, "round": r, "config": cfg.to_dict(), "labels": bool(labels)}
+    rows_text = json.dumps(rows, default=float)
+    atomic_write_text(d / "rows.json", rows_text)
+    sha = {"models.safetensors": payload_sha256(d / "models.safetensors")}
+    if labels:
+        sha["labels.safetensors"] = payload_sha256(d / "labels.safetensors")
+    sha["rows.json"] = hashlib.sha256(rows_text.encode()).hexdigest()
+    meta = {
+        "format": _FORMAT, "round": r, "config": cfg.to_dict(), "labels": bool(labels),
+        "sha256": sha,
+    }  # fmt: skip
     atomic_write_text(d / "round.json", json.dumps(meta))
 
 
@@ -640,7 +650,18 @@ def _load_round(run_dir: Path, r: int, cfg: SelfImproveConfig) -> tuple[list, di
     meta = read_json(d / "round.json")
     if meta.get("config") != json.loads(json.dumps(cfg.to_dict())):
         raise LoopscopeError(f"{run_dir} holds a run with another config; use another run_dir")
-    tensors = load_state_dict(d / "models.safetensors")
+    sha = meta.get("sha256") or {}  # rounds saved before hashes were recorded load unchecked
+    where = d / "round.json"
+    tensors = load_state_dict(
+        d / "models.safetensors", sha256=sha.get("models.safetensors"), where=where
+    )
+    if "rows.json" in sha:
+        got = hashlib.sha256((d / "rows.json").read_bytes()).hexdigest()
+        if got != sha["rows.json"]:
+            raise CheckpointError(
+                f"{d / 'rows.json'} is damaged: its sha256 differs from the one recorded in "
+                f"{where}; delete {d} to redo the round"
+            )
     task = tasks.get("addition", train_digits=(1, cfg.d0))
     models = []
     for k in range(cfg.n_models):
@@ -651,7 +672,9 @@ def _load_round(run_dir: Path, r: int, cfg: SelfImproveConfig) -> tuple[list, di
         models.append(m.eval())
     data = {}
     if meta.get("labels"):
-        lab = load_state_dict(d / "labels.safetensors")
+        lab = load_state_dict(
+            d / "labels.safetensors", sha256=sha.get("labels.safetensors"), where=where
+        )
         for key in lab:
             if key.startswith("tokens/"):
                 D = key.split("/", 1)[1]
