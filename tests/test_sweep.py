@@ -287,3 +287,16 @@ def test_sequential_fallback_says_so_in_one_line(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert res.backend == "sequential"
     assert len(err) == 1 and "sequentially" in err[0]
+
+
+def test_progress_shows_done_running_failed(capsys):
+    from loopscope.experiments.sweep import _Progress
+
+    prog = _Progress("demo", total=3, done=1, enabled=True)
+    prog.update(running=2)
+    prog.update(finished={"status": "failed", "label": "seed=1", "error": "ValueError: boom"})
+    prog.update(running=1, finished={"status": "ok"})
+    prog.close()
+    err = capsys.readouterr().err
+    assert "failed: seed=1: ValueError: boom" in err
+    assert "demo: done 3/3 · running 1 · failed 1" in err
