@@ -37,7 +37,7 @@ from loopscope.core.errors import LoopscopeError, did_you_mean
 from loopscope.core.result import Result, float_summary, result_meta
 from loopscope.experiments.common import check_splits
 
-__all__ = ["basin_map", "BasinMap", "N_COLOURS"]
+__all__ = ["basin_map", "BasinMap", "paper_basin_frames", "N_COLOURS", "PAPER_MODELS"]
 
 #: answers with their own colour (the rest are pooled as "other answers")
 N_COLOURS = 7

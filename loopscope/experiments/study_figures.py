@@ -32,6 +32,7 @@ __all__ = [
     "seeds_long",
     "seeds_summary",
     "mean_ci",
+    "paper_study_table",
 ]
 
 #: the shipped study tables (small CSVs of the full studies)
