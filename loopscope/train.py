@@ -33,7 +33,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from loopscope.core.errors import LoopscopeError, check_number, check_seed
-from loopscope.core.io import atomic_write_text, load_state_dict, read_json, save_state_dict
+from loopscope.core.io import (
+    atomic_write_text,
+    load_state_dict,
+    payload_sha256,
+    read_json,
+    save_state_dict,
+)
 
 __all__ = [
     "TrainConfig",
@@ -271,6 +277,7 @@ def _save_checkpoint(
         "param_groups": sd["param_groups"],
         "train_config": cfg.to_dict(),
         "history": history,
+        "sha256": payload_sha256(directory / name),
     }
     atomic_write_text(directory / "checkpoint.json", json.dumps(meta, default=str))
     for old in directory.glob("checkpoint*.safetensors"):
@@ -286,7 +293,11 @@ def _load_checkpoint(
         raise LoopscopeError(
             f"checkpoint in {directory} was written by a different training config; use another out_dir"
         )
-    tensors = load_state_dict(directory / meta.get("tensors", "checkpoint.safetensors"))
+    tensors = load_state_dict(
+        directory / meta.get("tensors", "checkpoint.safetensors"),
+        sha256=meta.get("sha256"),  # checkpoints written before hashes were recorded: unchecked
+        where=directory / "checkpoint.json",
+    )
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model/")})
     state: dict[int, dict[str, Tensor]] = {}
     for k, v in tensors.items():

@@ -43,7 +43,7 @@ from typing import Any
 import pandas as pd
 
 from loopscope.core.errors import LoopscopeError, did_you_mean
-from loopscope.core.io import atomic_write_text, read_json
+from loopscope.core.io import _atomic, atomic_write_text, read_json
 from loopscope.core.result import Result, float_summary
 from loopscope.experiments.grid import Job, Study
 from loopscope.experiments.job import config_columns, run_job
@@ -135,9 +135,7 @@ def safe_job(job_dict: dict[str, Any], out: str) -> dict[str, Any]:
 
 
 def _atomic_parquet(df: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    df.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
+    _atomic(path, lambda tmp: df.to_parquet(tmp, index=False))
 
 
 def write_table(out: Path, jobs: list[Job], rows: dict[str, dict]) -> pd.DataFrame:
