@@ -300,3 +300,19 @@ def test_progress_shows_done_running_failed(capsys):
     err = capsys.readouterr().err
     assert "failed: seed=1: ValueError: boom" in err
     assert "demo: done 3/3 · running 1 · failed 1" in err
+
+
+def test_the_architecture_study_quick_variant_runs_on_local_ray(tmp_path, local_ray):
+    from loopscope.experiments.study_figures import architecture_long, architecture_summary
+
+    study = load_study(Path(__file__).parents[1] / "studies" / "architecture.toml", quick=True)
+    res = run_sweep(study, out=tmp_path / "arch", backend="ray", progress=False)
+    df = res.to_frame()
+    assert res.backend == "ray" and len(df) == 4 and (df["status"] == "ok").all(), df["error"]
+    assert set(df["model.injection"]) == {"none", "add"} and set(df["model.norm"]) == {
+        "pre",
+        "post",
+    }
+    assert (tmp_path / "arch" / "results.parquet").exists()
+    summ = architecture_summary(architecture_long(df))
+    assert summ["config"].nunique() == 4 and (summ["n_seeds"] == 1).all()
