@@ -343,6 +343,7 @@ def _check_seed_memory(seeds: Any, B: int, n: int, dtype: torch.dtype, chunk: in
     """Every seed state is kept (start, end, and one chunk in flight): refuse before
     materialising a seed set larger than half the free memory, with the numbers and the way out."""
     from loopscope.core.capture import available_memory_bytes
+    from loopscope.core.errors import CaptureMemoryError
 
     S = _seed_count(seeds)
     if S is None:
@@ -351,7 +352,7 @@ def _check_seed_memory(seeds: Any, B: int, n: int, dtype: torch.dtype, chunk: in
     need = 3 * S * B * n * item + min(S * B, chunk) * n * item
     budget = available_memory_bytes("cpu") // 2
     if need > budget:
-        raise LoopscopeError(
+        raise CaptureMemoryError(
             f"seeds: {S} seeds x {B} inputs x {n} state entries would need ~{need / 2**30:.1f} GiB "
             f"but the budget is {budget / 2**30:.1f} GiB (half the free memory); use fewer seeds "
             "(a smaller GridSeeds resolution or n), fewer inputs per call, or a smaller state"

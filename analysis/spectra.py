@@ -316,12 +316,13 @@ def _check_dense_memory(n: int, B: int, dtype: torch.dtype) -> None:
     """The dense path holds B Jacobians of n x n and an eigen workspace of a few n x n: refused
     before allocating when that passes half the free memory (the way out: ARPACK)."""
     from loopscope.core.capture import available_memory_bytes
+    from loopscope.core.errors import CaptureMemoryError
 
     item = torch.empty(0, dtype=dtype).element_size()
     need = (B + 4) * n * n * item
     budget = available_memory_bytes("cpu") // 2
     if need > budget:
-        raise LoopscopeError(
+        raise CaptureMemoryError(
             f"spectrum method='dense' at n = {n} would need ~{need / 2**30:.1f} GiB ({B} "
             f"Jacobian(s) of {n} x {n} and the eigen workspace) but the budget is "
             f"{budget / 2**30:.1f} GiB (half the free memory); use method='arpack' (the k leading "

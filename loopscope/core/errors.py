@@ -27,7 +27,8 @@ class UnknownHookError(LoopscopeError, KeyError):
 
 
 class CaptureMemoryError(LoopscopeError, MemoryError):
-    """A capture or sweep whose estimated size exceeds the memory budget."""
+    """A capture, sweep or analysis whose estimated size exceeds the memory budget (refused
+    before allocating, with the estimate and the way out)."""
 
 
 class CheckpointError(LoopscopeError):
