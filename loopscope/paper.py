@@ -4,22 +4,66 @@ The recipes (what each figure measures) live in :mod:`loopscope.experiments.pape
 this module runs them and writes PDF + PNG + CSV + JSON per figure atomically through
 :class:`~loopscope.report.FigureWriter`. A rerun after an interruption skips figures already on
 disk (nothing lost, nothing done twice). ``--quick`` uses the shipped checkpoints and small
-sample sizes (minutes on 2 cores); without it the zoo is retrained from its recipes first and
-the sample sizes grow.
+sample sizes (about a minute on 2 cores); without it the zoo is retrained from its recipes first
+and the sample sizes grow.
+
+With ``jobs > 1`` the figures run in that many worker processes (one torch thread each: the zoo's
+models are too small for threads to pay), longest first; a figure computed in
+:class:`~loopscope.experiments.paper_figures.Parts` (convergence, spectra, verdict: one part per
+model) has its parts spread over the workers too. Every figure and part starts from the same
+global seed, so the numbers do not depend on ``jobs``. Each figure's time is printed at the end
+and written to ``timings.json``.
 """
 
 from __future__ import annotations
 
+import json
+import multiprocessing as mp
+import os
+import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from loopscope.core.errors import LoopscopeError
-from loopscope.experiments.paper_figures import EXPECTED_FIGURES, FIGURES, PaperContext
+from loopscope.core.io import atomic_write_text
+from loopscope.experiments.paper_figures import (
+    EXPECTED_FIGURES,
+    FIGURES,
+    PARTS,
+    PaperContext,
+    PaperFigure,
+)
 from loopscope.report import FigureRecord, FigureWriter, set_style
 
-__all__ = ["run_paper", "FIGURES", "EXPECTED_FIGURES", "PaperContext"]
+__all__ = ["run_paper", "FIGURES", "EXPECTED_FIGURES", "PaperContext", "default_jobs"]
+
+#: rough seconds per figure on one quiet core (--quick): the order workers take them in
+#: (longest first); a figure in parts divides its share evenly between them
+EXPECTED_SECONDS = {
+    "verdict": 60.0,
+    "basins": 25.0,
+    "spectra": 15.0,
+    "self_improve": 12.0,
+    "hierarchical": 10.0,
+    "memory": 7.0,
+    "convergence": 5.0,
+    "halting": 5.0,
+    "patching": 4.0,
+    "probes": 3.0,
+    "memorization": 2.0,
+}
+
+
+def default_jobs() -> int:
+    """Worker processes for ``run_paper``: one per available core, at most 4."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(4, cores))
 
 
 def _retrain_zoo(ctx: PaperContext, out: Path, progress: bool) -> None:
@@ -39,51 +83,211 @@ def run_paper(
     only: list[str] | None = None,
     progress: bool = True,
     command: str | None = None,
+    jobs: int | None = None,
 ) -> list[FigureRecord]:
     """Compute and write every figure (resumable) and the report; returns the figure records.
 
     Args:
-        out: output folder (one PDF/PNG/CSV/JSON per figure, ``report.md``).
+        out: output folder (one PDF/PNG/CSV/JSON per figure, ``report.md``, ``timings.json``).
         quick: the shipped zoo and small samples; False retrains the zoo into ``out/models``.
         seed: the seed of every sample and measurement.
         only: figure names to (re)do; default all of :data:`FIGURES`.
-        progress: show a progress bar.
+        progress: show a progress bar, each figure's time as it finishes and a table at the end.
         command: the command line recorded in the report.
+        jobs: worker processes (default :func:`default_jobs`; 1 runs everything here).
     """
-    set_style()
     out = Path(out)
-    names = list(FIGURES) if not only else only
+    names = list(FIGURES) if not only else list(only)
     for n in names:
         if n not in FIGURES:
             raise LoopscopeError(f"unknown figure {n!r}; figures: {', '.join(FIGURES)}")
+    if jobs is None:
+        jobs = default_jobs()
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise LoopscopeError(f"jobs must be a positive integer, got {jobs!r}")
     command = (
         command or f"loopscope paper {'--quick ' if quick else ''}--out {out.name} --seed {seed}"
     )
+    set_style()
     ctx = PaperContext(quick=quick, seed=seed, n=64 if quick else 256)
     if not quick:
         _retrain_zoo(ctx, out, progress)
     writer = FigureWriter(out, command=command, seed=seed)
-    torch.manual_seed(seed)
-    bar = None
-    if progress:
-        from rich.progress import Progress
-
-        bar = Progress(transient=True)
-        bar.start()
-        tid = bar.add_task("paper figures", total=len(names))
-    try:
-        for n in names:
-            if not writer.done(n):
-                t0 = time.perf_counter()
-                rec = FIGURES[n](ctx)
-                seconds = round(time.perf_counter() - t0, 1)
-                writer.save(n, rec.draw(), rec.frame, rec.title, rec.caption, seconds=seconds)
-            if bar:
-                bar.update(tid, advance=1, description=f"paper: {n}")
-    finally:
-        if bar:
-            bar.stop()
+    todo = [n for n in names if not writer.done(n)]
+    t_start = time.perf_counter()
+    bar = _Progress(progress, len(names), len(names) - len(todo))
+    if jobs == 1 or not todo:
+        timings = _run_here(ctx, writer, todo, bar)
+    else:
+        timings = _run_workers(ctx, writer, todo, bar, jobs, command)
+    wall = time.perf_counter() - t_start
+    order = {n: i for i, n in enumerate(names)}
+    writer.records.sort(key=lambda r: order.get(r.name, len(order)))
+    _write_timings(out, timings, names, wall, jobs)
     writer.write_report(
         "loopscope: fixed points of looped transformers", f"Figures regenerated by `{command}`."
     )
+    if progress:
+        _print_timings(timings, names, wall, jobs)
     return writer.records
+
+
+# -- one process ----------------------------------------------------------------------------------
+def _run_here(
+    ctx: PaperContext, writer: FigureWriter, todo: list[str], bar: _Progress
+) -> dict[str, float]:
+    timings = {}
+    with bar:
+        for n in todo:
+            torch.manual_seed(ctx.seed)
+            t0 = time.perf_counter()
+            rec = FIGURES[n](ctx)
+            seconds = time.perf_counter() - t0
+            writer.save(n, rec.draw(), rec.frame, rec.title, rec.caption, seconds=round(seconds, 1))
+            timings[n] = time.perf_counter() - t0
+            bar.done(n, timings[n])
+    return timings
+
+
+# -- worker processes -----------------------------------------------------------------------------
+_WORKER: dict[str, Any] = {}
+
+
+def _worker_init(settings: dict[str, Any], threads: int) -> None:
+    torch.set_num_threads(threads)
+    set_style()
+    _WORKER["ctx"] = PaperContext(**settings)
+
+
+def _task(kind: str, args: tuple) -> tuple:
+    """One task in a worker: a whole figure (compute, draw, write; returns its record) or one
+    part of a figure in :data:`PARTS` (returns the part's result)."""
+    ctx = _WORKER["ctx"]
+    torch.manual_seed(ctx.seed)
+    t0 = time.perf_counter()
+    if kind == "part":
+        name, i, item = args
+        return name, i, PARTS[name].part(ctx, item), time.perf_counter() - t0
+    name, out, command = args
+    rec = FIGURES[name](ctx)
+    seconds = time.perf_counter() - t0
+    writer = FigureWriter(out, command=command, seed=ctx.seed)
+    saved = writer.save(
+        name, rec.draw(), rec.frame, rec.title, rec.caption, seconds=round(seconds, 1)
+    )
+    return name, saved, time.perf_counter() - t0
+
+
+def _run_task(task: tuple[str, tuple]) -> tuple:
+    return _task(*task)
+
+
+def _mp_context() -> Any:
+    # fork shares the imported modules (no second import of torch and TransformerLens); the pool
+    # forks before any thread of ours starts, and each worker runs one torch thread
+    return mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+
+
+def _run_workers(
+    ctx: PaperContext,
+    writer: FigureWriter,
+    todo: list[str],
+    bar: _Progress,
+    jobs: int,
+    command: str,
+) -> dict[str, float]:
+    settings = {"quick": ctx.quick, "seed": ctx.seed, "model_dir": ctx.model_dir, "n": ctx.n}
+    tasks: list[tuple[float, str, tuple]] = []
+    parts: dict[str, list] = {}
+    for n in todo:
+        cost = EXPECTED_SECONDS.get(n, 1.0)
+        items = PARTS[n].items(ctx) if n in PARTS else []
+        if items:
+            parts[n] = [None] * len(items)
+            tasks += [(cost / len(items), "part", (n, i, it)) for i, it in enumerate(items)]
+        else:  # a whole figure (or one in parts with nothing to split: its recipe says why)
+            tasks.append((cost, "figure", (n, str(writer.out), command)))
+    tasks.sort(key=lambda t: -t[0])  # longest first, each to the next free worker
+    timings: dict[str, float] = {}
+    left = {n: len(v) for n, v in parts.items()}
+    pool = _mp_context().Pool(min(jobs, len(tasks)), _worker_init, (settings, 1))
+    try:
+        with bar:
+            for result in pool.imap_unordered(_run_task, [t[1:] for t in tasks], chunksize=1):
+                if len(result) == 3:  # a whole figure, written by the worker
+                    name, rec, seconds = result
+                    writer.records.append(rec)
+                    timings[name] = seconds
+                    bar.done(name, seconds)
+                    continue
+                name, i, value, seconds = result
+                parts[name][i] = value
+                timings[name] = timings.get(name, 0.0) + seconds
+                left[name] -= 1
+                if left[name] == 0:
+                    timings[name] += _combine(ctx, writer, name, parts.pop(name))
+                    bar.done(name, timings[name])
+        pool.close()
+    finally:
+        pool.terminate()
+        pool.join()
+    return timings
+
+
+def _combine(ctx: PaperContext, writer: FigureWriter, name: str, results: list) -> float:
+    """Combine a figure's parts, draw and write it here; returns the seconds that took."""
+    t0 = time.perf_counter()
+    fig: PaperFigure = PARTS[name].combine(ctx, results)
+    writer.save(name, fig.draw(), fig.frame, fig.title, fig.caption)
+    return time.perf_counter() - t0
+
+
+# -- reporting ------------------------------------------------------------------------------------
+class _Progress:
+    """A rich progress bar over the figures, with one line per finished figure (or nothing)."""
+
+    def __init__(self, enabled: bool, total: int, done: int) -> None:
+        self.enabled, self.total, self.start = enabled, total, done
+        self.bar: Any = None
+
+    def __enter__(self) -> _Progress:
+        if self.enabled:
+            from rich.console import Console
+            from rich.progress import Progress
+
+            self.bar = Progress(transient=True, console=Console(stderr=True))
+            self.bar.start()
+            self.tid = self.bar.add_task("paper figures", total=self.total, completed=self.start)
+        return self
+
+    def done(self, name: str, seconds: float) -> None:
+        if self.bar is not None:
+            self.bar.console.print(f"  {name:<14s} {seconds:7.1f} s")
+            self.bar.update(self.tid, advance=1, description=f"paper: {name}")
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def _write_timings(
+    out: Path, timings: dict[str, float], names: list[str], wall: float, jobs: int
+) -> None:
+    data = {
+        "wall_s": round(wall, 2),
+        "jobs": jobs,
+        "figures_s": {n: round(timings[n], 2) for n in names if n in timings},
+        "skipped": [n for n in names if n not in timings],
+        "note": "seconds per figure: its compute, drawing and writing (the sum over its parts "
+        "when it ran in parts); with jobs > 1 figures overlap, so they add up to more than wall_s",
+    }
+    atomic_write_text(out / "timings.json", json.dumps(data, indent=1))
+
+
+def _print_timings(timings: dict[str, float], names: list[str], wall: float, jobs: int) -> None:
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    console.print(f"paper: {wall:.1f} s wall with {jobs} worker(s); seconds per figure:")
+    for n in names:
+        console.print(f"  {n:<14s} " + (f"{timings[n]:7.1f}" if n in timings else "   done"))

@@ -54,3 +54,38 @@ def test_paper_quick_writes_every_figure(tmp_path):
     sp_row = vd[(vd.model == "s3_fprm") & (vd.split == "id")]
     spearman = sp_row[sp_row.evidence == "T_conv vs depth (Spearman)"]["value"].item()
     assert spearman == pytest.approx(0.8900378976545481, rel=1e-9)
+
+
+def test_paper_workers_give_the_numbers_of_one_process_and_write_timings(tmp_path):
+    only = ["memorization", "convergence"]  # a whole figure and one computed in parts
+    one = run_paper(tmp_path / "one", quick=True, progress=False, only=only, jobs=1)
+    two = run_paper(tmp_path / "two", quick=True, progress=False, only=only, jobs=2)
+    assert [r.name for r in one] == [r.name for r in two] == only
+    for name in only:
+        a = (tmp_path / "one" / f"{name}.csv").read_text()
+        assert a == (tmp_path / "two" / f"{name}.csv").read_text(), name
+    t = json.loads((tmp_path / "two" / "timings.json").read_text())
+    assert t["jobs"] == 2 and set(t["figures_s"]) == set(only) and t["skipped"] == []
+    assert all(v > 0 for v in t["figures_s"].values()) and t["wall_s"] > 0
+    again = run_paper(tmp_path / "two", quick=True, progress=False, only=only, jobs=2)
+    assert [r.name for r in again] == only  # resumed: nothing recomputed
+    assert json.loads((tmp_path / "two" / "timings.json").read_text())["skipped"] == only
+
+
+def test_paper_bad_jobs_and_a_failing_worker_are_errors(tmp_path, monkeypatch):
+    import sys
+
+    from loopscope.core.errors import LoopscopeError
+    from loopscope.experiments import paper_figures
+
+    with pytest.raises(LoopscopeError, match="jobs must be a positive integer"):
+        run_paper(tmp_path, quick=True, progress=False, only=["memorization"], jobs=0)
+    if not sys.platform.startswith("linux"):
+        return  # the patched recipe reaches forked workers only
+
+    def boom(ctx):
+        raise RuntimeError("recipe failed")
+
+    monkeypatch.setitem(paper_figures.FIGURES, "memorization", boom)
+    with pytest.raises(RuntimeError, match="recipe failed"):
+        run_paper(tmp_path, quick=True, progress=False, only=["memorization", "patching"], jobs=2)

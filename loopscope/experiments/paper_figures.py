@@ -22,7 +22,7 @@ from loopscope.core.errors import LoopscopeError
 from loopscope.core.result import FrameResult
 from loopscope.core.unroll import unroll
 
-__all__ = ["PaperContext", "PaperFigure", "FIGURES", "EXPECTED_FIGURES"]
+__all__ = ["PaperContext", "PaperFigure", "Parts", "FIGURES", "PARTS", "EXPECTED_FIGURES"]
 
 
 @dataclass(kw_only=True, repr=False)
@@ -58,56 +58,85 @@ class PaperContext:
         return self.cache[name]
 
     def task(self, model_name: str):
-        from loopscope import zoo
+        if ("task", model_name) not in self.cache:
+            from loopscope import zoo
 
-        return zoo.task_of(model_name)
+            self.cache["task", model_name] = zoo.task_of(model_name)
+        return self.cache["task", model_name]
 
     def n_iter(self, batch: Any, factor: float) -> int:
         L = batch.length
         return max(2, int(round(factor * L)))
 
 
+@dataclass(frozen=True)
+class Parts:
+    """A figure computed in independent parts, then combined (``loopscope paper --jobs`` runs the
+    parts of every such figure in parallel, longest first, beside the whole figures).
+
+    ``items(ctx)`` lists the parts (model names, ``(model, split)`` pairs, ...); ``part(ctx,
+    item)`` computes one from scratch (the global torch seed is reset to ``ctx.seed`` before each,
+    so a part's result never depends on which process ran it or what ran before);
+    ``combine(ctx, results)`` gets the results in ``items`` order and returns the figure. The
+    functions are module-level (worker processes import them by name).
+    """
+
+    items: Callable[[PaperContext], list]
+    part: Callable[[PaperContext, Any], Any]
+    combine: Callable[[PaperContext, list], PaperFigure]
+
+    def __call__(self, ctx: PaperContext) -> PaperFigure:
+        results = []
+        for item in self.items(ctx):
+            torch.manual_seed(ctx.seed)
+            results.append(self.part(ctx, item))
+        return self.combine(ctx, results)
+
+
+def _model_splits(ctx: PaperContext) -> list[tuple[str, str]]:
+    return [(m, s) for m in ("s3_fprm", "s3_rope", "addition_conv") for s in ("id", "ood")]
+
+
 # -- figures -------------------------------------------------------------------------------------
-def fig_convergence(ctx: PaperContext):
+def _convergence_part(ctx: PaperContext, item: tuple[str, str]) -> list[dict]:
     from loopscope.analysis import metrics
 
+    name, split = item
+    model, task = ctx.model(name), ctx.task(name)
     rows = []
-    for name in ("s3_fprm", "s3_rope", "addition_conv"):
-        model, task = ctx.model(name), ctx.task(name)
-        for split in ("id", "ood"):
-            b = task.sample(ctx.n // 2 if ctx.quick else ctx.n, split, seed=ctx.seed)
-            tr = unroll(
-                model,
-                b.tokens,
-                ctx.n_iter(b, 3.0 if ctx.quick else 4.0),
-                seed=ctx.seed,
-                decode=True,
+    b = task.sample(ctx.n // 2 if ctx.quick else ctx.n, split, seed=ctx.seed)
+    tr = unroll(
+        model,
+        b.tokens,
+        ctx.n_iter(b, 3.0 if ctx.quick else 4.0),
+        seed=ctx.seed,
+        decode=True,
+    )
+    m = metrics(tr, p_max=2)
+    rel = m["rel_residual"].numpy()  # [T+1, B]
+    p2 = (m["res_p2"] / tr.states.flatten(2).double().norm(dim=-1).clamp_min(1e-30)).numpy()
+    mask = b.targets != -100
+    acc = ((tr.logits.argmax(-1) == b.targets) & mask).sum((1, 2)).numpy() / mask.sum().item()
+    for t in range(1, rel.shape[0]):
+        if not np.isfinite(rel[t]).any():
+            continue
+        rows.append(
+            dict(
+                model=name,
+                split=split,
+                iteration=t,
+                median=np.nanmedian(rel[t]),
+                q25=np.nanquantile(rel[t], 0.25),
+                q75=np.nanquantile(rel[t], 0.75),
+                median_p2=np.nanmedian(p2[t]) if t >= 2 and np.isfinite(p2[t]).any() else np.nan,
+                accuracy=acc[t],
             )
-            m = metrics(tr, p_max=2)
-            rel = m["rel_residual"].numpy()  # [T+1, B]
-            p2 = (m["res_p2"] / tr.states.flatten(2).double().norm(dim=-1).clamp_min(1e-30)).numpy()
-            mask = b.targets != -100
-            acc = ((tr.logits.argmax(-1) == b.targets) & mask).sum(
-                (1, 2)
-            ).numpy() / mask.sum().item()
-            for t in range(1, rel.shape[0]):
-                if not np.isfinite(rel[t]).any():
-                    continue
-                rows.append(
-                    dict(
-                        model=name,
-                        split=split,
-                        iteration=t,
-                        median=np.nanmedian(rel[t]),
-                        q25=np.nanquantile(rel[t], 0.25),
-                        q75=np.nanquantile(rel[t], 0.75),
-                        median_p2=np.nanmedian(p2[t])
-                        if t >= 2 and np.isfinite(p2[t]).any()
-                        else np.nan,
-                        accuracy=acc[t],
-                    )
-                )
-    df = pd.DataFrame(rows)
+        )
+    return rows
+
+
+def _convergence_figure(ctx: PaperContext, parts: list[list[dict]]) -> PaperFigure:
+    df = pd.DataFrame([row for rows in parts for row in rows])
     cap = (
         "Median relative residual ||h_t - h_{t-1}||/||h_t|| (solid, IQR band) and period-2 residual (dashed) per iteration, "
         "with token accuracy below; ID vs OOD (2x length), iterations up to 4x the length."
@@ -120,45 +149,49 @@ def fig_convergence(ctx: PaperContext):
     )
 
 
-def fig_spectra(ctx: PaperContext):
+CONVERGENCE = Parts(items=_model_splits, part=_convergence_part, combine=_convergence_figure)
+fig_convergence = CONVERGENCE
+
+
+def _spectra_part(ctx: PaperContext, item: tuple[str, str]) -> tuple[list, list, list]:
     from loopscope.experiments.stability import end_spectrum, mid_lambda1
 
+    name, split = item
     rho_rows, ly_rows, eig_rows = [], [], []
     k_samples = 2 if ctx.quick else 8
-    for name in ("s3_fprm", "s3_rope", "addition_conv"):
-        model, task = ctx.model(name), ctx.task(name)
-        for split in ("id", "ood"):
-            b = task.sample(k_samples, split, seed=ctx.seed)
-            # causal models: a prefix of an input is an input of that length; capping OOD inputs
-            # at 24 tokens (1.5x the longest training length) keeps the dense eigen-solve cheap
-            max_len = 25 if split != "id" else 17
-            b.tokens, b.targets = b.tokens[:, :max_len], b.targets[:, :max_len]
-            T = ctx.n_iter(b, 4.0)
-            tr = unroll(model, b.tokens, T, seed=ctx.seed)
-            sp = end_spectrum(model, b.tokens, tr.final, dense_max=1700 if ctx.quick else 2400)
-            for s in range(k_samples):
-                rho_rows.append(
-                    dict(
-                        model=name,
-                        split=split,
-                        sample=s,
-                        rho=sp.rho[s],
-                        unstable=sp.unstable[s],
-                        method=sp.method,
-                    )
-                )
-                for lam in sp.eigenvalues[s]:
-                    eig_rows.append(
-                        dict(model=name, split=split, sample=s, real=lam.real, imag=lam.imag)
-                    )
-            ly = mid_lambda1(
-                model, b.tokens, tr.states[T // 2], n_steps=40 if ctx.quick else 200, seed=ctx.seed
+    model, task = ctx.model(name), ctx.task(name)
+    b = task.sample(k_samples, split, seed=ctx.seed)
+    # causal models: a prefix of an input is an input of that length; capping OOD inputs
+    # at 24 tokens (1.5x the longest training length) keeps the dense eigen-solve cheap
+    max_len = 25 if split != "id" else 17
+    b.tokens, b.targets = b.tokens[:, :max_len], b.targets[:, :max_len]
+    T = ctx.n_iter(b, 4.0)
+    tr = unroll(model, b.tokens, T, seed=ctx.seed)
+    sp = end_spectrum(model, b.tokens, tr.final, dense_max=1700 if ctx.quick else 2400)
+    for s in range(k_samples):
+        rho_rows.append(
+            dict(
+                model=name,
+                split=split,
+                sample=s,
+                rho=sp.rho[s],
+                unstable=sp.unstable[s],
+                method=sp.method,
             )
-            for s in range(k_samples):
-                ly_rows.append(
-                    dict(model=name, split=split, sample=s, lambda1=float(ly.exponents[s, 0]))
-                )
-    rho, lyd, eig = pd.DataFrame(rho_rows), pd.DataFrame(ly_rows), pd.DataFrame(eig_rows)
+        )
+        for lam in sp.eigenvalues[s]:
+            eig_rows.append(dict(model=name, split=split, sample=s, real=lam.real, imag=lam.imag))
+    ly = mid_lambda1(
+        model, b.tokens, tr.states[T // 2], n_steps=40 if ctx.quick else 200, seed=ctx.seed
+    )
+    for s in range(k_samples):
+        ly_rows.append(dict(model=name, split=split, sample=s, lambda1=float(ly.exponents[s, 0])))
+    return rho_rows, ly_rows, eig_rows
+
+
+def _spectra_figure(ctx: PaperContext, parts: list[tuple[list, list, list]]) -> PaperFigure:
+    k_samples = 2 if ctx.quick else 8
+    rho, lyd, eig = (pd.DataFrame([r for p in parts for r in p[i]]) for i in range(3))
     df = rho.merge(lyd, on=["model", "split", "sample"])
     cap = (
         "Spectral radius of the step's Jacobian at the end state (dense or ARPACK with ncv >= 64) and the largest Lyapunov "
@@ -171,6 +204,10 @@ def fig_spectra(ctx: PaperContext):
         title="Jacobian spectra and Lyapunov exponents",
         caption=cap,
     )
+
+
+SPECTRA = Parts(items=_model_splits, part=_spectra_part, combine=_spectra_figure)
+fig_spectra = SPECTRA
 
 
 def fig_basins(ctx: PaperContext):
@@ -499,24 +536,28 @@ VERDICT_MODELS = (
 )
 
 
-def fig_verdict(ctx: PaperContext):
+def _verdict_models(ctx: PaperContext) -> list[str]:
     from loopscope import zoo
+
+    return [name for name in VERDICT_MODELS if name in zoo.names()]
+
+
+def _verdict_part(ctx: PaperContext, name: str) -> pd.DataFrame:
     from loopscope.experiments.verdict import verdict
 
-    frames = []
-    for name in VERDICT_MODELS:
-        if name not in zoo.names():
-            continue
-        v = verdict(
-            ctx.model(name),
-            ctx.task(name),
-            n=32 if ctx.quick else 128,
-            seed=ctx.seed,
-            iter_factor=3.0,
-        )
-        f = v.to_frame()
-        f["model"] = name
-        frames.append(f)
+    v = verdict(
+        ctx.model(name),
+        ctx.task(name),
+        n=32 if ctx.quick else 128,
+        seed=ctx.seed,
+        iter_factor=3.0,
+    )
+    f = v.to_frame()
+    f["model"] = name
+    return f
+
+
+def _verdict_figure(ctx: PaperContext, frames: list[pd.DataFrame]) -> PaperFigure:
     if not frames:
         raise LoopscopeError("no zoo models to judge")
     df = pd.concat(frames, ignore_index=True)
@@ -536,6 +577,10 @@ def fig_verdict(ctx: PaperContext):
         title="Verdict: algorithm vs memorization evidence",
         caption=cap,
     )
+
+
+VERDICT = Parts(items=_verdict_models, part=_verdict_part, combine=_verdict_figure)
+fig_verdict = VERDICT
 
 
 def fig_memory(ctx: PaperContext):
@@ -640,7 +685,7 @@ def fig_architecture(ctx: PaperContext):
     )
 
 
-FIGURES: dict[str, Callable[[PaperContext], PaperFigure]] = {
+FIGURES: dict[str, Callable[[PaperContext], PaperFigure]] = {  # a recipe or its Parts
     "convergence": fig_convergence,
     "spectra": fig_spectra,
     "basins": fig_basins,
@@ -654,5 +699,10 @@ FIGURES: dict[str, Callable[[PaperContext], PaperFigure]] = {
     "self_improve": fig_self_improve,
     "architecture": fig_architecture,
 }
+
+#: the figures computed in parts (run in parallel by ``loopscope paper --jobs``)
+PARTS: dict[str, Parts] = {
+    name: fn for name, fn in FIGURES.items() if isinstance(fn, Parts)
+}  # fmt: skip
 
 EXPECTED_FIGURES = list(FIGURES)
