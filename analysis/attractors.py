@@ -38,7 +38,13 @@ from loopscope.analysis.convergence import safe_cos
 from loopscope.analysis.cycles import CycleClasses
 from loopscope.analysis.loopmap import LoopMap
 from loopscope.analysis.stats import wilson_ci
-from loopscope.core.errors import LoopscopeError, check_positive_int, check_seed, did_you_mean
+from loopscope.core.errors import (
+    LoopscopeError,
+    check_number,
+    check_positive_int,
+    check_seed,
+    did_you_mean,
+)
 from loopscope.core.loop import Loop
 from loopscope.core.numerics import BLOWUP, diverged, reference_norm
 from loopscope.core.result import Result, float_summary, result_meta
@@ -1115,6 +1121,8 @@ def path_independence(
 
     check_positive_int("n_iter", n_iter)
     check_seed(seed)
+    if noise_std is not None:
+        check_number("noise_std", noise_std, low=0, strict=True)
     inits = list(inits)
     if len(inits) < 2:
         raise LoopscopeError(

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from loopscope.circuits.engine import Source, canonical_sites
 from loopscope.circuits.metrics import AnswerMetric
-from loopscope.core.errors import LoopscopeError, check_positive_int
+from loopscope.core.errors import LoopscopeError, check_number, check_positive_int
 from loopscope.core.interventions import Intervention, Patch, Zero
 from loopscope.core.unroll import unroll
 
@@ -419,6 +419,9 @@ def gaussian_noise(
             "Gaussian-noise corruption is off-distribution (replication only); use str_pairs or "
             "resample, or pass replication=True"
         )
+    check_number("scale", scale, low=0, strict=True)
+    if nu is not None:
+        check_number("nu", nu, low=0)
     tr = unroll(loop, inputs, 1, capture=[hook], seed=seed)
     x = tr[hook][0]  # [B, ...]
     std = float(x.double().std()) if nu is None else float(nu) / float(scale)

@@ -397,6 +397,12 @@ def patch_sweep(
     n_iter, read_at, batch_size = _check_run_args(n_iter, measure_at, batch_size)
     metric, corruption = _check_pair(clean, corrupt, metric, direction)
     its = _iterations(iterations, n_iter)
+    late = [t for t in (range(n_iter) if its is None else its) if t >= read_at]
+    if late:
+        raise LoopscopeError(
+            f"measure_at={read_at} comes before patched iteration(s) {late[:5]}: a patch there "
+            "cannot change what is measured (measure_at >= n_iter, or patch earlier iterations)"
+        )
     names, units = _check_sites(loop, sites, units)
     T = max(n_iter, read_at)
     budget = _check_sweep_memory(loop, clean, names, T, batch_size, seed, max_bytes)

@@ -72,6 +72,14 @@ def _pos_index(x: Tensor, pos_dim: int, positions: Any) -> tuple:
         )
     index: list[Any] = [slice(None)] * x.dim()
     index[pos_dim] = positions
+    n = x.shape[pos_dim]
+    pos = torch.as_tensor(positions) if not isinstance(positions, slice) else None
+    if pos is not None and pos.numel() and bool(((pos >= n) | (pos < -n)).any()):
+        shown = pos.tolist()
+        raise LoopscopeError(
+            f"intervention positions {shown} out of range: the activation has {n} positions "
+            f"(axis {pos_dim} of shape {tuple(x.shape)})"
+        )
     return tuple(index)
 
 

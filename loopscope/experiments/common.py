@@ -5,9 +5,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from loopscope.core.errors import LoopscopeError
+from loopscope.core.errors import LoopscopeError, check_number, check_positive_int, check_seed
 
-__all__ = ["check_splits", "cap_iterations"]
+__all__ = ["check_splits", "check_budget", "cap_iterations"]
+
+
+def check_budget(*, n: Any, iter_factor: Any, seed: Any, n_min: int = 1) -> None:
+    """An experiment's sample count (``>= n_min``), iteration factor (``> 0``) and seed."""
+    check_positive_int("n", n)
+    if n < n_min:
+        raise LoopscopeError(f"n must be at least {n_min}, got {n}")
+    check_number("iter_factor", iter_factor, low=0, strict=True)
+    check_seed(seed)
 
 
 def check_splits(task: Any, splits: Sequence[str]) -> list[str]:

@@ -22,7 +22,7 @@ from loopscope.core.loop import Loop
 from loopscope.core.result import FrameResult, result_meta
 from loopscope.core.targets import sequence_correct
 from loopscope.core.unroll import unroll
-from loopscope.experiments.common import check_splits
+from loopscope.experiments.common import check_budget, check_splits
 
 __all__ = ["halting_study", "halting_figure"]
 
@@ -52,6 +52,7 @@ def halting_study(
     """
     from loopscope.analysis import halting as H
 
+    check_budget(n=n, iter_factor=iter_factor, seed=seed)
     splits = check_splits(task, splits)
     name = model_name or getattr(loop, "zoo_name", None) or type(loop).__name__
     act = getattr(getattr(loop, "cfg", None), "halting", "none") == "act"

@@ -22,13 +22,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from loopscope.core.errors import LoopscopeError, did_you_mean
+from loopscope.core.errors import LoopscopeError, check_positive_int, did_you_mean
 from loopscope.core.loop import Loop
 from loopscope.core.result import Result, result_meta
 from loopscope.core.targets import labelled, sequence_correct, token_correct
 from loopscope.core.trace import Trace
 from loopscope.core.unroll import unroll
-from loopscope.experiments.common import cap_iterations, check_splits
+from loopscope.experiments.common import cap_iterations, check_budget, check_splits
 
 __all__ = [
     "stability",
@@ -286,6 +286,8 @@ def stability(
         n_dyn: samples for the dynamics columns.
         model_name: the name written in the ``model`` column (default: the loop's zoo name).
     """
+    check_budget(n=n, iter_factor=iter_factor, seed=seed)
+    check_positive_int("n_dyn", n_dyn)
     splits = check_splits(task, splits)
     name = model_name or getattr(loop, "zoo_name", None) or type(loop).__name__
     rows, curves, per_sample, eigs = [], [], [], []

@@ -32,6 +32,7 @@ from loopscope.core.loop import Loop
 from loopscope.core.result import result_meta
 from loopscope.core.targets import labelled, sequence_correct
 from loopscope.core.unroll import unroll
+from loopscope.experiments.common import check_budget
 
 __all__ = ["verdict"]
 
@@ -221,6 +222,7 @@ def verdict(
             inductive bias needs >= 32).
     """
     splits = tuple(splits)
+    check_budget(n=n, iter_factor=iter_factor, seed=seed, n_min=2)
     _check(model, task, splits, n_basin, n_probe)
     n, seed, factor, tol = int(n), int(seed), float(iter_factor), float(tol)
     rows: list[dict[str, Any]] = []
