@@ -587,8 +587,10 @@ def _make_map(
     if shape is None:
         try:
             return LoopMap(loop, inputs, **kw)
-        except (LoopscopeError, NotImplementedError):
+        except (LoopscopeError, NotImplementedError) as e:
             shape = _shape_hint(seeds, batch_size)
+            if isinstance(e, LoopscopeError) and "init_state" not in str(e):
+                raise  # not a missing init_state (e.g. offloaded weights): say what it is
             if shape is None:
                 raise LoopscopeError(
                     "cannot infer the state shape (the loop has no init_state): pass state_shape="

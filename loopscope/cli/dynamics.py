@@ -24,7 +24,7 @@ from loopscope.cli.app import (
     prepare_out_file,
     split_list,
 )
-from loopscope.core.errors import check_number
+from loopscope.core.errors import LoopscopeError, check_number
 
 
 def _iter_factor(value: float) -> float:
@@ -161,7 +161,12 @@ def verdict(
     if out is not None:
         prepare_out_file(out)
     m, t = model_and_task(model, task, loop, device=device, dtype=dtype, max_memory=max_memory)
-    df = run_verdict(m, t, n=n, seed=seed, n_basin=n_basin, n_probe=n_probe).to_frame()
+    try:
+        df = run_verdict(m, t, n=n, seed=seed, n_basin=n_basin, n_probe=n_probe).to_frame()
+    except LoopscopeError as e:
+        if "offloaded" in str(e) and n_basin:
+            raise LoopscopeError(f"{e}; or skip the basin evidence with --n-basin 0") from None
+        raise
     if out is not None:
         atomic_write_text(out, df.to_csv(index=False))
     if as_json:

@@ -341,7 +341,9 @@ class OutputLock:
 
 
 def _feed(h: Any, obj: Any) -> None:
-    if isinstance(obj, torch.Tensor):
+    if isinstance(obj, torch.Tensor) and obj.is_meta:  # offloaded weights: no data here
+        h.update(f"M{obj.dtype}{tuple(obj.shape)}".encode())
+    elif isinstance(obj, torch.Tensor):
         t = obj.detach().cpu().contiguous()
         h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
         if t.numel():

@@ -158,6 +158,9 @@ class _BridgeLoop(Loop):
 
         cfg = self.hf.config
         ids = check_tokens(input_ids, cfg.vocab_size, cfg.max_position_embeddings)
+        w = getattr(self.hf.embed_tokens, "weight", None)
+        if w is not None and not w.is_meta and ids.device != w.device:  # ids follow the weights
+            ids = ids.to(w.device)
         x = self.hf.embed_tokens(ids) * self.hf.embedding_scale
         position_ids = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
         mask = create_causal_mask(

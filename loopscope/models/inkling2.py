@@ -131,6 +131,9 @@ class Inkling2Loop(Loop):
 
         m = self.hf.model
         ids = check_tokens(input_ids, self.hf.config.vocab_size)
+        w = m.embed_tokens.weight
+        if not w.is_meta and ids.device != w.device:  # weights on a device: ids follow them
+            ids = ids.to(w.device)
         with self._numerics():
             x = m.embed_tokens(ids)
             ctx = self._masks(x)
