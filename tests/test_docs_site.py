@@ -6,9 +6,11 @@ docs/img/site_notebook.png that the README and docs/site.md show."""
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import http.server
 import importlib
+import json
 import os
 import pkgutil
 import shutil
@@ -49,32 +51,53 @@ API_PAGES = {  # page -> the modules whose __all__ it must list
 SCREENSHOT_NOTEBOOK = "notebooks/01_convergence_vs_correctness/"
 
 
-@pytest.fixture(scope="session")
-def site(tmp_path_factory) -> Path:
-    """The site built strictly from executed notebooks (each executed once per test run)."""
-    folder = shared_dir(tmp_path_factory)
+def _build(folder: Path) -> dict:
+    """Build the site into ``folder/site`` from the executed notebooks: the strict build's
+    return code, its stderr and its wall time."""
     runs = [executed(p, folder) for p in NOTEBOOKS]
     failed = [r.path.name for r in runs if r.error]
-    assert not failed, f"notebooks failed to execute: {failed}"
-    out = tmp_path_factory.mktemp("site")
+    if failed:
+        return {"returncode": -1, "stderr": f"notebooks failed to execute: {failed}", "seconds": 0}
+    paper = folder / "paper_out"  # a one-figure report for the paper page
+    subprocess.run(
+        [sys.executable, "-m", "loopscope", "paper", "--quick", "--quiet", "--jobs", "1"]
+        + ["--only", "memorization", "--out", str(paper)],
+        check=True,
+        capture_output=True,
+    )
     env = dict(
         os.environ,
         LOOPSCOPE_DOCS_NOTEBOOKS=str(folder / "notebooks"),
         LOOPSCOPE_DOCS_EXECUTE="false",
-        LOOPSCOPE_DOCS_PAPER=str(out / "no-paper-report"),
+        LOOPSCOPE_DOCS_PAPER=str(paper),
         NO_MKDOCS_2_WARNING="1",
     )
     t0 = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(out)],
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(folder / "site")],
         cwd=ROOT,
         env=env,
         capture_output=True,
         text=True,
     )
-    assert proc.returncode == 0, proc.stderr[-6000:]
-    print(f"mkdocs build --strict: {time.perf_counter() - t0:.1f} s")
-    return out
+    seconds = time.perf_counter() - t0
+    return {"returncode": proc.returncode, "stderr": proc.stderr[-6000:], "seconds": seconds}
+
+
+@pytest.fixture(scope="session")
+def site(tmp_path_factory) -> Path:
+    """The site built strictly from the executed notebooks, once per test run (the xdist
+    workers share it like the notebooks)."""
+    folder = shared_dir(tmp_path_factory)
+    status = folder / "site.json"
+    with open(folder / "site.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not status.exists():
+            status.write_text(json.dumps(_build(folder)))
+    build = json.loads(status.read_text())
+    assert build["returncode"] == 0, build["stderr"]
+    print(f"mkdocs build --strict: {build['seconds']:.1f} s")
+    return folder / "site"
 
 
 def test_strict_build_renders_every_notebook_with_its_figures(site):
@@ -83,6 +106,13 @@ def test_strict_build_renders_every_notebook_with_its_figures(site):
         assert page.exists(), f"no page for {nb.name}"
         html = page.read_text(encoding="utf-8")
         assert "data:image/png;base64," in html, f"{nb.name}: no figure on its page"
+
+
+def test_the_paper_page_shows_the_report(site):
+    html = (site / "paper" / "index.html").read_text(encoding="utf-8")
+    assert "Memorization: correctness vs subgraph frequency" in html
+    assert (site / "paper" / "memorization.png").stat().st_size > 0
+    assert 'src="memorization.png"' in html
 
 
 def _public_ids(modules: list[str]) -> list[str]:
@@ -247,6 +277,12 @@ def test_in_a_browser(served, browser):
             )
             time.sleep(1)  # the theme's header swaps its title on scroll, animated
             browser.save_screenshot(str(ROOT / "docs" / "img" / "site_notebook.png"))
+
+    load("paper/")
+    widths = browser.execute_script(
+        "return Array.from(document.querySelectorAll('article img')).map(i => i.naturalWidth);"
+    )
+    assert widths and all(w > 0 for w in widths), f"paper report figures: {widths}"
 
     for path, modules in API_PAGES.items():
         load(path)
