@@ -1044,6 +1044,11 @@ CLI_CASES: list[Case] = [
     C("self-improve: --noise-rate 2", _cli("self-improve", "--quick", "--noise", "uniform", "--noise-rate", "2", "--out", "{tmp}/si"), ("noise_rate", "2")),
     C("self-improve: --out is a file", _cli_file("self-improve", "--quick", "--out", "{file}"), ("--out", "file")),
     C("zoo build: unknown recipe", _cli("zoo", "build", "s3_fprn", "--out", "{tmp}/z"), ("s3_fprn",)),
+    C("stability: --max-memory on a zoo model", _cli("stability", "s3_fprm", "--max-memory", "1GiB", "--out", "{tmp}/s"), ("--max-memory", "s3_fprm")),
+    C("trace: --dtype float8", _cli("trace", "s3_fprm", "--inputs", "6 1", "--dtype", "float8", "--out", "{tmp}/t"), ("--dtype", "float8")),
+    C("probe: --device gpu", _cli("probe", "s3_fprm", "--device", "gpu", "--out", "{tmp}/p"), ("--device", "gpu")),
+    C("patch: --max-memory lots", _cli("patch", "s3_fprm", "--max-memory", "lots", "--out", "{tmp}/q"), ("--max-memory", "lots")),
+    C("verdict: --loop with --dtype", _cli("verdict", "--loop", "x:y", "--dtype", "float64"), ("--dtype", "--loop")),
     C("unknown command", _cli("stabilty"), ("stabilty",)),
 ]  # fmt: skip
 
