@@ -20,6 +20,7 @@ cached value equals loopscope's last firing; nnsight's every firing equals loops
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import time
@@ -71,12 +72,15 @@ class LoopedToy(ls.Loop):
 
 
 def nnsight_every_iteration(model: LoopedToy, x: torch.Tensor, n_iter: int, names=NAMES):
-    """``{hook: [firing 0, ..., firing T-1]}`` saved by nnsight (None if it is not installed)."""
+    """A function returning ``{hook: [firing 0, ..., firing T-1]}`` as saved by nnsight, on a copy
+    of ``model`` with the same weights (None if nnsight is not installed)."""
     try:
         from nnsight import NNsight
     except ImportError:
         return None
-    wrapped = NNsight(model)
+    # NNsight replaces ``forward`` on every module it wraps, which slows every later call of that
+    # module, the bare forward included: it gets its own copy so the other variants stay bare.
+    wrapped = NNsight(copy.deepcopy(model))
     envoys = {}
     for n in names:
         e = wrapped

@@ -64,6 +64,7 @@ import torch
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
+from loopscope.core.capture import IterationClock
 from loopscope.core.errors import LoopscopeError, did_you_mean, suggest
 from loopscope.core.loop import FnLoop
 
@@ -155,7 +156,7 @@ def _install(mod: nn.Module, path: str) -> tuple[HookPoint, HookPoint]:
     return points
 
 
-class CallClock:
+class CallClock(IterationClock):
     """Labels the firings of one forward by boundary calls: iteration ``t`` starts at the
     ``t``-th firing of ``boundary`` (a hook point; counted from 0, ``-1`` before the first);
     a hook's ``k``-th firing within it is labelled ``(t, k)``.
@@ -165,21 +166,10 @@ class CallClock:
     whose hooks fire once per step but are not labelled by TransformerLens).
     """
 
-    INIT = -1
-
     def __init__(self, boundary: HookPoint) -> None:
+        super().__init__()
         self.boundary = boundary
         self.t = self.INIT
-        self.counts: dict[str, int] = {}
-
-    def advance(self, t: int) -> None:
-        self.t = t
-        self.counts = {}
-
-    def tick(self, name: str) -> tuple[tuple, int]:
-        k = self.counts.get(name, 0)
-        self.counts[name] = k + 1
-        return (self.t, k), k
 
     def _on_boundary(self, x: Tensor, hook: Any) -> None:
         self.advance(self.t + 1)
