@@ -685,6 +685,33 @@ def fig_architecture(ctx: PaperContext):
     )
 
 
+def fig_seeds(ctx: PaperContext):
+    from loopscope.experiments import study_figures as S
+
+    table, source = S.paper_study_table("seeds", quick=ctx.quick, runs=_runs_dir(ctx))
+    long = S.seeds_long(table)
+    if long.empty:
+        raise LoopscopeError("the seeds study table has no finished job with a headline finding")
+    summ = S.seeds_summary(long)
+    n_seeds = long.groupby("recipe")["seed"].nunique()
+    cap = (
+        "The zoo's headline findings across training seeds (studies/seeds.toml): each zoo recipe "
+        "retrained from scratch by the same recipe at seeds 1 and 2, seed 0 the shipped model, all "
+        "measured by one protocol (64 ID and 64 OOD inputs; the verdict's evidence rows). One mark "
+        "per seed, the rule each finding is read against (shaded where it holds) and on how many "
+        "seeds it holds. Seeds per recipe: "
+        + ", ".join(f"{r} {n}" for r, n in n_seeds.items())
+        + ". "
+        + source
+    )
+    return PaperFigure(
+        draw=lambda: figures.seed_spread(long),
+        frame=summ,
+        title="Headline findings across training seeds",
+        caption=cap,
+    )
+
+
 FIGURES: dict[str, Callable[[PaperContext], PaperFigure]] = {  # a recipe or its Parts
     "convergence": fig_convergence,
     "spectra": fig_spectra,
@@ -698,6 +725,7 @@ FIGURES: dict[str, Callable[[PaperContext], PaperFigure]] = {  # a recipe or its
     "memory": fig_memory,
     "self_improve": fig_self_improve,
     "architecture": fig_architecture,
+    "seeds": fig_seeds,
 }
 
 #: the figures computed in parts (run in parallel by ``loopscope paper --jobs``)
