@@ -551,10 +551,17 @@ def _verdict_part(ctx: PaperContext, name: str) -> pd.DataFrame:
         n=32 if ctx.quick else 128,
         seed=ctx.seed,
         iter_factor=3.0,
+        n_basin=_n_basin(ctx),
     )
     f = v.to_frame()
     f["model"] = name
     return f
+
+
+def _n_basin(ctx: PaperContext) -> int:
+    """Gaussian inits per sample for the verdict's correct-basin fraction (the row was half of
+    the quick verdict's time at 8)."""
+    return 4 if ctx.quick else 8
 
 
 def _verdict_figure(ctx: PaperContext, frames: list[pd.DataFrame]) -> PaperFigure:
@@ -564,7 +571,7 @@ def _verdict_figure(ctx: PaperContext, frames: list[pd.DataFrame]) -> PaperFigur
     cap = (
         "Evidence vector per model (green: reads algorithmic, red: memorized/heuristic); never a single yes/no. "
         "Confident-wrong = the loop settled (residual < 1e-3) on a wrong answer. Correct-basin fraction = "
-        "share of 8 Gaussian inits per sample (entry scale of the model's init, same budget) that end on "
+        f"share of {_n_basin(ctx)} Gaussian inits per sample (entry scale of the model's init, same budget) that end on "
         "the right answer. Correctness vs subgraph frequency = logistic slope on log1p(df) with one dummy "
         "per digit (multiplication only). Probe onset = first iteration a ridge probe per position decodes the "
         "target at >= 0.9 held-out accuracy, ranked against depth where depth is a function of the position. "
