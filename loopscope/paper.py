@@ -179,7 +179,7 @@ def _keep_freed_memory() -> None:
     try:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: large blocks from the heap too
-        libc.mallopt(-1, 1 << 31)  # M_TRIM_THRESHOLD: keep freed heap memory
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep freed heap memory (a C int)
     except (OSError, AttributeError):  # not glibc
         pass
 
