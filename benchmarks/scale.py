@@ -17,7 +17,7 @@ Prints a table and writes JSON. ``--small`` runs a tiny configuration on CPU in 
 suite runs it); the default runs ``medium`` (~60 M parameters) and ``1b`` (HrmTextConfig's
 defaults: 1.45 B parameters, d = 1536, 16 layers per stack, H = 2, L = 3, vocab 151 808).
 
-    python benchmarks/scale.py --small --json /tmp/scale_small.json
+    python benchmarks/scale.py --small --json scale_small.json
     python benchmarks/scale.py --configs medium 1b --json scale.json       # a GPU
 """
 
