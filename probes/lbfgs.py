@@ -88,11 +88,12 @@ def armijo(
     idx: Tensor,
     *,
     max_halvings: int = 40,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Per-site Armijo backtracking from the unit step along the descent direction ``d``.
 
     Each trial evaluates only the sites still searching. Returns the accepted ``(x, f, g)``
-    (unchanged where no step was accepted) and ``moved``, the active sites that took a step.
+    (unchanged where no step was accepted), ``moved``, the active sites that took a step, and
+    ``t``, the step length each moved site took.
     """
     gd = (g * d).sum(1)
     t = torch.ones_like(f)
@@ -109,7 +110,7 @@ def armijo(
         if not bool(pending.any()):
             break
         t = torch.where(pending, 0.5 * t, t)
-    return xn, fn, gn, active & ~pending
+    return xn, fn, gn, active & ~pending, t
 
 
 def minimize(
@@ -155,7 +156,7 @@ def minimize(
         uphill = (g * d).sum(1) >= 0
         if bool(uphill.any()):  # lost descent (bad curvature): fall back to steepest descent
             d = torch.where(uphill.unsqueeze(1), -hist.h0(g, precond, idx), d)
-        xn, fn, gn, moved = armijo(fg, x, f, g, d, active, idx)
+        xn, fn, gn, moved, _ = armijo(fg, x, f, g, d, active, idx)
         hist.push(xn - x, gn - g, moved)
         x, f, g = xn, fn, gn
         active = moved & (g.abs().amax(1) > tol)

@@ -50,7 +50,7 @@ from scipy.special import expit
 from torch import Tensor
 
 from loopscope.core.errors import LoopscopeError
-from loopscope.probes.lbfgs import minimize
+from loopscope.probes.lbfgs import armijo, minimize
 
 __all__ = ["logistic", "check_solver", "SOLVERS"]
 
@@ -356,20 +356,10 @@ def _line_search(
     Newton steps fall short). Evaluates only the sites still searching. Returns ``(x, f, g,
     moved)``."""
     gd = (g * step).sum(1)
-    t = torch.ones_like(f)
-    pending = torch.ones_like(f, dtype=torch.bool)
-    xn, fn, gn = x.clone(), f.clone(), g.clone()
-    for _ in range(30):
-        r = pending.nonzero().flatten()
-        xt = x[r] + t[r, None] * step[r]
-        ft, gt, _ = passes.evaluate(xt, sel[r])
-        ok = torch.isfinite(ft) & (ft <= f[r] + 1e-4 * t[r] * gd[r])
-        xn[r[ok]], fn[r[ok]], gn[r[ok]] = xt[ok], ft[ok], gt[ok]
-        pending[r[ok]] = False
-        if not bool(pending.any()):
-            break
-        t[pending] *= 0.5
-    moved = ~pending
+    searching = torch.ones_like(f, dtype=torch.bool)
+    xn, fn, gn, moved, t = armijo(
+        lambda xs, idx: passes.evaluate(xs, idx)[:2], x, f, g, step, searching, sel, max_halvings=30
+    )
     slope = (gn * step).sum(1)  # φ'(1) at the accepted full steps
     far = moved & (t == 1) & (slope < 0)
     t2 = (gd / (gd - slope)).clamp(max=4.0)
