@@ -424,8 +424,16 @@ class LoopMap:
         return f"{type(mod).__name__}.{name}"
 
     def check_state(self, z: Tensor, name: str = "state") -> None:
-        """One step on the first sample of ``z``: a state that does not fit the loop is a one-line
-        error naming ``name`` (instead of a shape error from inside the model)."""
+        """A state that does not fit the loop is a one-line error naming ``name`` (instead of a
+        shape error from inside the model, or a step that silently broadcasts it): its per-sample
+        shape must be that of the loop's own ``init_state`` (where the loop has one), and one step
+        on its first sample must run."""
+        own = self._init_state_shape()
+        if own is not None and own != self.state_shape:
+            raise LoopscopeError(
+                f"{name} of shape {(z.shape[0], *self.state_shape)} does not match the loop's "
+                f"state: its init_state gives {(z.shape[0], *own)}"
+            )
         try:
             with torch.no_grad():
                 self._raw(z[:1], self._ctx(torch.tensor([0])))
@@ -437,6 +445,16 @@ class LoopMap:
                 f"{name} of shape {(z.shape[0], *self.state_shape)} does not fit the loop's step "
                 f"({type(e).__name__}: {first})"
             ) from e
+
+    def _init_state_shape(self) -> tuple[int, ...] | None:
+        """Per-sample shape of the loop's own initial state (None where it has no tensor one)."""
+        gen = torch.Generator().manual_seed(0)
+        try:
+            with torch.no_grad():
+                h0 = self._call(lambda: self.loop.init_state(self._ctx(torch.tensor([0])), gen))
+        except (NotImplementedError, LoopscopeError, RuntimeError, TypeError, ValueError):
+            return None
+        return tuple(h0.shape[1:]) if isinstance(h0, Tensor) and h0.dim() >= 1 else None
 
     def subset(self, index: Tensor) -> LoopMap:
         """A LoopMap whose sample i is sample ``index[i]`` of this one (context rows selected,

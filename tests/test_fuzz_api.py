@@ -13,7 +13,7 @@ import warnings
 import pytest
 import torch
 from fuzz_catalog import API_CASES, outcome_api
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import loopscope as ls
@@ -101,6 +101,8 @@ def test_an_intervention_warns_exactly_when_some_iteration_never_fires(its, n_it
 
 @FAST
 @given(shape=st.lists(st.integers(1, 4), min_size=1, max_size=3))
+@example(shape=[2, 2, 3])  # the step would broadcast it: found by this test
+@example(shape=[2, 3, 3])
 def test_spectrum_of_a_state_of_any_shape_is_measured_or_refused_naming_state(shape):
     state = torch.full(shape, 0.1, dtype=torch.float64)
     try:
