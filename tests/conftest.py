@@ -13,6 +13,13 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+# the same examples on every run (CI included): a property fails on a change, not on a draw;
+# HYPOTHESIS_PROFILE=explore draws fresh examples when hunting for new failures
+settings.register_profile("ci", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
