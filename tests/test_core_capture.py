@@ -170,6 +170,14 @@ def test_one_pass_bound_flags_divergence_exactly_where_the_float64_test_does(dty
     assert torch.isfinite(tr.states.double()).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_without_a_bound_only_nan_and_inf_diverge(dtype):
+    gains = torch.tensor([[10.0], [float("nan")], [float("inf")]], dtype=dtype)
+    loop = ls.FnLoop(step=lambda h, g: g * h, init_state=torch.ones(4, dtype=dtype))
+    tr = ls.unroll(loop, gains, 6, blowup=None)  # 10^6 * ||h_0|| is large but finite
+    assert tr.diverged_at.tolist() == [-1, 1, 1]
+
+
 def test_norm_overflowing_float16_but_finite_elements_is_not_diverged():
     loop = ls.FnLoop(step=lambda h: h, init_state=torch.full((64,), 300.0, dtype=torch.float16))
     tr = ls.unroll(loop, torch.zeros(2, 64, dtype=torch.float16), 3, blowup=1e8)

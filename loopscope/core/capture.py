@@ -296,6 +296,7 @@ class Recorder:
         self.allowance = allowance
         self.labels: list[tuple] = []
         self.buf: Tensor | None = None  # [capacity, ...]: firings 0 .. n-1
+        self._rows: tuple[Tensor, ...] = ()  # views of buf's rows while it takes firings
         self.n = 0
         self.extra: list[Tensor] = []  # firings after the buffer's, each its own copy
 
@@ -318,32 +319,37 @@ class Recorder:
 
     def record(self, x: Tensor, label: tuple) -> None:
         """Copy firing ``x`` (``[B, ...]``) with ``label``."""
-        v = self._select(x)
-        buf = self.buf
-        if buf is None and self.capacity and not self.labels:
-            buf = self._first_buffer(v)
+        v = x.detach() if self.positions is None else self._select(x)
+        rows, n = self._rows, self.n
+        if not rows and self.capacity and not self.labels:
+            rows = self._first_buffer(v)
         if (
-            buf is not None
-            and not self.extra
-            and self.n < buf.shape[0]
-            and v.shape == buf.shape[1:]
-            and (self.dtype is not None or v.dtype == buf.dtype)
-            and (self.offload is not None or v.device == buf.device)
+            n < len(rows)
+            and v.shape == self._row_shape
+            and (self.dtype is not None or v.dtype == self._row_dtype)
+            and (self.offload is not None or v.device == self._row_device)
         ):
-            buf[self.n].copy_(v)
-            self.n += 1
+            rows[n].copy_(v)
+            self.n = n + 1
         else:
             self.extra.append(self._copy(v, x))
+            self._rows = ()  # the buffer is closed: later firings follow in ``extra``
         self.labels.append(label)
 
-    def _first_buffer(self, v: Tensor) -> Tensor | None:
+    def _first_buffer(self, v: Tensor) -> tuple[Tensor, ...]:
         dtype = self.dtype if self.dtype is not None else v.dtype
         device = self.offload if self.offload is not None else v.device
         nbytes = self.capacity * v.numel() * dtype.itemsize
         if self.allowance is not None and nbytes > self.allowance(device):
-            return None
-        self.buf = buffers.empty((self.capacity, *v.shape), dtype=dtype, device=device)
-        return self.buf
+            return ()
+        self._use(buffers.empty((self.capacity, *v.shape), dtype=dtype, device=device))
+        return self._rows
+
+    def _use(self, buf: Tensor) -> None:
+        """Record into ``buf`` from row ``self.n`` on (its rows are views made once, here)."""
+        self.buf = buf
+        self._rows = buf.unbind(0)
+        self._row_shape, self._row_dtype, self._row_device = buf.shape[1:], buf.dtype, buf.device
 
     def _copy(self, v: Tensor, x: Tensor) -> Tensor:
         if self.dtype is not None:
@@ -389,7 +395,7 @@ class Recorder:
             for i, v in enumerate(self.extra):
                 grown[i].copy_(v)
             self.n, self.extra = len(self.extra), []
-        self.buf = grown
+        self._use(grown)
 
     def stacked(self) -> Tensor:
         """Every firing ``[n_firings, B, ...]`` (a view of the buffer when nothing overflowed)."""
@@ -522,6 +528,13 @@ class HookSession:
         ivs = self._by_point.get(name, [])
         rec = self.recorders.get(name)
         pos_dims = self.pos_dims
+        if not ivs and rec is not None:  # the common case, once per firing: record, nothing else
+            record = rec.record
+
+            def record_only(x: Tensor, hook: Any) -> None:
+                record(x, tick(name)[0])
+
+            return record_only
 
         def fn(x: Tensor, hook: Any) -> Tensor | None:
             label, k = tick(name)

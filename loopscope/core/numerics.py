@@ -21,8 +21,12 @@ SOLVER_BLOWUP = 1e12
 
 def reference_norm(h0: Tensor) -> Tensor:
     """``max(1, ||h0||)`` per sample, float64, ``[B]`` (the scale a blow-up is measured against)."""
-    flat = h0.detach().reshape(h0.shape[0], -1).to(torch.float64)
-    return torch.nan_to_num(flat.norm(dim=1), nan=1.0, posinf=1.0).clamp_min(1.0)
+    flat = h0.detach().reshape(h0.shape[0], -1)
+    if flat.is_complex():
+        norms = torch.linalg.vector_norm(flat.to(torch.complex128), dim=1)
+    else:  # accumulated in float64 without a float64 copy of the state
+        norms = torch.linalg.vector_norm(flat, dim=1, dtype=torch.float64)
+    return torch.nan_to_num(norms, nan=1.0, posinf=1.0).clamp_min(1.0)
 
 
 def diverged(h: Tensor, ref_norm: Tensor, blowup: float | None = BLOWUP) -> Tensor:

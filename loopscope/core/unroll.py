@@ -352,6 +352,7 @@ class _Rows:
     buf: Tensor | None = None
     n: int = 0
     kept: list[Tensor] = field(default_factory=list)
+    _views: tuple[Tensor, ...] = ()  # buf's rows, made once per buffer
 
     def add(self, x: Tensor) -> None:
         if self.grad:
@@ -359,17 +360,20 @@ class _Rows:
             return
         x = x.detach()
         if self.buf is None:
-            self.buf = buffers.empty((self.rows, *x.shape), dtype=x.dtype, device=x.device)
-        elif x.shape != self.buf.shape[1:]:
+            self._use(buffers.empty((self.rows, *x.shape), dtype=x.dtype, device=x.device))
+        elif x.shape != self._views[0].shape:
             raise LoopscopeError(
                 f"{self.what} changed shape from {tuple(self.buf.shape[1:])} to {tuple(x.shape)}"
             )
-        if self.n == self.buf.shape[0]:
+        if self.n == len(self._views):
             grown = buffers.empty((2 * self.n, *x.shape), dtype=self.buf.dtype, device=x.device)
             grown[: self.n].copy_(self.buf)
-            self.buf = grown
-        self.buf[self.n].copy_(x)
+            self._use(grown)
+        self._views[self.n].copy_(x)
         self.n += 1
+
+    def _use(self, buf: Tensor) -> None:
+        self.buf, self._views = buf, buf.unbind(0)
 
     def tensor(self) -> Tensor:
         return torch.stack(self.kept) if self.grad else self.buf[: self.n]
@@ -464,24 +468,25 @@ class _SafeBound:
     one half is far beyond the rounding of a float32 or even a bfloat16 norm)."""
 
     def __init__(self, ref_norm: Tensor, blowup: float | None) -> None:
-        self.limit = (
-            None
-            if blowup is None
-            else (0.5 * float(blowup) * ref_norm).clamp_max(torch.finfo(torch.float32).max)
-        )
+        self.limit = None if blowup is None else 0.5 * float(blowup) * ref_norm
         self._by_dtype: dict[torch.dtype, Tensor] = {}
 
     def holds(self, h: Tensor) -> bool:
         if not (h.is_floating_point() or h.is_complex()) or h.dim() == 0:
             return False
         norms = torch.linalg.vector_norm(h.detach().reshape(h.shape[0], -1), dim=1)
-        ok = torch.isfinite(norms)
-        if self.limit is not None:
-            lim = self._by_dtype.get(norms.dtype)
-            if lim is None:
-                lim = self._by_dtype[norms.dtype] = self.limit.to(norms.dtype)
-            ok &= norms <= lim
-        return bool(ok.all())
+        lim = self._by_dtype.get(norms.dtype)
+        if lim is None:
+            lim = self._by_dtype[norms.dtype] = self._limit_in(norms)
+        # one comparison also catches NaN and inf: both compare False against a finite bound
+        return bool(torch.le(norms, lim).all())
+
+    def _limit_in(self, norms: Tensor) -> Tensor:
+        """The bound in the norms' dtype, finite (the dtype's largest number at most)."""
+        big = torch.finfo(norms.dtype).max
+        if self.limit is None:
+            return torch.full_like(norms, big)
+        return self.limit.to(norms.device).nan_to_num(nan=0.0).clamp_max(big).to(norms.dtype)
 
 
 def _guard(run: _Run, t: int, h: Tensor, h_next: Tensor, ref_norm: Tensor, blowup: float) -> Tensor:
