@@ -10,9 +10,12 @@ Runs the same looped block (attention + MLP, weight-tied, T iterations, 4 hook p
   references to the model's own tensors: no copy), when nnsight is installed.
 
 The variants are interleaved in rounds (each round runs every variant ``--per-round`` times, in
-rotating order) so machine noise hits all alike; the table gives best-of-N (the least disturbed
-run) and the median, and ratios against the bare forward. Then one values check per anchor: TL's
-cached value equals loopscope's last firing; nnsight's every firing equals loopscope's.
+rotating order) so machine noise hits all alike. The table gives, against the bare forward, the
+ratio of the best-of-N runs (the least disturbed run of each) and the paired ratio: in each round,
+the variant's fastest run over the bare forward's fastest run of the same round, the median over
+rounds with its interquartile range (a slow stretch of the machine hits both sides of a pair, so
+this is the steadier of the two). Then one values check per anchor: TL's cached value equals
+loopscope's last firing; nnsight's every firing equals loopscope's.
 
     python benchmarks/capture.py [--d 256 --pos 64 --batch 8 --iters 8 --rounds 12]
 """
@@ -116,6 +119,12 @@ def measure(variants: dict, rounds: int, per_round: int) -> dict[str, dict[str, 
     return times
 
 
+def paired_ratios(runs: list[float], anchor: list[float], per_round: int) -> list[float]:
+    """Per round: the fastest of ``runs`` over the fastest of ``anchor`` in the same round."""
+    rounds = range(0, len(runs), per_round)
+    return [min(runs[i : i + per_round]) / min(anchor[i : i + per_round]) for i in rounds]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--d", type=int, default=256)
@@ -156,6 +165,7 @@ def main() -> None:
     times = measure(variants, args.rounds, args.per_round)
     anchor = times["bare forward (anchor)"]
     n = len(anchor["wall"])
+    pairs = {k: paired_ratios(v["wall"], anchor["wall"], args.per_round) for k, v in times.items()}
     print(
         f"looped block d={args.d} pos={args.pos} batch={args.batch} T={T}, {len(NAMES)} hooks, "
         f"threads={torch.get_num_threads()}, best of {n} interleaved runs per variant "
@@ -169,11 +179,13 @@ def main() -> None:
             row[clock] = {"best_ms": best * 1e3, "median_ms": med * 1e3,
                           "ratio_best": best / min(anchor[clock]),
                           "ratio_median": med / statistics.median(anchor[clock])}  # fmt: skip
+        q1, q2, q3 = statistics.quantiles(pairs[k], n=4) if len(pairs[k]) > 1 else pairs[k] * 3
+        row["wall"] |= {"ratio_paired": q2, "ratio_paired_iqr": [q1, q3]}
         rows[k] = row
         w, c = row["wall"], row["cpu"]
         print(
-            f"  {k:44s} wall best {w['best_ms']:8.2f} ms x{w['ratio_best']:5.3f} "
-            f"(median x{w['ratio_median']:5.3f})   cpu best {c['best_ms']:8.2f} ms "
+            f"  {k:44s} wall best {w['best_ms']:7.2f} ms x{w['ratio_best']:5.3f}, paired "
+            f"x{q2:5.3f} (IQR {q1:5.3f}-{q3:5.3f})   cpu best {c['best_ms']:7.2f} ms "
             f"x{c['ratio_best']:5.3f}"
         )
 
@@ -193,11 +205,12 @@ def main() -> None:
     else:
         print("  nnsight not installed (pip install -e '.[bench]'): its row is skipped")
     ours = rows["loopscope unroll (every firing, copied)"]
-    ratio, cpu_ratio = ours["wall"]["ratio_best"], ours["cpu"]["ratio_best"]
-    verdict = "met" if ratio <= TARGET else "NOT met"
+    ratio, paired = ours["wall"]["ratio_best"], ours["wall"]["ratio_paired"]
+    verdict = "met" if max(ratio, paired) <= TARGET else "NOT met"
     print(
-        f"  loopscope every-iteration capture x{ratio:.3f} the bare forward, best-of-{n} wall "
-        f"(target <= x{TARGET}): {verdict}; CPU time x{cpu_ratio:.3f}"
+        f"  loopscope every-iteration capture x{ratio:.3f} the bare forward best-of-{n} wall, "
+        f"x{paired:.3f} paired (target <= x{TARGET} on both): {verdict}; "
+        f"CPU time x{ours['cpu']['ratio_best']:.3f}"
     )
     if args.json:
         args.json.write_text(
