@@ -153,6 +153,20 @@ class Loop(HookedRootModule):
         """Context restricted to the samples ``index`` (override for unusual contexts)."""
         return select_batch(ctx, index, self.batch_size(ctx))
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """Dtype of the floating-point parameters (float64 after ``.double()``; the default dtype
+        for a loop without any)."""
+        for p in self.parameters():
+            if p.is_floating_point() or p.is_complex():
+                return p.dtype
+        return torch.get_default_dtype()
+
+    @property
+    def n_params(self) -> int:
+        """Number of learned parameters (a shared one counted once; buffers excluded)."""
+        return sum(p.numel() for p in self.parameters())
+
     def forward(self, inputs: Any, n_iter: int, h0: Tensor | None = None) -> Tensor:
         """Plain forward: encode, iterate ``n_iter`` times (no capture), decode."""
         ctx = self.encode(inputs)

@@ -151,16 +151,6 @@ class FAMTransformer(Loop):
         self.hook_readout, self.hook_logits = HookPoint(), HookPoint()
         self.setup()
 
-    @property
-    def dtype(self) -> torch.dtype:
-        """Dtype of the parameters (float64 after ``model.double()``)."""
-        return self.embed.weight.dtype
-
-    @property
-    def n_params(self) -> int:
-        """Number of learned parameters."""
-        return sum(p.numel() for p in self.parameters())
-
     # -- Loop protocol ------------------------------------------------------------------------
     def encode(self, tokens: Tensor) -> dict[str, Any]:
         """``tokens [B, P]`` -> ctx; P must be a multiple of ``block_size`` (one-line error)."""

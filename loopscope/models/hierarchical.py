@@ -125,16 +125,6 @@ class HierarchicalLoopedTransformer(Loop):
             nn.init.constant_(self.q_proj.bias, cfg.halt_bias)
         self.setup()
 
-    @property
-    def dtype(self) -> torch.dtype:
-        """Dtype of the parameters (float64 after ``model.double()``)."""
-        return self.embed.weight.dtype
-
-    @property
-    def n_params(self) -> int:
-        """Number of learned parameters (TRM's shared net counted once)."""
-        return sum(p.numel() for p in self.parameters())
-
     def encode(self, tokens: Tensor) -> dict[str, Any]:
         """``tokens [B, pos]`` -> ctx ``{"tokens", "e" [B, pos, d], "mask"}`` (validated ids)."""
         max_pos = self.cfg.max_pos if self.cfg.positions == "learned" else None
@@ -229,10 +219,6 @@ class FastLoop(Loop):
 
     def parameters(self, recurse: bool = True):  # analyses read the dtype from here
         return self.parent.parameters(recurse)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.parent.dtype
 
     def encode(self, tokens: Tensor) -> dict[str, Any]:
         ctx = self.parent.encode(tokens)

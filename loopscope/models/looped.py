@@ -170,16 +170,6 @@ class LoopedTransformer(Loop):
             nn.init.constant_(self.gate_proj.bias, cfg.halt_bias)
         self.setup()
 
-    @property
-    def dtype(self) -> torch.dtype:
-        """Dtype of the parameters (float64 after ``model.double()``)."""
-        return self.embed.weight.dtype
-
-    @property
-    def n_params(self) -> int:
-        """Number of learned parameters (buffers such as the fixed init excluded)."""
-        return sum(p.numel() for p in self.parameters())
-
     # -- Loop protocol ------------------------------------------------------------------------
     def encode(self, tokens: Tensor) -> dict[str, Any]:
         """``tokens [B, pos]`` -> ctx ``{"tokens", "e" [B, pos, d], "mask", "grid"}``.
