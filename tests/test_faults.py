@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from loopscope.cli import main
+from tests.fixtures.tiny_study import TINY_HEADER
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -121,18 +122,13 @@ def test_paper_stops_on_a_full_disk_and_the_rerun_keeps_the_finished_figure(
     assert "convergence.png" in (tmp_path / "p" / "report.md").read_text()
 
 
-TINY_STUDY = """
-[study]
-name = "tiny"
-[defaults]
-task = "s3"
-preset = "universal"
-train = { steps = 3, batch_size = 8, truncate = 4, checkpoint_every = 1 }
-model = { d_model = 16, d_mlp = 32, n_heads = 2 }
-analysis = { splits = ["id"], n = 6, n_dyn = 2 }
+TINY_STUDY = (
+    TINY_HEADER
+    + """
 [[grid]]
 seed = [0, 1]
 """
+)
 
 
 def test_sweep_stops_on_a_full_disk_and_the_rerun_gives_the_same_table(tmp_path, monkeypatch):

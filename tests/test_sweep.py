@@ -17,16 +17,11 @@ from loopscope.core.errors import LoopscopeError
 from loopscope.experiments.grid import Study, expand_grid, load_study
 from loopscope.experiments.job import run_job
 from loopscope.experiments.sweep import load_table, read_rows, run_sweep
+from tests.fixtures.tiny_study import TINY_HEADER
 
-TINY = """
-[study]
-name = "tiny"
-[defaults]
-task = "s3"
-preset = "universal"
-train = { steps = 3, batch_size = 8, truncate = 4, checkpoint_every = 1 }
-model = { d_model = 16, d_mlp = 32, n_heads = 2 }
-analysis = { splits = ["id"], n = 6, n_dyn = 2 }
+TINY = (
+    TINY_HEADER
+    + """
 [[grid]]
 seed = [0, 1]
 "model.norm" = ["pre"]
@@ -37,6 +32,7 @@ seed = [0]
 seed = [0]
 "train.steps" = 2
 """
+)
 
 
 def _study(tmp_path: Path, text: str = TINY, quick: bool = False) -> Study:
