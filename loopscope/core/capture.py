@@ -323,13 +323,14 @@ class Recorder:
         rows, n = self._rows, self.n
         if not rows and self.capacity and not self.labels:
             rows = self._first_buffer(v)
+        row = rows[n] if n < len(rows) else None
         if (
-            n < len(rows)
-            and v.shape == self._row_shape
-            and (self.dtype is not None or v.dtype == self._row_dtype)
-            and (self.offload is not None or v.device == self._row_device)
+            row is not None
+            and v.shape == row.shape
+            and (self.dtype is not None or v.dtype == row.dtype)
+            and (self.offload is not None or v.device == row.device)
         ):
-            rows[n].copy_(v)
+            row.copy_(v)
             self.n = n + 1
         else:
             self.extra.append(self._copy(v, x))
@@ -347,9 +348,7 @@ class Recorder:
 
     def _use(self, buf: Tensor) -> None:
         """Record into ``buf`` from row ``self.n`` on (its rows are views made once, here)."""
-        self.buf = buf
-        self._rows = buf.unbind(0)
-        self._row_shape, self._row_dtype, self._row_device = buf.shape[1:], buf.dtype, buf.device
+        self.buf, self._rows = buf, buf.unbind(0)
 
     def _copy(self, v: Tensor, x: Tensor) -> Tensor:
         if self.dtype is not None:

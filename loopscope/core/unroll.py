@@ -486,7 +486,7 @@ class _SafeBound:
         big = torch.finfo(norms.dtype).max
         if self.limit is None:
             return torch.full_like(norms, big)
-        return self.limit.to(norms.device).nan_to_num(nan=0.0).clamp_max(big).to(norms.dtype)
+        return self.limit.to(norms.device).clamp_max(big).to(norms.dtype)
 
 
 def _guard(run: _Run, t: int, h: Tensor, h_next: Tensor, ref_norm: Tensor, blowup: float) -> Tensor:
