@@ -44,7 +44,9 @@ NAMES = [
     "block.hook_mlp_out",
     "block.hook_resid_post",
 ]
-TARGET = 1.05  # loopscope every-iteration capture / bare forward, best-of-N
+TARGET = 1.05  # loopscope every-iteration capture / bare forward, best-of-N and paired
+OURS = "loopscope unroll (every firing, copied)"
+NNSIGHT = "nnsight 0.8 iter+save (every firing, refs)"
 
 
 class Block(nn.Module):
@@ -128,6 +130,100 @@ def paired_ratios(runs: list[float], anchor: list[float], per_round: int) -> lis
     return [min(runs[i : i + per_round]) / min(anchor[i : i + per_round]) for i in rounds]
 
 
+def copies_alone(model: LoopedToy, x: torch.Tensor, n_iter: int, names=NAMES):
+    """A function running the bare forward with one TL hook per name that copies each firing into
+    a row of a buffer allocated here, once: the floor for recording every firing by copy."""
+    bufs = {n: torch.empty(n_iter, *x.shape) for n in names}
+
+    def run() -> None:
+        count = dict.fromkeys(names, 0)
+
+        def copy_into(a, hook):
+            bufs[hook.name][count[hook.name]].copy_(a)
+            count[hook.name] += 1
+
+        for n in names:
+            model.hook_dict[n].add_hook(copy_into)
+        try:
+            with torch.no_grad():
+                model(x, n_iter)
+        finally:
+            model.reset_hooks()
+
+    return run
+
+
+def variants_for(model: LoopedToy, x: torch.Tensor, n_iter: int) -> dict:
+    """``{name: fn}``: every way of running the model measured here (nnsight's when installed)."""
+
+    def bare():
+        with torch.no_grad():
+            model(x, n_iter)
+
+    def tl_cache():
+        with torch.no_grad():
+            model.run_with_cache(x, n_iter, names_filter=NAMES)
+
+    def loopscope_all():
+        ls.unroll(model, x, n_iter, capture=NAMES)
+
+    variants = {
+        "bare forward (anchor)": bare,
+        "TL run_with_cache (last firing only)": tl_cache,
+        OURS: loopscope_all,
+        "the copies alone (4 hooks, static buffers)": copies_alone(model, x, n_iter),
+    }
+    nns = nnsight_every_iteration(model, x, n_iter)
+    if nns is not None:
+        variants[NNSIGHT] = nns
+    return variants
+
+
+def table(times: dict, per_round: int) -> dict:
+    """Per variant and clock: best and median ms and their ratios to the bare forward, plus the
+    paired wall-clock ratio (median and IQR over rounds); printed as it is built."""
+    anchor = times["bare forward (anchor)"]
+    rows = {}
+    for k, v in times.items():
+        row = {}
+        for clock in ("wall", "cpu"):
+            best, med = min(v[clock]), statistics.median(v[clock])
+            row[clock] = {"best_ms": best * 1e3, "median_ms": med * 1e3,
+                          "ratio_best": best / min(anchor[clock]),
+                          "ratio_median": med / statistics.median(anchor[clock])}  # fmt: skip
+        pairs = paired_ratios(v["wall"], anchor["wall"], per_round)
+        q1, q2, q3 = statistics.quantiles(pairs, n=4) if len(pairs) > 1 else pairs * 3
+        row["wall"] |= {"ratio_paired": q2, "ratio_paired_iqr": [q1, q3]}
+        rows[k] = row
+        w, c = row["wall"], row["cpu"]
+        print(
+            f"  {k:44s} wall best {w['best_ms']:7.2f} ms x{w['ratio_best']:5.3f}, paired "
+            f"x{q2:5.3f} (IQR {q1:5.3f}-{q3:5.3f})   cpu best {c['best_ms']:7.2f} ms "
+            f"x{c['ratio_best']:5.3f}"
+        )
+    return rows
+
+
+def values_check(model: LoopedToy, x: torch.Tensor, n_iter: int, nns) -> tuple:
+    """Max abs differences: TL's cached value vs loopscope's last firing, nnsight's every firing
+    vs loopscope's (None without nnsight); printed."""
+    tr = ls.unroll(model, x, n_iter, capture=NAMES)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(x, n_iter, names_filter=NAMES)
+    tl_diff = max((tr[n][-1] - cache[n]).abs().max().item() for n in NAMES)
+    print(f"  TL cached value == loopscope last firing: max |diff| {tl_diff:.3g}")
+    if nns is None:
+        print("  nnsight not installed (pip install -e '.[bench]'): its row is skipped")
+        return tl_diff, None
+    saved = nns()
+    nn_diff = max((torch.stack(saved[n]) - tr[n]).abs().max().item() for n in NAMES)
+    print(
+        f"  nnsight every firing == loopscope every firing ({n_iter} per hook): "
+        f"max |diff| {nn_diff:.3g}"
+    )
+    return tl_diff, nn_diff
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--d", type=int, default=256)
@@ -144,88 +240,17 @@ def main() -> None:
     torch.manual_seed(0)
     model = LoopedToy(args.d, 4).eval()
     x = torch.randn(args.batch, args.pos, args.d)
-    T = args.iters
-
-    def bare():
-        with torch.no_grad():
-            model(x, T)
-
-    def tl_cache():
-        with torch.no_grad():
-            model.run_with_cache(x, T, names_filter=NAMES)
-
-    def loopscope_all():
-        ls.unroll(model, x, T, capture=NAMES)
-
-    floor_bufs = {n: torch.empty(T, *x.shape) for n in NAMES}
-
-    def copies_alone():
-        count = dict.fromkeys(NAMES, 0)
-
-        def copy_into(a, hook):
-            floor_bufs[hook.name][count[hook.name]].copy_(a)
-            count[hook.name] += 1
-
-        for n in NAMES:
-            model.hook_dict[n].add_hook(copy_into)
-        try:
-            with torch.no_grad():
-                model(x, T)
-        finally:
-            model.reset_hooks()
-
-    variants = {
-        "bare forward (anchor)": bare,
-        "TL run_with_cache (last firing only)": tl_cache,
-        "loopscope unroll (every firing, copied)": loopscope_all,
-        "the copies alone (4 hooks, static buffers)": copies_alone,
-    }
-    nns = nnsight_every_iteration(model, x, T)
-    if nns is not None:
-        variants["nnsight 0.8 iter+save (every firing, refs)"] = nns
+    variants = variants_for(model, x, args.iters)
     times = measure(variants, args.rounds, args.per_round)
-    anchor = times["bare forward (anchor)"]
-    n = len(anchor["wall"])
-    pairs = {k: paired_ratios(v["wall"], anchor["wall"], args.per_round) for k, v in times.items()}
+    n = len(times["bare forward (anchor)"]["wall"])
     print(
-        f"looped block d={args.d} pos={args.pos} batch={args.batch} T={T}, {len(NAMES)} hooks, "
-        f"threads={torch.get_num_threads()}, best of {n} interleaved runs per variant "
-        "(wall clock; process CPU time beside it)"
+        f"looped block d={args.d} pos={args.pos} batch={args.batch} T={args.iters}, "
+        f"{len(NAMES)} hooks, threads={torch.get_num_threads()}, best of {n} interleaved runs "
+        "per variant (wall clock; process CPU time beside it)"
     )
-    rows = {}
-    for k, v in times.items():
-        row = {}
-        for clock in ("wall", "cpu"):
-            best, med = min(v[clock]), statistics.median(v[clock])
-            row[clock] = {"best_ms": best * 1e3, "median_ms": med * 1e3,
-                          "ratio_best": best / min(anchor[clock]),
-                          "ratio_median": med / statistics.median(anchor[clock])}  # fmt: skip
-        q1, q2, q3 = statistics.quantiles(pairs[k], n=4) if len(pairs[k]) > 1 else pairs[k] * 3
-        row["wall"] |= {"ratio_paired": q2, "ratio_paired_iqr": [q1, q3]}
-        rows[k] = row
-        w, c = row["wall"], row["cpu"]
-        print(
-            f"  {k:44s} wall best {w['best_ms']:7.2f} ms x{w['ratio_best']:5.3f}, paired "
-            f"x{q2:5.3f} (IQR {q1:5.3f}-{q3:5.3f})   cpu best {c['best_ms']:7.2f} ms "
-            f"x{c['ratio_best']:5.3f}"
-        )
-
-    tr = ls.unroll(model, x, T, capture=NAMES)
-    with torch.no_grad():
-        _, cache = model.run_with_cache(x, T, names_filter=NAMES)
-    tl_diff = max((tr[n][-1] - cache[n]).abs().max().item() for n in NAMES)
-    print(f"  TL cached value == loopscope last firing: max |diff| {tl_diff:.3g}")
-    nn_diff = None
-    if nns is not None:
-        saved = nns()
-        nn_diff = max((torch.stack(saved[n]) - tr[n]).abs().max().item() for n in NAMES)
-        print(
-            f"  nnsight every firing == loopscope every firing ({T} per hook): "
-            f"max |diff| {nn_diff:.3g}"
-        )
-    else:
-        print("  nnsight not installed (pip install -e '.[bench]'): its row is skipped")
-    ours = rows["loopscope unroll (every firing, copied)"]
+    rows = table(times, args.per_round)
+    tl_diff, nn_diff = values_check(model, x, args.iters, variants.get(NNSIGHT))
+    ours = rows[OURS]
     ratio, paired = ours["wall"]["ratio_best"], ours["wall"]["ratio_paired"]
     verdict = "met" if max(ratio, paired) <= TARGET else "NOT met"
     print(
@@ -234,18 +259,10 @@ def main() -> None:
         f"CPU time x{ours['cpu']['ratio_best']:.3f}"
     )
     if args.json:
-        args.json.write_text(
-            json.dumps(
-                {
-                    "config": vars(args) | {"json": None},
-                    "rows": rows,
-                    "tl_max_abs_diff": tl_diff,
-                    "nnsight_max_abs_diff": nn_diff,
-                    "threads": torch.get_num_threads(),
-                },
-                indent=1,
-            )  # fmt: skip
-        )
+        result = {"config": vars(args) | {"json": None}, "rows": rows, "threads":
+                  torch.get_num_threads(), "tl_max_abs_diff": tl_diff,
+                  "nnsight_max_abs_diff": nn_diff}  # fmt: skip
+        args.json.write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":
